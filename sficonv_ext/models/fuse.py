@@ -1,0 +1,74 @@
+"""``fuse_for_inference``: an eval-only copy with every BatchNorm folded into its convolution."""
+import copy
+
+import torch
+import torch.nn as nn
+
+from ..nn import MCSConv2d, SFIConvNorm
+from .resnet import PlainBottleneck, SFIResNet
+
+
+@torch.no_grad()
+def _fold(conv, bn):
+    """Fold eval-mode ``bn`` into ``conv`` (in place): y = scale * conv(x) + shift."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
+    conv.bias = nn.Parameter(shift, requires_grad=False)
+
+
+def _bake_mcs(mcs):
+    # A learnable filter is re-constrained every forward; for inference compute it once.
+    with torch.no_grad():
+        mcs.weight = nn.Parameter(mcs.effective_weight().detach().clone(), requires_grad=False)
+    mcs.learnable = False
+
+
+class FusedForInference(nn.Module):
+    """Eval-only SFIConv-ResNet with BatchNorm folded away, running in channels_last."""
+
+    fused_for_inference = True
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def train(self, mode=True):
+        if mode:
+            raise RuntimeError("a model from fuse_for_inference is eval-only (its BatchNorms are "
+                               "folded into the convolutions); train the original model instead")
+        return super().train(False)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x)
+
+
+def fuse_for_inference(model):
+    """Return an eval-only copy of ``model`` with BatchNorm folded into the convolutions and
+    weights in channels_last; same outputs as ``model.eval()`` within float32 rounding."""
+    if not isinstance(model, SFIResNet):
+        raise TypeError(f"fuse_for_inference expects an SFIResNet from sficonv_ext.models, "
+                        f"got {type(model).__name__}")
+    net = copy.deepcopy(model).eval()
+    _fold(net.conv1, net.bn1)
+    net.bn1 = nn.Identity()
+    for module in list(net.modules()):
+        if isinstance(module, SFIConvNorm):
+            _fold(module.conv, module.bn)
+            module.bn = nn.Identity()
+        elif isinstance(module, PlainBottleneck):
+            for i in (1, 2, 3):
+                _fold(getattr(module, f"conv{i}"), getattr(module, f"bn{i}"))
+                setattr(module, f"bn{i}", nn.Identity())
+        elif isinstance(module, MCSConv2d):
+            _bake_mcs(module)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net = net.to(memory_format=torch.channels_last)
+    return FusedForInference(net).eval()

@@ -1,0 +1,51 @@
+"""Clear errors for inputs the network cannot take, raised before any kernel runs."""
+import torch
+
+
+def _stem_and_stages(size):
+    """Spatial size after the stem (7x7 s2 conv, 3x3 s2 max pool) and after each stage."""
+    size = (size + 2 * 3 - 7) // 2 + 1      # conv1
+    size = (size + 2 * 1 - 3) // 2 + 1      # maxpool
+    sizes = [size]                          # layer1 keeps it
+    for _ in range(3):                      # layers 2-4: 2x2 average pool, floor
+        size //= 2
+        sizes.append(size)
+    return sizes
+
+
+def min_input_size():
+    """Smallest height/width for which every stage still has at least one pixel."""
+    size = 1
+    while _stem_and_stages(size)[-1] < 1:
+        size += 1
+    return size
+
+
+MIN_INPUT_SIZE = min_input_size()
+
+
+def check_input(model, x):
+    """Validate ``x`` for an SFIConv-ResNet: a floating ``[N, 3, H, W]`` tensor of the model's
+    dtype (unless autocast is on) with ``H, W >= MIN_INPUT_SIZE``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of shape [N, 3, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input [N, 3, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != 3:
+        raise ValueError(f"expected 3 input channels (RGB) in dimension 1, got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}; convert the images "
+                        f"with .float() and normalise them first")
+    h, w = x.shape[-2:]
+    if min(h, w) < MIN_INPUT_SIZE:
+        raise ValueError(f"input spatial size {h}x{w} is too small: SFIConv-ResNet downsamples "
+                         f"32 times and needs at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
+    weight_dtype = model.conv1.weight.dtype
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight_dtype and not autocast:
+        raise TypeError(f"input dtype {x.dtype} does not match the model's parameters "
+                        f"({weight_dtype}); call model.to({x.dtype}) or convert the input")
+    if x.device != model.conv1.weight.device:
+        raise ValueError(f"input is on {x.device} but the model is on "
+                         f"{model.conv1.weight.device}")

@@ -1,0 +1,261 @@
+"""Checkpoint interop between the fast model and the two published layouts (SPEC section 4).
+
+Every entry of the fast model's state_dict is described by a :class:`Rule`: which published
+tensors it is made of, and which region of the fast tensor each one fills. Export slices the
+fast tensors; import assembles them. The same rules serve both directions, so a round trip is
+exact by construction.
+"""
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..nn import FirstSFIConv2d, MCSConv2d, SFIConv2d, SplitBatchNorm2d
+from ..reference.resnet import DEPTHS
+
+LAYOUTS = ("wrapper", "bare")
+WRAPPER_PREFIX = "rgb_extract_feature"
+# Index of each bare-network child inside the wrapper's nn.Sequential (fc is the wrapper's own).
+WRAPPER_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+
+
+@dataclass
+class Part:
+    """One published tensor: the region of the fast tensor it holds.
+
+    ``source=False`` marks a published duplicate (``const_weight``, ``bn_f.num_batches_tracked``):
+    written on export, required by strict loading, but not read back.
+    """
+
+    key: str
+    region: tuple = None  # None: the whole tensor
+    source: bool = True
+
+
+    def take(self, tensor):
+        return tensor if self.region is None else tensor[self.region]
+
+
+@dataclass
+class Rule:
+    own_key: str
+    parts: list = field(default_factory=list)
+    export_value: object = None  # callable returning the tensor to export, if not the own one
+
+
+def _official_module_path(name):
+    # The published network wraps downsamples in nn.Sequential and names the filter MCSConv.
+    out = []
+    for part in name.split(".") if name else []:
+        if part == "downsample":
+            out += ["downsample", "0"]
+        elif part == "mcs":
+            out.append("MCSConv")
+        else:
+            out.append(part)
+    return ".".join(out)
+
+
+def _join(*parts):
+    return ".".join(p for p in parts if p)
+
+
+def _sfi_conv_rules(own, off, conv):
+    i, o = conv.in_spatial, conv.out_spatial
+    s_in, f_in = slice(0, i), slice(i, None)
+    if conv.merge_output:
+        blocks = {"s2s": (slice(None), s_in), "f2f": (slice(None), f_in)}
+    else:
+        s_out, f_out = slice(0, o), slice(o, None)
+        blocks = {"s2s": (s_out, s_in), "f2s": (s_out, f_in),
+                  "s2f": (f_out, s_in), "f2f": (f_out, f_in)}
+    return [Rule(_join(own, "weight"),
+                 [Part(_join(off, name, "weight"), region) for name, region in blocks.items()])]
+
+
+def _first_conv_rules(own, off, conv):
+    o = conv.out_spatial
+    return [Rule(_join(own, "weight"), [Part(_join(off, "s2s.weight"), (slice(0, o),)),
+                                        Part(_join(off, "f2f.weight"), (slice(o, None),))])]
+
+
+def _mcs_rules(own, off, mcs):
+    weight = Rule(_join(own, "weight"),
+                  [Part(_join(off, "weight")), Part(_join(off, "const_weight"), source=False)],
+                  export_value=lambda: mcs.effective_weight().detach())
+    bias = Rule(_join(own, "published_bias"), [Part(_join(off, "bias"))])
+    return [weight, bias]
+
+
+def _split_bn_rules(own, off_parent, bn):
+    rules = []
+    for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        if bn.spatial is None:
+            parts = [Part(_join(off_parent, "bn_s", entry))]
+        elif entry == "num_batches_tracked":
+            parts = [Part(_join(off_parent, "bn_s", entry)),
+                     Part(_join(off_parent, "bn_f", entry), source=False)]
+        else:
+            s = bn.spatial
+            parts = [Part(_join(off_parent, "bn_s", entry), (slice(0, s),)),
+                     Part(_join(off_parent, "bn_f", entry), (slice(s, None),))]
+        rules.append(Rule(_join(own, entry), parts))
+    return rules
+
+
+def official_rules(model):
+    """Rules for every state_dict entry of ``model``, with published keys in the bare layout."""
+    if getattr(model, "fused_for_inference", False):
+        raise ValueError("this model was fused for inference (BatchNorm folded into the "
+                         "convolutions); export or load checkpoints with the unfused model")
+    rules = []
+    for name, module in model.named_modules():
+        off = _official_module_path(name)
+        if isinstance(module, SFIConv2d):
+            rules += _sfi_conv_rules(name, off, module)
+        elif isinstance(module, FirstSFIConv2d):
+            rules += _first_conv_rules(name, off, module)
+        elif isinstance(module, MCSConv2d):
+            rules += _mcs_rules(name, off, module)
+        elif isinstance(module, SplitBatchNorm2d):
+            rules += _split_bn_rules(name, off.rpartition(".")[0], module)
+        else:
+            # Modules laid out as published (stem, plain bottlenecks, fc): one to one.
+            local = list(module.named_parameters(recurse=False))
+            local += [(n, b) for n, b in module.named_buffers(recurse=False)
+                      if n not in module._non_persistent_buffers_set]
+            rules += [Rule(_join(name, n), [Part(_join(off, n))]) for n, _ in local]
+    return rules
+
+
+def _to_layout(bare_key, layout):
+    if layout == "bare":
+        return bare_key
+    head, _, rest = bare_key.partition(".")
+    if head == "fc":
+        return bare_key
+    return _join(WRAPPER_PREFIX, str(WRAPPER_INDEX[head]), rest)
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def to_official_state_dict(model, layout="wrapper"):
+    """Export ``model`` as a state_dict the published code loads with ``strict=True``.
+
+    ``layout="wrapper"``: the published training wrapper (``best.pkl``: ``rgb_extract_feature.*``
+    and ``fc.*``); ``layout="bare"``: the bare network (``conv1.*`` ... ``fc.*``).
+    """
+    _check_layout(layout)
+    own = model.state_dict()
+    out = OrderedDict()
+    for rule in official_rules(model):
+        value = rule.export_value() if rule.export_value else own[rule.own_key]
+        for part in rule.parts:
+            out[_to_layout(part.key, layout)] = part.take(value).detach().clone()
+    return out
+
+
+def detect_layout(state_dict):
+    """``"wrapper"``, ``"bare"`` or ``"own"``, from the keys of a state_dict."""
+    keys = list(state_dict)
+    if any(k.startswith(WRAPPER_PREFIX + ".") for k in keys):
+        return "wrapper"
+    if any(re.search(r"\.(s2s|f2f|bn_s|bn_f|MCSConv)\.", k) for k in keys):
+        return "bare"
+    return "own"
+
+
+def _blocks_per_stage(keys, layout):
+    pattern = (r"^rgb_extract_feature\.([4-7])\.(\d+)\." if layout == "wrapper"
+               else r"^layer([1-4])\.(\d+)\.")
+    counts = {}
+    for k in keys:
+        m = re.match(pattern, k)
+        if m:
+            stage = int(m.group(1)) - (3 if layout == "wrapper" else 0)
+            counts[stage] = max(counts.get(stage, 0), int(m.group(2)) + 1)
+    return tuple(counts.get(s, 0) for s in (1, 2, 3, 4))
+
+
+def _model_name(model):
+    depth = getattr(model, "depth", None)
+    return type(model).__name__ + (f" (SFIConv-ResNet-{depth})" if depth else "")
+
+
+def _depth_hint(model, keys, layout):
+    if getattr(model, "depth", None) not in DEPTHS:
+        return ""
+    found = _blocks_per_stage(keys, layout)
+    if found == DEPTHS[model.depth]:
+        return ""
+    names = [f"SFIConv-ResNet-{d}" for d, b in DEPTHS.items() if b == found]
+    what = names[0] if names else f"blocks per stage {list(found)}"
+    return (f" The checkpoint looks like {what}; this model is SFIConv-ResNet-{model.depth} "
+            f"(build it with sficonv_ext.models.sfi_resnet<depth>).")
+
+
+def _listing(keys, limit=12):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def to_own_state_dict(model, state_dict, strict=True):
+    """Translate a state_dict in any supported layout into ``model``'s own layout.
+
+    Returns ``(own_state_dict, report)``; ``report`` is None for the own layout, else the
+    missing and unexpected keys in the checkpoint's own names (for ``strict=False``).
+    Raises ``RuntimeError`` naming the offending keys on a mismatch in strict mode, and on a shape
+    mismatch in any mode.
+    """
+    layout = detect_layout(state_dict)
+    if layout == "own":
+        return state_dict, None
+    own_now = model.state_dict()
+    rules = official_rules(model)
+    expected = {_to_layout(p.key, layout): (rule, p) for rule in rules for p in rule.parts}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        msg = [f"Error loading a published {layout}-layout state_dict into "
+               f"{_model_name(model)}:"]
+        if missing:
+            msg.append(f"missing keys: {_listing(missing)}.")
+        if unexpected:
+            msg.append(f"unexpected keys: {_listing(unexpected)}.")
+        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, layout))
+    bad_shapes = []
+    for key, (rule, part) in expected.items():
+        if key in state_dict:
+            want = tuple(part.take(own_now[rule.own_key]).shape)
+            got = tuple(torch.as_tensor(state_dict[key]).shape)
+            if got != want:
+                bad_shapes.append(f"{key}: checkpoint {list(got)}, model {list(want)}")
+    if bad_shapes:
+        raise RuntimeError("Error loading a published state_dict: shape mismatch for "
+                           + "; ".join(sorted(bad_shapes)) + _depth_hint(model, state_dict, layout))
+    own = OrderedDict()
+    for rule in rules:
+        sources = [p for p in rule.parts if p.source]
+        if not all(_to_layout(p.key, layout) in state_dict for p in sources):
+            continue  # only possible with strict=False; reported as missing
+        target = own_now[rule.own_key]
+        first = torch.as_tensor(state_dict[_to_layout(sources[0].key, layout)])
+        value = torch.empty(target.shape, dtype=first.dtype, device=first.device)
+        for p in sources:
+            part = torch.as_tensor(state_dict[_to_layout(p.key, layout)])
+            p.take(value).copy_(part)
+        own[rule.own_key] = value
+    return own, _IncompatibleKeys(missing, unexpected)
+
+
+def load_official(module, state_dict, strict=True):
+    """Load a published-layout state_dict into any fast module (a layer, a block, a model)."""
+    own, report = to_own_state_dict(module, state_dict, strict=strict)
+    result = torch.nn.Module.load_state_dict(module, own, strict=strict)
+    return result if report is None else report

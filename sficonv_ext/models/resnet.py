@@ -1,0 +1,152 @@
+"""Fast SFIConv-ResNet: the published network (SPEC section 3) on fused layers.
+
+Module names follow the published bare network where the structure allows (``conv1``, ``bn1``,
+``layerN.B.SFIC1``...), with one ``conv`` and one ``bn`` per SFIConv layer instead of the
+published four convolutions and two BatchNorms. :mod:`.interop` maps between the two layouts.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import FirstSFIConv2d, SFIConv2d, SFIConvNorm
+from ..reference.resnet import DEPTHS, EXPANSION
+from .input_checks import check_input
+
+
+def _add_relu(main, residual):
+    # In place on the BatchNorm output (BatchNorm's backward does not need its output).
+    return F.relu(main.add_(residual), inplace=True)
+
+
+class SFIBottleneck(nn.Module):
+    """SFIConv bottleneck of layers 1-3, or of layer4's first block with ``last=True``.
+
+    ``first=True`` is the published first block of layer1: SFIC1 is a FirstSFIConv on the stem
+    tensor and ITS OUTPUT, not the block input, feeds the residual branch.
+    """
+
+    def __init__(self, inplanes, planes, stride=1, downsample=False, first=False, last=False,
+                 mcs_options=None):
+        super().__init__()
+        if last and not downsample:
+            raise ValueError("a last SFIConv block merges the branches, so it needs a downsample")
+        width, out = planes, planes * EXPANSION
+        self.first, self.last = first, last
+        if first:
+            conv1 = FirstSFIConv2d(inplanes, width, 1, **(mcs_options or {}))
+        else:
+            conv1 = SFIConv2d(inplanes, width, 1)
+        self.SFIC1 = SFIConvNorm(conv1, relu=True)
+        self.SFIC2 = SFIConvNorm(SFIConv2d(width, width, 3, stride=stride), relu=True)
+        self.SFIC3 = SFIConvNorm(SFIConv2d(width, out, 1, merge_output=last), relu=False)
+        self.downsample = None
+        if downsample:
+            ds_in = width if first else inplanes
+            self.downsample = SFIConvNorm(
+                SFIConv2d(ds_in, out, 1, stride=stride, merge_output=last), relu=False)
+
+    def forward(self, x):
+        h = self.SFIC1(x)
+        residual = h if self.first else x
+        h = self.SFIC3(self.SFIC2(h))
+        if self.downsample is not None:
+            residual = self.downsample(residual)
+        return _add_relu(h, residual)
+
+
+class PlainBottleneck(nn.Module):
+    """Ordinary ResNet bottleneck of the remaining layer4 blocks (identity residual)."""
+
+    def __init__(self, inplanes, planes):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        return _add_relu(self.bn3(self.conv3(out)), x)
+
+
+class SFIResNet(nn.Module):
+    """SFIConv-ResNet on fused layers; forward maps ``[N, 3, H, W]`` to logits ``[N, classes]``.
+
+    Options: ``mcs_learnable`` (False: published frozen filter; True: learnable constrained
+    filter), ``mcs_init`` ("published" or "stable"), ``mcs_eps`` (clamp of the constraint's sum).
+    ``load_state_dict`` takes this model's own layout and both published layouts.
+    """
+
+    def __init__(self, depth=26, num_classes=2, mcs_learnable=False, mcs_init="published",
+                 mcs_eps=1e-6):
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.depth, self.num_classes = depth, num_classes
+        mcs_options = dict(mcs_learnable=mcs_learnable, mcs_init=mcs_init, mcs_eps=mcs_eps)
+        blocks = DEPTHS[depth]
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = nn.Sequential(
+            SFIBottleneck(64, 64, 1, downsample=True, first=True, mcs_options=mcs_options),
+            *[SFIBottleneck(256, 64) for _ in range(1, blocks[0])])
+        self.layer2 = self._sfi_stage(256, 128, blocks[1])
+        self.layer3 = self._sfi_stage(512, 256, blocks[2])
+        self.layer4 = nn.Sequential(
+            SFIBottleneck(1024, 512, 2, downsample=True, last=True),
+            *[PlainBottleneck(2048, 512) for _ in range(1, blocks[3])])
+        self.fc = nn.Linear(512 * EXPANSION, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _sfi_stage(inplanes, planes, blocks):
+        return nn.Sequential(SFIBottleneck(inplanes, planes, 2, downsample=True),
+                             *[SFIBottleneck(planes * EXPANSION, planes)
+                               for _ in range(1, blocks)])
+
+    def features(self, x):
+        """Pooled 2048-d features, before ``fc``."""
+        check_input(self, x)
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load this model's own layout, the published bare network or the published training
+        wrapper (``rgb_extract_feature.*`` + ``fc.*``). A mismatch names the offending keys."""
+        from .interop import to_own_state_dict
+        own, report = to_own_state_dict(self, state_dict, strict=strict)
+        result = super().load_state_dict(own, strict=strict, assign=assign)
+        if report is None:
+            return result
+        return report
+
+
+def _builder(depth):
+    def build(num_classes=2, **options):
+        return SFIResNet(depth, num_classes=num_classes, **options)
+    build.__name__ = f"sfi_resnet{depth}"
+    build.__doc__ = (f"Fast SFIConv-ResNet-{depth}: ``[N, 3, H, W]`` -> logits "
+                     f"``[N, num_classes]``. Options: see :class:`SFIResNet`.")
+    return build
+
+
+sfi_resnet26 = _builder(26)
+sfi_resnet50 = _builder(50)
+sfi_resnet101 = _builder(101)
+sfi_resnet152 = _builder(152)

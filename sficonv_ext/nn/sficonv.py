@@ -1,0 +1,153 @@
+"""Fused SFIConv layers: activations are ONE tensor with channels ``[spatial | frequency]``.
+
+The fusion identity (SPEC section 5): with both branches at the same resolution, the four
+branch convolutions of an SFIConv layer are one convolution over the concatenated channels with
+weight ``[[W_s2s, W_f2s], [W_s2f, W_f2f]]`` (rows: outputs s then f; columns: inputs s then f).
+Each layer here therefore owns ONE weight parameter and runs ONE convolution.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..reference.layers import spatial_channels
+from .mcs import MCSConv2d
+
+
+def pool_before_pointwise(in_channels, out_channels):
+    """Whether a stride-2 1x1 convolution should average-pool its input (True) or its output.
+
+    Both orders give the same result exactly (pooling is linear and a 1x1 conv acts per pixel).
+    Elements moved, per input pixel: pool first reads C_in, writes and re-reads C_in/4, writes
+    C_out/4; pool last reads C_in, writes and re-reads C_out, writes C_out/4. Pool first also does
+    a quarter of the multiply-adds, so it wins unless C_in is much larger than C_out.
+    """
+    pool_first = in_channels * 1.5 + out_channels * 0.25
+    pool_last = in_channels + out_channels * 2.25
+    return pool_first <= pool_last
+
+
+def _check_stride(stride):
+    if stride not in (1, 2):
+        raise ValueError(f"SFIConv layers support stride 1 or 2, got {stride}")
+
+
+def _kaiming_fan_out_(block, fan_out):
+    # kaiming_normal_(mode='fan_out', nonlinearity='relu') for the published sub-convolution this
+    # block of the fused weight stands for: its own fan_out, not the fused tensor's.
+    with torch.no_grad():
+        block.normal_(0.0, math.sqrt(2.0 / fan_out))
+
+
+class SFIConv2d(nn.Module):
+    """The interaction convolution of ``SFIConv`` (or ``LastSFIConv`` with ``merge_output``).
+
+    Input ``[N, in_channels, H, W]`` laid out ``[spatial | frequency]``. Output the same layout
+    over ``out_channels``, or, with ``merge_output=True``, one tensor (``s2s(X_s) + f2f(X_f)``).
+    Stride 2 is a 2x2 average pool (floor) and a stride-1 convolution, as published.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, alpha=0.5,
+                 merge_output=False):
+        super().__init__()
+        _check_stride(stride)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"SFIConv2d kernel_size must be odd, got {kernel_size}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.alpha = kernel_size, stride, alpha
+        self.merge_output = merge_output
+        self.in_spatial = spatial_channels(in_channels, alpha)
+        self.out_spatial = None if merge_output else spatial_channels(out_channels, alpha)
+        self.pool_first = kernel_size > 1 or pool_before_pointwise(in_channels, out_channels)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = None  # set only when BatchNorm is folded in for inference
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        kk = self.kernel_size ** 2
+        rows = [slice(None)] if self.merge_output else [slice(0, self.out_spatial),
+                                                         slice(self.out_spatial, None)]
+        for r in rows:
+            n_out = self.weight[r].shape[0]
+            for c in (slice(0, self.in_spatial), slice(self.in_spatial, None)):
+                _kaiming_fan_out_(self.weight[r, c], n_out * kk)
+
+    def forward(self, x):
+        pooled = self.stride == 2
+        if pooled and self.pool_first:
+            x = F.avg_pool2d(x, 2)
+        y = F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
+        if pooled and not self.pool_first:
+            y = F.avg_pool2d(y, 2)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, split_in={self.in_spatial}, split_out={self.out_spatial}")
+
+
+class FirstSFIConv2d(nn.Module):
+    """``FirstSFIConv``: one tensor in, ``[s2s(x) | f2f(MCS(x))]`` out.
+
+    ``weight`` stacks ``W_s2s`` (first ``out_spatial`` rows) over ``W_f2f``: one parameter.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, alpha=0.5,
+                 mcs_kernel_size=5, mcs_learnable=False, mcs_init="published", mcs_eps=1e-6):
+        super().__init__()
+        _check_stride(stride)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"FirstSFIConv2d kernel_size must be odd, got {kernel_size}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.alpha = kernel_size, stride, alpha
+        self.out_spatial = spatial_channels(out_channels, alpha)
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = None
+        self.mcs = MCSConv2d(in_channels, mcs_kernel_size, learnable=mcs_learnable,
+                             init=mcs_init, eps=mcs_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        kk = self.kernel_size ** 2
+        for r in (slice(0, self.out_spatial), slice(self.out_spatial, None)):
+            _kaiming_fan_out_(self.weight[r], self.weight[r].shape[0] * kk)
+
+    def forward(self, x):
+        if self.stride == 2:
+            x = F.avg_pool2d(x, 2)
+        s = self.out_spatial
+        pad = self.kernel_size // 2
+        b_s, b_f = (None, None) if self.bias is None else (self.bias[:s], self.bias[s:])
+        y_s = F.conv2d(x, self.weight[:s], b_s, padding=pad)
+        y_f = F.conv2d(self.mcs(x), self.weight[s:], b_f, padding=pad)
+        return torch.cat([y_s, y_f], dim=1)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, split_out={self.out_spatial}")
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """One BatchNorm over ``[spatial | frequency]``: per-channel, so it equals the published
+    per-branch ``bn_s``/``bn_f`` pair exactly. ``spatial`` records the split for checkpoints
+    (``None``: a single published ``bn_s``, as after LastSFIConv)."""
+
+    def __init__(self, num_features, spatial=None, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.spatial = spatial
+
+
+class SFIConvNorm(nn.Module):
+    """A fused SFIConv layer with its BatchNorm and optional ReLU (published ``...BR``/``...B``)."""
+
+    def __init__(self, conv, relu):
+        super().__init__()
+        self.conv = conv
+        split = getattr(conv, "out_spatial", None)
+        self.bn = SplitBatchNorm2d(conv.out_channels, spatial=split)
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return F.relu(y, inplace=True) if self.relu else y
