@@ -165,7 +165,7 @@ def detect_layout(state_dict):
     keys = list(state_dict)
     if any(k.startswith(WRAPPER_PREFIX + ".") for k in keys):
         return "wrapper"
-    if any(re.search(r"\.(s2s|f2f|bn_s|bn_f|MCSConv)\.", k) for k in keys):
+    if any(re.search(r"(^|\.)((s2s|f2f|bn_s|bn_f|MCSConv)\.|const_weight$)", k) for k in keys):
         return "bare"
     return "own"
 

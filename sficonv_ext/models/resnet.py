@@ -77,18 +77,21 @@ class SFIResNet(nn.Module):
     """SFIConv-ResNet on fused layers; forward maps ``[N, 3, H, W]`` to logits ``[N, classes]``.
 
     Options: ``mcs_learnable`` (False: published frozen filter; True: learnable constrained
-    filter), ``mcs_init`` ("published" or "stable"), ``mcs_eps`` (clamp of the constraint's sum).
+    filter), ``mcs_init`` ("published" or "stable"), ``mcs_eps`` (clamp of the constraint's sum),
+    ``channels_last`` (True: weights and activations in channels_last, the input is converted
+    on entry; measured faster on CPU (oneDNN) and the layout tensor cores want on GPU).
     ``load_state_dict`` takes this model's own layout and both published layouts.
     """
 
     def __init__(self, depth=26, num_classes=2, mcs_learnable=False, mcs_init="published",
-                 mcs_eps=1e-6):
+                 mcs_eps=1e-6, channels_last=True):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.depth, self.num_classes = depth, num_classes
+        self.channels_last = channels_last
         mcs_options = dict(mcs_learnable=mcs_learnable, mcs_init=mcs_init, mcs_eps=mcs_eps)
         blocks = DEPTHS[depth]
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -109,6 +112,8 @@ class SFIResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _sfi_stage(inplanes, planes, blocks):
@@ -119,6 +124,8 @@ class SFIResNet(nn.Module):
     def features(self, x):
         """Pooled 2048-d features, before ``fc``."""
         check_input(self, x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)

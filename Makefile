@@ -1,0 +1,24 @@
+# Set-up and everyday commands. Every target works on a fresh machine (it creates .venv).
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+TORCH ?= torch==2.14.1
+
+.PHONY: install test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first: the extension builds against the installed torch (--no-build-isolation).
+install: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)" numpy pytest ninja "setuptools>=64" wheel
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+
+test: install
+	$(BIN)/python -m pytest python_tests -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_models.py
+
+clean:
+	rm -rf build *.egg-info sficonv_ext/_C*.so

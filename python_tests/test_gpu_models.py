@@ -1,0 +1,43 @@
+"""Fast model vs reference on CUDA (skipped without a GPU): per-dtype tolerances."""
+import pytest
+import torch
+
+from sficonv_ext import models
+
+from conftest import make_pair, rel_err
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (autocast dtype or None, relative tolerance on logits)
+CASES = {"float32": (None, 2e-3), "bfloat16": (torch.bfloat16, 5e-2),
+         "float16": (torch.float16, 2e-2)}
+
+
+@cuda
+@pytest.mark.parametrize("dtype", sorted(CASES))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_eval_and_train_parity(dtype, channels_last):
+    amp, tol = CASES[dtype]
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref, fast = make_pair(26, dtype=torch.float32)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = torch.randn(4, 3, 96, 80, device="cuda")
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    for train in (False, True):
+        ref.train(train), fast.train(train)
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+            out_ref, out_fast = ref(x), fast(x)
+        assert rel_err(out_fast.float(), out_ref.float()) < tol, (dtype, train)
+
+
+@cuda
+def test_cuda_fuse_for_inference():
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.cuda().eval()
+    fused = models.fuse_for_inference(fast)
+    x = torch.randn(2, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        assert rel_err(fused(x), fast(x)) < 2e-3

@@ -1,0 +1,107 @@
+"""Checkpoint interop: both published layouts load strictly, round trips are exact, and every
+mismatch raises an error that names the offending keys."""
+import pytest
+import torch
+
+from sficonv_ext import models, reference
+
+
+def _assert_same(sd_a, sd_b):
+    assert set(sd_a) == set(sd_b)
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+
+
+@pytest.mark.parametrize("layout", models.LAYOUTS)
+def test_published_code_loads_export_strictly(layout):
+    fast = models.sfi_resnet26(num_classes=2)
+    exported = models.to_official_state_dict(fast, layout)
+    ref = (reference.PublishedTrainingWrapper(26) if layout == "wrapper"
+           else reference.sfi_resnet26())
+    ref.load_state_dict(exported, strict=True)
+    ref_sd = ref.state_dict()
+    for k, v in exported.items():
+        assert v.shape == ref_sd[k].shape, k
+
+
+@pytest.mark.parametrize("layout", models.LAYOUTS)
+def test_round_trip_through_published_layout_is_exact(layout):
+    ref = (reference.PublishedTrainingWrapper(26) if layout == "wrapper"
+           else reference.sfi_resnet26())
+    published = ref.state_dict()
+    fast = models.sfi_resnet26()
+    fast.load_state_dict(published)
+    _assert_same(models.to_official_state_dict(fast, layout), published)
+    # And the fast model's own layout round-trips too.
+    again = models.sfi_resnet26()
+    again.load_state_dict(fast.state_dict())
+    _assert_same(again.state_dict(), fast.state_dict())
+
+
+def test_detect_layout():
+    assert models.detect_layout(reference.PublishedTrainingWrapper(26).state_dict()) == "wrapper"
+    assert models.detect_layout(reference.sfi_resnet26().state_dict()) == "bare"
+    assert models.detect_layout(models.sfi_resnet26().state_dict()) == "own"
+
+
+def test_learnable_export_carries_the_constrained_filter():
+    fast = models.sfi_resnet26(mcs_learnable=True, mcs_init="stable")
+    with torch.no_grad():
+        fast.layer1[0].SFIC1.conv.mcs.weight.mul_(3.0)  # raw weight, no longer normalised
+    exported = models.to_official_state_dict(fast, "bare")
+    eff = fast.layer1[0].SFIC1.conv.mcs.effective_weight()
+    torch.testing.assert_close(exported["layer1.0.SFIC1.conv.MCSConv.weight"], eff)
+    torch.testing.assert_close(exported["layer1.0.SFIC1.conv.MCSConv.const_weight"], eff)
+    # The published model then computes what the fast model computes.
+    ref = reference.sfi_resnet26()
+    ref.load_state_dict(exported)
+    x = torch.randn(1, 3, 64, 64)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_wrong_depth_names_keys_and_depth():
+    published_50 = reference.PublishedTrainingWrapper(50).state_dict()
+    with pytest.raises(RuntimeError) as info:
+        models.sfi_resnet26().load_state_dict(published_50)
+    msg = str(info.value)
+    assert "unexpected keys" in msg and "rgb_extract_feature.4.2." in msg
+    assert "SFIConv-ResNet-50" in msg
+
+
+def test_missing_and_extra_keys_are_named():
+    sd = reference.sfi_resnet26().state_dict()
+    sd.pop("layer2.0.SFIC2.conv.f2s.weight")
+    sd["layer2.0.SFIC2.conv.bogus.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError) as info:
+        models.sfi_resnet26().load_state_dict(sd)
+    msg = str(info.value)
+    assert "layer2.0.SFIC2.conv.f2s.weight" in msg and "layer2.0.SFIC2.conv.bogus.weight" in msg
+
+
+def test_wrong_shape_is_named():
+    sd = reference.PublishedTrainingWrapper(26, num_classes=3).state_dict()
+    with pytest.raises(RuntimeError, match=r"fc\.weight: checkpoint \[3, 2048\], model \[2, 2048\]"):
+        models.sfi_resnet26(num_classes=2).load_state_dict(sd)
+
+
+def test_own_layout_mismatch_is_named():
+    sd = models.sfi_resnet26().state_dict()
+    sd.pop("layer3.1.SFIC2.conv.weight")
+    with pytest.raises(RuntimeError, match=r"layer3\.1\.SFIC2\.conv\.weight"):
+        models.sfi_resnet26().load_state_dict(sd)
+
+
+def test_non_strict_load_reports_published_names():
+    sd = reference.sfi_resnet26().state_dict()
+    sd.pop("fc.bias")
+    fast = models.sfi_resnet26()
+    result = fast.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["fc.bias"] and result.unexpected_keys == []
+    torch.testing.assert_close(fast.conv1.weight, sd["conv1.weight"])
+
+
+def test_bad_layout_name():
+    with pytest.raises(ValueError, match="layout"):
+        models.to_official_state_dict(models.sfi_resnet26(), "mainnet")
