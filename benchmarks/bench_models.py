@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement")
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--optimizer", default="adam-fused", choices=["adam-fused", "adam"],
+                   help="Adam for every variant: fused=True (one kernel for all parameters, "
+                        "what the sficonv trainer uses) or the default per-parameter loop")
     p.add_argument("--json", default=None, help="where to write the JSON result "
                    "(default: benchmarks/results/models_<device>.json)")
     return p.parse_args(argv)
@@ -81,8 +84,9 @@ def measure(model, x, target, trainable, args, device, amp_dtype):
     result = {}
     if trainable and not args.skip_train:
         model.train()
-        # Plain torch.optim.Adam with its defaults, as a training script would write it.
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        # The same optimizer for every variant; frozen parameters never get a gradient.
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                               fused=args.optimizer == "adam-fused")
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -149,7 +153,7 @@ def main(argv=None):
         rows.append({"variant": name, **r})
     print(f"\nSFIConv-ResNet-{args.depth}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
-          f"median of {args.iters}")
+          f"{args.optimizer}, median of {args.iters}")
     print_table(rows, args.batch)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"models_{device.type}.json")
