@@ -7,9 +7,12 @@ already installed). Environment:
   FORCE_CUDA=1           build CUDA kernels even if no GPU is visible (nvcc is still required)
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0+PTX")
   MAX_JOBS               parallel compile jobs (read by torch's ninja build)
+  SFICONV_CPU_ARCH       -march for the CPU kernels (default "native"; "" for the baseline)
 """
 import glob
+import json
 import os
+import shutil
 import site
 import sys
 
@@ -30,11 +33,44 @@ def _wheel_cuda_includes():
     return found
 
 
+def _write_build_config(archs):
+    # A generated header (not in git) carries the CUDA architectures into the binary, so that
+    # `python -m sficonv_ext.info` reports what was really compiled.
+    folder = os.path.join(HERE, "csrc", "generated")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "build_config.h"), "w") as f:
+        f.write("// Written by setup.py at build time.\n#pragma once\n")
+        f.write(f"#define SFICONV_CUDA_ARCHS {json.dumps(archs)}\n")
+
+
+def _has_cudart(root):
+    return bool(glob.glob(os.path.join(root, "lib64", "libcudart.so*")) or
+                glob.glob(os.path.join(root, "lib", "libcudart.so*")))
+
+
+def _locate_cuda_home():
+    # torch guesses the toolkit from `which nvcc`; where nvcc is a wrapper script outside the
+    # toolkit (as on this project's machines) that guess lacks libcudart. Point CUDA_HOME at a
+    # real toolkit before torch.utils.cpp_extension reads it.
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "bin", "nvcc")) and _has_cudart(root):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
 def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not cpp:
         return [], {}
+    _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                            CUDAExtension)
@@ -43,15 +79,23 @@ def _extensions():
                  and CUDA_HOME is not None and torch.version.cuda is not None
                  and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
                       or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))))
-    cxx = ["-O3", "-std=c++17"]
+    # The C++ standard is left to torch (it needs C++20 from 2.10 on). The CPU kernels' inner
+    # loops are written for the compiler to vectorise; -march=native lets it use the widest
+    # vectors of the machine that builds them (set SFICONV_CPU_ARCH to target another, e.g.
+    # "x86-64-v3", or to "" for the compiler's baseline when building for other machines).
+    cxx = ["-O3"]
+    cpu_arch = os.environ.get("SFICONV_CPU_ARCH", "native")
+    if cpu_arch:
+        cxx.append(f"-march={cpu_arch}")
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        _write_build_config(os.environ["TORCH_CUDA_ARCH_LIST"])
         include_dirs += _wheel_cuda_includes()
         ext = CUDAExtension(
             "sficonv_ext._C", cpp + cuda, include_dirs=include_dirs,
             define_macros=[("SFICONV_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
         ext = CppExtension("sficonv_ext._C", cpp, include_dirs=include_dirs,
                            extra_compile_args={"cxx": cxx})

@@ -1,8 +1,16 @@
 """Shared helpers: fast/reference model pairs and a relative-error measure."""
-import pytest
+import os
+
 import torch
 
-from sficonv_ext import models, reference
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; this must be set before triton
+# is first imported (sficonv_ext imports it lazily, on the first Triton call).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from sficonv_ext import models, reference  # noqa: E402
 
 
 def rel_err(a, b):

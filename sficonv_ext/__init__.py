@@ -4,7 +4,7 @@
 - :mod:`sficonv_ext.nn`: fused SFIConv layers and MCSConv2d.
 - :mod:`sficonv_ext.reference`: the pure-PyTorch reproduction of the published code.
 """
-from . import models, nn, reference
+from . import models, nn, ops, reference
 
 __version__ = "0.1.0"
-__all__ = ["models", "nn", "reference", "__version__"]
+__all__ = ["models", "nn", "ops", "reference", "__version__"]

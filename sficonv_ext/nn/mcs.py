@@ -1,8 +1,8 @@
 """MCSConv2d: the constrained depthwise filter of the frequency branch (SPEC section 1)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..ops import BACKENDS, mcs_conv
 from ..reference.constraint import constrain_mcs_weight
 
 MCS_INITS = ("published", "stable")
@@ -43,9 +43,11 @@ class MCSConv2d(nn.Module):
     in every forward as a differentiable reparametrisation, so training moves the filter.
     ``published_bias`` is the published module's unused random ``bias``; it is kept only so that
     published checkpoints round-trip exactly, and never enters the computation.
+    ``backend`` picks the kernel (see :func:`sficonv_ext.ops.mcs_conv`); it is not saved.
     """
 
-    def __init__(self, channels, kernel_size=5, learnable=False, init="published", eps=1e-6):
+    def __init__(self, channels, kernel_size=5, learnable=False, init="published", eps=1e-6,
+                 backend="auto"):
         super().__init__()
         if channels < 1:
             raise ValueError(f"MCSConv2d needs at least one channel, got {channels}")
@@ -55,6 +57,9 @@ class MCSConv2d(nn.Module):
             raise ValueError(f"MCSConv2d init must be one of {MCS_INITS}, got {init!r}")
         if not eps > 0:
             raise ValueError(f"MCSConv2d eps must be positive, got {eps}")
+        if backend not in BACKENDS:
+            raise ValueError(f"MCSConv2d backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.channels = channels
         self.kernel_size = kernel_size
         self.learnable = learnable
@@ -70,9 +75,10 @@ class MCSConv2d(nn.Module):
         return self.weight
 
     def forward(self, x):
-        return F.conv2d(x, self.effective_weight(), padding=self.kernel_size // 2,
-                        groups=self.channels)
+        # Learnable: the raw weight goes in and the kernel applies the constraint itself.
+        return mcs_conv(x, self.weight, constrained=self.learnable, eps=self.eps,
+                        backend=self.backend)
 
     def extra_repr(self):
         return (f"{self.channels}, kernel_size={self.kernel_size}, learnable={self.learnable}, "
-                f"eps={self.eps}")
+                f"eps={self.eps}, backend={self.backend!r}")

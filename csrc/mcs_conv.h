@@ -1,0 +1,79 @@
+// MCSConv: constrained depthwise k x k convolution, stride 1, padding k/2, no bias.
+// Declarations shared by the CPU and CUDA kernels, and the index/constraint math both use.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+#if defined(__CUDACC__)
+#define SFI_HOST_DEVICE __host__ __device__
+#else
+#define SFI_HOST_DEVICE
+#endif
+
+namespace sficonv {
+
+// |S| clamped to at least eps keeping its sign; S == 0 counts as positive (SPEC section 1).
+template <typename acc_t>
+SFI_HOST_DEVICE inline acc_t clamp_sum(acc_t s, acc_t eps) {
+  if (s >= acc_t(0)) return s < eps ? eps : s;
+  return s > -eps ? -eps : s;
+}
+
+// The filter forward applies, for one channel: `raw` holds k*k taps (row-major). Constrained:
+// off-centre taps divided by their clamped sum, centre -1. Unconstrained: the raw taps.
+// `flip` mirrors the filter (the input gradient is a convolution with the mirrored filter).
+template <typename scalar_t, typename acc_t>
+SFI_HOST_DEVICE inline void effective_taps(const scalar_t* raw, int k, bool constrained,
+                                           acc_t eps, bool flip, acc_t* out) {
+  const int kk = k * k, centre = kk / 2;
+  acc_t scale = acc_t(1);
+  if (constrained) {
+    acc_t s = acc_t(0);
+    for (int t = 0; t < kk; ++t)
+      if (t != centre) s += static_cast<acc_t>(raw[t]);
+    scale = clamp_sum(s, eps);
+  }
+  for (int t = 0; t < kk; ++t) {
+    acc_t v = (constrained && t == centre) ? acc_t(-1)
+                                           : (constrained ? static_cast<acc_t>(raw[t]) / scale
+                                                          : static_cast<acc_t>(raw[t]));
+    out[flip ? kk - 1 - t : t] = v;
+  }
+}
+
+// Output columns j for which input column j + offset lies inside [0, width).
+SFI_HOST_DEVICE inline void valid_columns(int width, int offset, int* begin, int* end) {
+  *begin = offset < 0 ? -offset : 0;
+  *end = offset > 0 ? width - offset : width;
+  if (*end < *begin) *end = *begin;
+}
+
+// Validation shared by every backend (raises c10::Error with a clear message).
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Chain rule through the constraint: gradient w.r.t. the effective filter -> raw weight.
+// `grad_eff` is [C, k*k] in an accumulation dtype; returns a tensor shaped and typed like weight.
+at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,
+                               bool constrained, double eps);
+
+at::Tensor mcs_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight, bool constrained,
+                                double eps);
+std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_out,
+                                                         const at::Tensor& x,
+                                                         const at::Tensor& weight,
+                                                         bool constrained, double eps,
+                                                         bool need_x, bool need_weight);
+
+#ifdef SFICONV_WITH_CUDA
+at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, bool constrained,
+                                 double eps);
+std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad_out,
+                                                          const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          bool constrained, double eps,
+                                                          bool need_x, bool need_weight);
+#endif
+
+}  // namespace sficonv

@@ -1,0 +1,43 @@
+// Device-independent parts of the MCSConv op: input validation and the constraint's chain rule.
+#include <ATen/ATen.h>
+
+#include "mcs_conv.h"
+
+namespace sficonv {
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 4, "mcs_conv: x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(2) == weight.size(3),
+              "mcs_conv: weight must be [C, 1, k, k], got shape ", weight.sizes());
+  const int64_t k = weight.size(2);
+  TORCH_CHECK(k % 2 == 1, "mcs_conv: kernel size must be odd, got ", k);
+  TORCH_CHECK(weight.size(0) == x.size(1), "mcs_conv: weight has ", weight.size(0),
+              " channels but x has ", x.size(1));
+  TORCH_CHECK(x.device() == weight.device(), "mcs_conv: x is on ", x.device(),
+              " but weight is on ", weight.device());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "mcs_conv: x is ", x.scalar_type(),
+              " but weight is ", weight.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "mcs_conv: expected a floating dtype, got ", x.scalar_type());
+  TORCH_CHECK(eps > 0, "mcs_conv: eps must be positive, got ", eps);
+}
+
+at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,
+                               bool constrained, double eps) {
+  const int64_t channels = weight.size(0), kk = weight.size(2) * weight.size(3);
+  if (!constrained) return grad_eff.reshape(weight.sizes()).to(weight.scalar_type());
+  // w_eff[t] = w[t] / S' (t != centre), S' = clamp(S): dL/dw[t] = g[t] / S' - <g, w> / S'^2
+  // where |S| >= eps (the clamp passes the gradient there), and dL/dw[centre] = 0.
+  auto w = weight.reshape({channels, kk}).to(grad_eff.scalar_type());
+  auto off_centre = at::ones_like(w);
+  off_centre.select(1, kk / 2).zero_();
+  auto s = (w * off_centre).sum(1, /*keepdim=*/true);
+  auto s_clamped = at::where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps));
+  auto passes = at::logical_or(s >= eps, s <= -eps);
+  auto dot = (grad_eff * w * off_centre).sum(1, /*keepdim=*/true);
+  auto through_sum = at::where(passes, dot / (s_clamped * s_clamped), at::zeros_like(dot));
+  auto grad_w = (grad_eff / s_clamped - through_sum) * off_centre;
+  return grad_w.reshape(weight.sizes()).to(weight.scalar_type());
+}
+
+}  // namespace sficonv

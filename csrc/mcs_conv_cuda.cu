@@ -1,0 +1,316 @@
+// MCSConv CUDA kernels. Only the ATen/c10 headers each part needs are included: a full
+// <torch/extension.h> multiplies nvcc time many times over.
+//
+// Forward: a small prologue kernel turns the raw weight into the effective (constrained) taps in
+// float32/float64; NCHW inputs then run a tiled kernel (output tile + halo staged in shared
+// memory), channels_last inputs a per-element kernel whose neighbouring threads read
+// neighbouring channels (coalesced). Backward: the input gradient is the same convolution with
+// the mirrored filter; the weight gradient is reduced per (channel, fixed pixel chunk) in
+// registers and shared memory, then summed over chunks by at::sum: no atomics, so the result is
+// deterministic run to run.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "mcs_conv.h"
+
+namespace sficonv {
+namespace {
+
+constexpr int kTileW = 32;
+constexpr int kTileH = 8;
+constexpr int kMaxTiledK = 9;  // larger filters use the per-element kernel
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+__global__ void taps_kernel(const scalar_t* __restrict__ weight, acc_t* __restrict__ taps,
+                            int64_t channels, int k, bool constrained, acc_t eps, bool flip) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c < channels) effective_taps<scalar_t, acc_t>(weight + c * k * k, k, constrained, eps,
+                                                    flip, taps + c * k * k);
+}
+
+// NCHW: one block computes a kTileH x kTileW output tile of one plane.
+template <typename scalar_t, typename acc_t>
+__global__ void conv_nchw_tiled(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                                scalar_t* __restrict__ y, int64_t planes, int channels, int h,
+                                int w, int k) {
+  extern __shared__ unsigned char shared_raw[];
+  acc_t* tile = reinterpret_cast<acc_t*>(shared_raw);
+  const int pad = k / 2, tw = kTileW + k - 1, th = kTileH + k - 1;
+  acc_t* tap_s = tile + tw * th;
+  const int tiles_x = (w + kTileW - 1) / kTileW;
+  const int x0 = (blockIdx.x % tiles_x) * kTileW, y0 = (blockIdx.x / tiles_x) * kTileH;
+  const int tid = threadIdx.y * kTileW + threadIdx.x;
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const scalar_t* xp = x + plane * h * w;
+    const acc_t* tp = taps + (plane % channels) * k * k;
+    for (int i = tid; i < tw * th; i += kTileW * kTileH) {
+      const int gy = y0 - pad + i / tw, gx = x0 - pad + i % tw;
+      tile[i] = (gy >= 0 && gy < h && gx >= 0 && gx < w)
+                    ? static_cast<acc_t>(xp[static_cast<int64_t>(gy) * w + gx])
+                    : acc_t(0);
+    }
+    for (int i = tid; i < k * k; i += kTileW * kTileH) tap_s[i] = tp[i];
+    __syncthreads();
+    const int ox = x0 + threadIdx.x, oy = y0 + threadIdx.y;
+    if (ox < w && oy < h) {
+      acc_t sum = 0;
+      for (int a = 0; a < k; ++a)
+        for (int b = 0; b < k; ++b)
+          sum += tap_s[a * k + b] * tile[(threadIdx.y + a) * tw + threadIdx.x + b];
+      y[plane * h * w + static_cast<int64_t>(oy) * w + ox] = static_cast<scalar_t>(sum);
+    }
+    __syncthreads();
+  }
+}
+
+// Any layout, any k: one thread per output element, elements ordered as stored in memory.
+template <typename scalar_t, typename acc_t>
+__global__ void conv_elementwise(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                                 scalar_t* __restrict__ y, int64_t total, int channels, int h,
+                                 int w, int k, bool channels_last) {
+  const int pad = k / 2;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, i, j;
+    if (channels_last) {
+      c = e % channels; j = (e / channels) % w; i = (e / channels / w) % h;
+      n = e / (static_cast<int64_t>(channels) * w * h);
+    } else {
+      j = e % w; i = (e / w) % h; c = (e / w / h) % channels;
+      n = e / (static_cast<int64_t>(channels) * w * h);
+    }
+    const acc_t* tp = taps + c * k * k;
+    acc_t sum = 0;
+    for (int a = 0; a < k; ++a) {
+      const int64_t r = i + a - pad;
+      if (r < 0 || r >= h) continue;
+      for (int b = 0; b < k; ++b) {
+        const int64_t q = j + b - pad;
+        if (q < 0 || q >= w) continue;
+        const int64_t src = channels_last ? ((n * h + r) * w + q) * channels + c
+                                          : ((n * channels + c) * h + r) * w + q;
+        sum += tp[a * k + b] * static_cast<acc_t>(x[src]);
+      }
+    }
+    y[e] = static_cast<scalar_t>(sum);
+  }
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* scratch) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (threadIdx.x == 0)
+    for (int i = 0; i < blockDim.x / 32; ++i) total += scratch[i];
+  __syncthreads();
+  return total;  // valid in thread 0
+}
+
+// dL/dw_eff partials: block (chunk, channel) sums g * shifted x over a fixed pixel chunk.
+// K > 0: filter size known at compile time, all K*K sums kept in registers in one pass.
+// K == 0: any k, one tap at a time.
+template <typename scalar_t, typename acc_t, int K>
+__global__ void weight_grad_partials(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                     acc_t* __restrict__ partials, int64_t n_pixels, int channels,
+                                     int h, int w, int k_runtime, bool channels_last,
+                                     int64_t chunk_len) {
+  __shared__ acc_t scratch[kThreads / 32];
+  const int k = K > 0 ? K : k_runtime, kk = k * k, pad = k / 2;
+  const int64_t c = blockIdx.y, chunk = blockIdx.x;
+  const int64_t begin = chunk * chunk_len;
+  const int64_t end = begin + chunk_len < n_pixels ? begin + chunk_len : n_pixels;
+  auto at = [&](int64_t n, int64_t i, int64_t j) {
+    return channels_last ? ((n * h + i) * w + j) * channels + c
+                         : ((n * channels + c) * h + i) * w + j;
+  };
+  acc_t* out = partials + (c * gridDim.x + chunk) * kk;
+  if (K > 0) {
+    acc_t acc[K > 0 ? K * K : 1];
+    for (int t = 0; t < kk; ++t) acc[t] = 0;
+    for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+      const int64_t j = p % w, i = (p / w) % h, n = p / (static_cast<int64_t>(w) * h);
+      const acc_t gv = static_cast<acc_t>(g[at(n, i, j)]);
+#pragma unroll
+      for (int a = 0; a < (K > 0 ? K : 1); ++a) {
+        const int64_t r = i + a - pad;
+#pragma unroll
+        for (int b = 0; b < (K > 0 ? K : 1); ++b) {
+          const int64_t q = j + b - pad;
+          if (r >= 0 && r < h && q >= 0 && q < w)
+            acc[a * k + b] += gv * static_cast<acc_t>(x[at(n, r, q)]);
+        }
+      }
+    }
+    for (int t = 0; t < kk; ++t) {
+      const acc_t total = block_sum(acc[t], scratch);
+      if (threadIdx.x == 0) out[t] = total;
+    }
+  } else {
+    for (int t = 0; t < kk; ++t) {
+      const int a = t / k, b = t % k;
+      acc_t acc = 0;
+      for (int64_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
+        const int64_t j = p % w, i = (p / w) % h, n = p / (static_cast<int64_t>(w) * h);
+        const int64_t r = i + a - pad, q = j + b - pad;
+        if (r >= 0 && r < h && q >= 0 && q < w)
+          acc += static_cast<acc_t>(g[at(n, i, j)]) * static_cast<acc_t>(x[at(n, r, q)]);
+      }
+      const acc_t total = block_sum(acc, scratch);
+      if (threadIdx.x == 0) out[t] = total;
+    }
+  }
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.size(1) > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+}
+
+template <typename scalar_t>
+at::Tensor compute_taps(const at::Tensor& weight, bool constrained, double eps, bool flip) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = weight.size(0);
+  const int k = static_cast<int>(weight.size(2));
+  at::Tensor taps = at::empty({channels, k * k},
+                              weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const int blocks = static_cast<int>((channels + kThreads - 1) / kThreads);
+  taps_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      weight.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(), channels, k, constrained,
+      static_cast<acc_t>(eps), flip);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return taps;
+}
+
+// y = depthwise correlation of x with `taps` ([C, k*k]); y has x's layout.
+template <typename scalar_t>
+void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool cl = is_channels_last(x);
+  if (!cl && k <= kMaxTiledK) {
+    const int64_t tiles = ((w + kTileW - 1) / kTileW) * ((h + kTileH - 1) / kTileH);
+    TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
+    const dim3 grid(static_cast<unsigned>(tiles),
+                    static_cast<unsigned>(std::min<int64_t>(n * channels, 65535)));
+    const dim3 block(kTileW, kTileH);
+    const size_t shared =
+        ((kTileW + k - 1) * (kTileH + k - 1) + k * k) * sizeof(acc_t);
+    conv_nchw_tiled<scalar_t, acc_t><<<grid, block, shared, stream>>>(
+        x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), n * channels,
+        static_cast<int>(channels), static_cast<int>(h), static_cast<int>(w), k);
+  } else {
+    const int64_t total = x.numel();
+    const int blocks = static_cast<int>(std::min<int64_t>((total + kThreads - 1) / kThreads,
+                                                          int64_t(1) << 20));
+    conv_elementwise<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), total,
+        static_cast<int>(channels), static_cast<int>(h), static_cast<int>(w), k, cl);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int K>
+void launch_weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor& partials,
+                        int64_t chunks, int64_t chunk_len, int k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_pixels = x.size(0) * x.size(2) * x.size(3);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(x.size(1)));
+  weight_grad_partials<scalar_t, acc_t, K>
+      <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), n_pixels,
+          static_cast<int>(x.size(1)), static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
+          k, is_channels_last(x), chunk_len);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void check_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
+  TORCH_CHECK(x.size(1) <= 65535, "mcs_conv CUDA kernel: at most 65535 channels, got ",
+              x.size(1));
+}
+
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace
+
+at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, bool constrained,
+                                 double eps) {
+  check_inputs(x, weight, eps);
+  check_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = layout_of(x);
+  const auto xc = x.contiguous(fmt);
+  const auto wc = weight.contiguous();
+  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (y.numel() == 0) return y;
+  const int k = static_cast<int>(weight.size(2));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_fwd_cuda",
+                                  [&] {
+                                    const auto taps = compute_taps<scalar_t>(wc, constrained, eps,
+                                                                             /*flip=*/false);
+                                    launch_conv<scalar_t>(xc, taps, y, k);
+                                  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad_out,
+                                                          const at::Tensor& x,
+                                                          const at::Tensor& weight,
+                                                          bool constrained, double eps,
+                                                          bool need_x, bool need_weight) {
+  check_inputs(x, weight, eps);
+  check_cuda(x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "mcs_conv_backward: grad_out has shape ",
+              grad_out.sizes(), " but x has shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto fmt = layout_of(x);
+  const auto xc = x.contiguous(fmt);
+  const auto gc = grad_out.to(x.scalar_type()).contiguous(fmt);
+  const auto wc = weight.contiguous();
+  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options().memory_format(fmt))
+                         : at::zeros(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
+  if (x.numel() == 0) return {gx, gw};
+  const int k = static_cast<int>(weight.size(2));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (need_x) {
+          const auto flipped = compute_taps<scalar_t>(wc, constrained, eps, /*flip=*/true);
+          launch_conv<scalar_t>(gc, flipped, gx, k);
+        }
+        if (!need_weight) return;
+        // Fixed chunking (independent of the device) keeps the reduction order fixed.
+        const int64_t n_pixels = x.size(0) * x.size(2) * x.size(3);
+        const int64_t chunk_len = std::max<int64_t>(4096, (n_pixels + 1023) / 1024);
+        const int64_t chunks = (n_pixels + chunk_len - 1) / chunk_len;
+        auto partials = at::empty({x.size(1), chunks, k * k},
+                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        switch (k) {
+          case 3: launch_weight_grad<scalar_t, 3>(gc, xc, partials, chunks, chunk_len, k); break;
+          case 5: launch_weight_grad<scalar_t, 5>(gc, xc, partials, chunks, chunk_len, k); break;
+          case 7: launch_weight_grad<scalar_t, 7>(gc, xc, partials, chunks, chunk_len, k); break;
+          default: launch_weight_grad<scalar_t, 0>(gc, xc, partials, chunks, chunk_len, k);
+        }
+        gw = constraint_backward(at::sum(partials, {1}), weight, constrained, eps);
+      });
+  return {gx, gw};
+}
+
+}  // namespace sficonv

@@ -1,0 +1,62 @@
+// Registers the sficonv_ext custom ops with PyTorch (TORCH_LIBRARY) and defines the Python
+// module entry point, so `import sficonv_ext._C` loads the kernels into torch.ops.sficonv_ext.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "mcs_conv.h"
+
+// setup.py writes the CUDA architectures it compiled for into this header.
+#if __has_include("generated/build_config.h")
+#include "generated/build_config.h"
+#endif
+
+extern "C" {
+// An empty module: importing it runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "sficonv_ext kernels, registered as torch.ops.sficonv_ext.*",
+      -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace sficonv {
+
+#ifndef SFICONV_CUDA_ARCHS
+#define SFICONV_CUDA_ARCHS ""
+#endif
+
+// "key=value" pairs separated by ';' describing what this binary was built with.
+std::string build_info() {
+  std::string info = "cpu=1";
+#ifdef SFICONV_WITH_CUDA
+  info += ";cuda=1;cuda_archs=" + std::string(SFICONV_CUDA_ARCHS);
+#else
+  info += ";cuda=0";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(sficonv_ext, m) {
+  m.def("mcs_conv_forward(Tensor x, Tensor weight, bool constrained, float eps) -> Tensor");
+  m.def(
+      "mcs_conv_backward(Tensor grad_out, Tensor x, Tensor weight, bool constrained, float eps, "
+      "bool need_x, bool need_weight) -> (Tensor, Tensor)");
+  m.def("build_info() -> str", &build_info);
+}
+
+TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {
+  m.impl("mcs_conv_forward", &mcs_conv_forward_cpu);
+  m.impl("mcs_conv_backward", &mcs_conv_backward_cpu);
+}
+
+#ifdef SFICONV_WITH_CUDA
+TORCH_LIBRARY_IMPL(sficonv_ext, CUDA, m) {
+  m.impl("mcs_conv_forward", &mcs_conv_forward_cuda);
+  m.impl("mcs_conv_backward", &mcs_conv_backward_cuda);
+}
+#endif
+
+}  // namespace sficonv

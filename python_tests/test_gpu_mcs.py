@@ -1,0 +1,97 @@
+"""MCSConv CUDA C++ and Triton backends on a GPU (skipped without one): every dtype and layout
+against the float64 definition, opcheck, determinism."""
+import pytest
+import torch
+
+from sficonv_ext import ops
+
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+TOLERANCES = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def _available(backend):
+    info = ops.backends()
+    return info["cuda"] if backend == "cuda" else info["triton_ops"]
+
+
+def grads(backend, x, weight, g, constrained):
+    xr, wr = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y = ops.mcs_conv(xr, wr, constrained=constrained, backend=backend)
+    return (y,) + torch.autograd.grad(y, (xr, wr), g)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", sorted(TOLERANCES, key=str))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,k", [((3, 64, 67, 61), 5), ((2, 3, 1, 45), 3), ((1, 5, 33, 7), 7),
+                                     ((0, 4, 8, 8), 5), ((2, 8, 130, 129), 9)])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_gpu_backend_matches_definition(backend, dtype, layout, shape, k, constrained):
+    if not _available(backend):
+        pytest.skip(f"{backend} backend not built")
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(n, c, h, 2 * w, device="cuda")[..., ::2]
+    # Positive taps keep the constrained filter bounded, so float16 cannot overflow.
+    weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
+    g = torch.randn(n, c, h, w, device="cuda")
+    got = grads(backend, x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
+    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
+                 constrained)
+    assert got[0].dtype == dtype and got[0].shape == x.shape
+    if n == 0:
+        return
+    tol = TOLERANCES[dtype]
+    assert rel_err(got[0].double(), want[0]) < tol
+    assert rel_err(got[1].double(), want[1]) < tol
+    assert rel_err(got[2].double(), want[2]) < 4 * tol
+    if layout == "channels_last" and c > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cuda_float64_gradcheck_and_opcheck():
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(3, 1, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.mcs_conv(a, b, backend="cuda"), (x, w))
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_forward.default, (x, w, True, 1e-6))
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
+                          (torch.randn_like(x), x.detach(), w.detach(), True, 1e-6, True, True))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_weight_gradient_is_deterministic(backend):
+    if not _available(backend):
+        pytest.skip(f"{backend} backend not built")
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = torch.randn(8, 32, 64, 64, device="cuda")
+        w = torch.randn(32, 1, 5, 5, device="cuda", requires_grad=True)
+        results = []
+        for _ in range(3):
+            w.grad = None
+            (ops.mcs_conv(x, w, backend=backend) ** 2).sum().backward()
+            results.append(w.grad.clone())
+        assert all(torch.equal(r, results[0]) for r in results)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_gpu_compile_fullgraph():
+    x = torch.randn(2, 8, 32, 32, device="cuda", requires_grad=True)
+    w = torch.randn(8, 1, 5, 5, device="cuda", requires_grad=True)
+    f = torch.compile(lambda a, b: ops.mcs_conv(a, b).sum(), fullgraph=True)
+    f(x, w).backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_mixed_devices_error():
+    with pytest.raises(ValueError, match="cuda"):
+        ops.mcs_conv(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(2, 1, 3, 3))

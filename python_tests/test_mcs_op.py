@@ -1,0 +1,209 @@
+"""sficonv_ext.ops.mcs_conv (C++ CPU kernels) against the pure-PyTorch definition."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sficonv_ext import ops
+from sficonv_ext.reference import constrain_mcs_weight
+
+from conftest import rel_err
+
+cpp = pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
+
+
+def expected(x, weight, constrained, eps=1e-6):
+    """The op's definition, computed in float64 with PyTorch's own convolution."""
+    w = weight.double()
+    w = constrain_mcs_weight(w, eps) if constrained else w
+    return F.conv2d(x.double(), w, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def both_grads(fn, x, weight, g):
+    xr, wr = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y = fn(xr, wr)
+    return (y,) + torch.autograd.grad(y, (xr, wr), g)
+
+
+SHAPES = [(1, 1, 1, 1), (3, 3, 2, 67), (1, 64, 13, 7), (3, 1, 67, 3), (1, 3, 31, 29),
+          (2, 3, 5, 61), (1, 3, 64, 64)]
+
+
+@cpp
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("constrained", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_float64_matches_definition(shape, k, constrained, layout):
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(n, c, h, 2 * w, dtype=torch.float64)[..., ::2]
+    weight = torch.randn(c, 1, k, k, dtype=torch.float64)
+    g = torch.randn(n, c, h, w, dtype=torch.float64)
+    y, gx, gw = both_grads(lambda a, b: ops.mcs_conv(a, b, constrained=constrained,
+                                                     backend="cpp"), x, weight, g)
+    y_ref, gx_ref, gw_ref = both_grads(lambda a, b: ops.mcs_conv(a, b, constrained=constrained,
+                                                                 backend="torch"), x, weight, g)
+    assert rel_err(y, y_ref) < 1e-10
+    assert rel_err(gx, gx_ref) < 1e-10
+    assert rel_err(gw, gw_ref) < 1e-10
+    if layout == "channels_last" and c > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+
+
+@cpp
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_batch_sizes_including_empty(n):
+    x = torch.randn(n, 3, 9, 8, dtype=torch.float64)
+    weight = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    y = ops.mcs_conv(x, weight, backend="cpp")
+    assert y.shape == x.shape
+    if n:
+        assert rel_err(y, expected(x, weight, True)) < 1e-10
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ops.mcs_conv(xr, wr, backend="cpp").sum().backward()
+    assert wr.grad.shape == weight.shape and (n or torch.all(wr.grad == 0))
+
+
+# Per-dtype tolerances (relative to the output's largest magnitude), float32 accumulation.
+TOLERANCES = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@cpp
+@pytest.mark.parametrize("dtype", sorted(TOLERANCES, key=str))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_dtypes(dtype, channels_last):
+    x = torch.randn(2, 16, 23, 17).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(16, 1, 5, 5).to(dtype)
+    g = torch.randn(2, 16, 23, 17).to(dtype)
+    y, gx, gw = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="cpp"), x, weight, g)
+    assert y.dtype == dtype and gw.dtype == dtype
+    y_ref, gx_ref, gw_ref = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="torch"),
+                                       x.double(), weight.double(), g.double())
+    tol = TOLERANCES[dtype]
+    assert rel_err(y.double(), y_ref) < tol
+    assert rel_err(gx.double(), gx_ref) < tol
+    assert rel_err(gw.double(), gw_ref) < tol * 4  # a sum over N*H*W products
+
+
+@cpp
+@pytest.mark.parametrize("constrained", [True, False])
+def test_gradcheck(constrained):
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.mcs_conv(a, b, constrained=constrained, backend="cpp"), (x, weight))
+
+
+@cpp
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck(layout):
+    x = torch.randn(2, 4, 7, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 1, 5, 5, requires_grad=True)
+    x.requires_grad_()
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_forward.default, (x, weight, True, 1e-6))
+    g = torch.randn(2, 4, 7, 6)
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
+                          (g, x.detach(), weight.detach(), True, 1e-6, True, True))
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
+                          (g, x.detach(), weight.detach(), False, 1e-6, True, False))
+
+
+@cpp
+def test_compile_fullgraph_no_graph_break():
+    def f(x, w):
+        return ops.mcs_conv(x, w, backend="cpp").relu().sum()
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    w = torch.randn(3, 1, 5, 5, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w)
+    out.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    f(x, w).backward()
+    assert torch.allclose(out, f(x, w)) and torch.allclose(gx, x.grad) and torch.allclose(gw, w.grad)
+
+
+@cpp
+def test_zero_sum_channel_is_clamped_to_positive_eps():
+    weight = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    weight[1] = 0.0
+    weight[1, 0, 0, 0], weight[1, 0, 4, 4] = 1.0, -1.0  # off-centre sum exactly 0
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    y = ops.mcs_conv(x, weight, eps=1e-3, backend="cpp")
+    assert rel_err(y, expected(x, weight, True, eps=1e-3)) < 1e-10
+    xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ops.mcs_conv(xr, wr, eps=1e-3, backend="cpp").sum().backward()
+    xt, wt = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ops.mcs_conv(xt, wt, eps=1e-3, backend="torch").sum().backward()
+    assert rel_err(wr.grad, wt.grad) < 1e-10
+
+
+@cpp
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nan_propagates(channels_last):
+    x = torch.randn(1, 4, 9, 9)
+    x[0, 2, 4, 4] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = ops.mcs_conv(x, torch.randn(4, 1, 5, 5), backend="cpp")
+    assert torch.isnan(y[0, 2, 2:7, 2:7]).all()
+    assert not torch.isnan(y[0, [0, 1, 3]]).any() and not torch.isnan(y[0, 2, 0, 0])
+
+
+@cpp
+def test_weight_gradient_is_deterministic():
+    x = torch.randn(4, 8, 33, 35).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(8, 1, 5, 5)
+    g = torch.randn_like(x)
+    outs = [torch.ops.sficonv_ext.mcs_conv_backward(g, x, weight, True, 1e-6, True, True)
+            for _ in range(3)]
+    for gx, gw in outs[1:]:
+        assert torch.equal(gx, outs[0][0]) and torch.equal(gw, outs[0][1])
+
+
+@pytest.mark.parametrize("x,weight,error,pattern", [
+    (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 4, 4), ValueError, "odd"),
+    (torch.randn(1, 3, 8, 8), torch.randn(3, 2, 5, 5), ValueError, r"\[C, 1, k, k\]"),
+    (torch.randn(1, 3, 8, 8), torch.randn(4, 1, 5, 5), ValueError, "4 channels but x has 3"),
+    (torch.randn(3, 8, 8), torch.randn(3, 1, 5, 5), ValueError, "4-D"),
+    (torch.randn(1, 3, 8, 8), torch.randn(3, 1, 5, 5, dtype=torch.float64), TypeError,
+     "float32 but weight is torch.float64"),
+    (torch.ones(1, 3, 8, 8, dtype=torch.int64), torch.ones(3, 1, 5, 5, dtype=torch.int64),
+     TypeError, "floating"),
+])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bad_inputs(x, weight, error, pattern, backend):
+    with pytest.raises(error, match=pattern):
+        ops.mcs_conv(x, weight, backend=backend)
+
+
+def test_bad_backend_and_eps():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(3, 1, 5, 5)
+    with pytest.raises(ValueError, match="backend"):
+        ops.mcs_conv(x, w, backend="opencl")
+    with pytest.raises(ValueError, match="eps"):
+        ops.mcs_conv(x, w, eps=0.0)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        ops.mcs_conv(x, w, backend="cuda")
+
+
+@cpp
+def test_cpp_kernel_checks_reach_python():
+    # The C++ op validates too, for callers that bypass mcs_conv.
+    with pytest.raises(RuntimeError, match="kernel size must be odd"):
+        torch.ops.sficonv_ext.mcs_conv_forward(torch.randn(1, 3, 8, 8),
+                                               torch.randn(3, 1, 4, 4), True, 1e-6)
+
+
+def test_backends_reports_consistently():
+    info = ops.backends()
+    assert info["auto_cpu"] == ("cpp" if info["cpp"] else "torch")
+    assert set(["cpp", "cuda", "triton", "cuda_archs", "torch"]) <= set(info)

@@ -1,0 +1,65 @@
+"""The Triton MCSConv against the pure-PyTorch definition. Without a GPU this runs in Triton's
+CPU interpreter (conftest sets TRITON_INTERPRET=1): float32 and tiny shapes only there."""
+import pytest
+import torch
+
+from sficonv_ext import ops
+
+from conftest import rel_err
+
+needs_triton = pytest.mark.skipif(not ops.backends()["triton_ops"],
+                                  reason="Triton ops unavailable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def grads(backend, x, weight, g, constrained):
+    xr, wr = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    y = ops.mcs_conv(xr, wr, constrained=constrained, backend=backend)
+    return (y,) + torch.autograd.grad(y, (xr, wr), g)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,k", [((2, 3, 7, 37), 5), ((1, 2, 17, 5), 3), ((1, 1, 1, 1), 5),
+                                     ((1, 2, 9, 9), 7)])
+@pytest.mark.parametrize("constrained", [True, False])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_triton_float32_matches_torch(shape, k, constrained, layout):
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(n, c, h, 2 * w, device=DEVICE)[..., ::2]
+    weight = torch.randn(c, 1, k, k, device=DEVICE)
+    g = torch.randn(n, c, h, w, device=DEVICE)
+    got = grads("triton", x, weight, g, constrained)
+    want = grads("torch", x.double(), weight.double(), g.double(), constrained)
+    for a, b in zip(got, want):
+        assert rel_err(a.double(), b) < 5e-5  # float32; constrained taps reach 10-100, so sums cancel
+    if layout == "channels_last" and c > 1:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_triton
+def test_triton_rejects_float64():
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        ops.mcs_conv(x, torch.randn(2, 1, 3, 3, dtype=torch.float64, device=DEVICE),
+                     backend="triton")
+
+
+# Triton's CPU interpreter dereferences fake tensors, so fake-tensor and AOT checks need a GPU.
+OPCHECK_UTILS = (None if torch.cuda.is_available()
+                 else ("test_schema", "test_autograd_registration"))
+
+
+@needs_triton
+def test_triton_opcheck():
+    x = torch.randn(1, 2, 6, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 1, 3, 3, device=DEVICE, requires_grad=True)
+    kwargs = {} if OPCHECK_UTILS is None else {"test_utils": OPCHECK_UTILS}
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_forward.default,
+                          (x, w, True, 1e-6), **kwargs)
+    g = torch.randn(1, 2, 6, 5, device=DEVICE)
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_backward.default,
+                          (g, x.detach(), w.detach(), True, 1e-6, True, True), **kwargs)

@@ -1,0 +1,15 @@
+"""``python -m sficonv_ext.info``: print what was built and what will run."""
+from .ops import backends
+
+
+def main():
+    info = backends()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    if not info["cpp"]:
+        print("\nThe C++/CUDA extension is not loaded: pure-PyTorch (and Triton) paths are used.")
+
+
+if __name__ == "__main__":
+    main()

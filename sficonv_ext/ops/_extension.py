@@ -1,0 +1,53 @@
+"""Loading of the compiled kernels (``sficonv_ext._C``) and what they offer.
+
+A package built without the extension works on its pure-PyTorch and Triton paths. A built
+extension that fails to import (a torch upgrade, a missing library) is reported with the command
+that rebuilds it, and its backends are then unavailable rather than half-loaded.
+"""
+import glob
+import os
+import warnings
+
+import torch
+
+REBUILD_HINT = ("rebuild it against the installed torch with "
+                "`pip install -e . --no-build-isolation` in the sficonv_ext checkout")
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_C = None
+LOAD_ERROR = None
+
+try:
+    from .. import _C  # noqa: F401  (importing registers torch.ops.sficonv_ext.*)
+except ImportError as error:  # never built, or built against another torch
+    if glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) or glob.glob(
+            os.path.join(_PACKAGE_DIR, "_C*.pyd")):
+        LOAD_ERROR = f"sficonv_ext._C exists but failed to import ({error}); {REBUILD_HINT}"
+        warnings.warn(LOAD_ERROR + ". Falling back to the pure-PyTorch and Triton kernels.",
+                      RuntimeWarning, stacklevel=2)
+
+
+def has_cpp_kernels():
+    """True when the C++ CPU kernels are loaded."""
+    return _C is not None
+
+
+def has_cuda_kernels():
+    """True when the extension was compiled with its CUDA kernels."""
+    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "sficonv_ext::mcs_conv_forward", "CUDA")
+
+
+def build_info():
+    """What the compiled extension says about itself, as a dict (empty when not loaded)."""
+    if _C is None:
+        return {}
+    pairs = (item.split("=", 1) for item in torch.ops.sficonv_ext.build_info().split(";"))
+    return {key: value for key, value in pairs}
+
+
+def missing_extension_message(backend):
+    if LOAD_ERROR:
+        return f"backend={backend!r} needs the compiled extension: {LOAD_ERROR}"
+    return (f"backend={backend!r} needs the compiled extension sficonv_ext._C, which was not "
+            f"built; {REBUILD_HINT} (with torch and a C++ compiler installed)")

@@ -1,0 +1,32 @@
+"""``backends()``: what this installation can run, as a dict."""
+import torch
+
+from . import _extension
+from .mcs_conv import resolve_backend, triton_error, triton_ops
+
+
+def backends():
+    """Which kernels are available: C++ CPU, CUDA (and its archs), Triton, and what "auto"
+    picks on each device. ``python -m sficonv_ext.info`` prints the same."""
+    info = _extension.build_info()
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    cuda_device = torch.cuda.is_available()
+    result = {
+        "torch": torch.__version__,
+        "cpp": _extension.has_cpp_kernels(),
+        "cuda": _extension.has_cuda_kernels(),
+        "cuda_archs": info.get("cuda_archs", "") if _extension.has_cuda_kernels() else "",
+        "extension_error": _extension.LOAD_ERROR,
+        "triton": triton_version,
+        "triton_ops": triton_ops() is not None,
+        "triton_error": triton_error(),
+        "cuda_device": torch.cuda.get_device_name(0) if cuda_device else None,
+        "auto_cpu": resolve_backend("auto", torch.empty(0)),
+    }
+    if cuda_device:
+        result["auto_cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))
+    return result

@@ -1,0 +1,96 @@
+"""``mcs_conv``: the public MCSConv op, validated and dispatched to a backend."""
+import torch
+
+from . import _extension
+from .mcs_torch import mcs_conv_torch
+
+BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
+
+_triton_module = None
+_triton_error = None
+
+
+def triton_ops():
+    """The Triton op module, imported on first use (None if Triton cannot be imported)."""
+    global _triton_module, _triton_error
+    if _triton_module is None and _triton_error is None:
+        try:
+            from . import mcs_triton
+            _triton_module = mcs_triton
+        except Exception as error:  # no triton, or a triton that does not match torch
+            _triton_error = f"{type(error).__name__}: {error}"
+    return _triton_module
+
+
+def triton_error():
+    triton_ops()
+    return _triton_error
+
+
+def _validate(x, weight, eps, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"mcs_conv: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"mcs_conv: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"mcs_conv: weight must be [C, 1, k, k], got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[-1] % 2 == 0:
+        raise ValueError(f"mcs_conv: kernel size must be odd, got {weight.shape[-1]}")
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"mcs_conv: weight has {weight.shape[0]} channels but x has "
+                         f"{x.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"mcs_conv: x is on {x.device} but weight is on {weight.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"mcs_conv: expected a floating dtype, got {x.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"mcs_conv: x is {x.dtype} but weight is {weight.dtype}")
+    if not eps > 0:
+        raise ValueError(f"mcs_conv: eps must be positive, got {eps}")
+
+
+def resolve_backend(backend, x):
+    """The backend that ``backend`` means for tensor ``x`` (raises if it is unavailable)."""
+    if backend == "auto":
+        if x.is_cuda:
+            if _extension.has_cuda_kernels():
+                return "cuda"
+            return "triton" if triton_ops() is not None else "torch"
+        return "cpp" if _extension.has_cpp_kernels() else "torch"
+    if backend == "cpp":
+        if x.is_cuda:
+            raise ValueError("backend='cpp' runs the C++ CPU kernels; for CUDA tensors use "
+                             "backend='cuda'")
+        if not _extension.has_cpp_kernels():
+            raise RuntimeError(_extension.missing_extension_message(backend))
+    if backend == "cuda":
+        if not x.is_cuda:
+            raise ValueError("backend='cuda' needs CUDA tensors; on the CPU use 'cpp' or 'auto'")
+        if not _extension.has_cuda_kernels():
+            raise RuntimeError(_extension.missing_extension_message(backend) +
+                               " (the build needs nvcc and a CUDA build of torch)")
+    if backend == "triton" and triton_ops() is None:
+        raise RuntimeError(f"backend='triton' is unavailable: {_triton_error}")
+    return backend
+
+
+def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
+    """Depthwise ``k x k`` MCSConv, stride 1, padding ``k // 2``, no bias.
+
+    ``x``: ``[N, C, H, W]``; ``weight``: ``[C, 1, k, k]``, k odd. ``constrained=True`` applies
+    the SPEC section 1 constraint to ``weight`` inside the kernel (differentiably);
+    ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
+    (channels_last stays channels_last). ``backend``: "auto" (C++ on CPU, CUDA C++ on GPU when
+    built, else Triton, else PyTorch), "torch", "cpp", "cuda" or "triton".
+    """
+    _validate(x, weight, eps, backend)
+    chosen = resolve_backend(backend, x)
+    if chosen == "torch":
+        return mcs_conv_torch(x, weight, constrained, eps)
+    if chosen == "triton":
+        return torch.ops.sficonv_ext.mcs_conv_triton_forward(x, weight, constrained, float(eps))
+    return torch.ops.sficonv_ext.mcs_conv_forward(x, weight, constrained, float(eps))

@@ -1,0 +1,28 @@
+"""The pure-PyTorch MCSConv path, and the constraint's chain rule shared with the Triton path."""
+import torch
+import torch.nn.functional as F
+
+from ..reference.constraint import constrain_mcs_weight
+
+
+def mcs_conv_torch(x, weight, constrained, eps):
+    """torch constraint + ``F.conv2d(groups=C)``: the baseline every kernel is measured against."""
+    w = constrain_mcs_weight(weight, eps) if constrained else weight
+    return F.conv2d(x, w, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
+def constraint_backward(grad_eff, weight, constrained, eps):
+    """dL/d(raw weight) from dL/d(effective filter) ``[C, k*k]`` (same maths as csrc)."""
+    if not constrained:
+        return grad_eff.reshape(weight.shape).to(weight.dtype)
+    kk = grad_eff.shape[1]
+    w = weight.reshape(weight.shape[0], kk).to(grad_eff.dtype)
+    off_centre = torch.ones_like(w)
+    off_centre[:, kk // 2] = 0
+    s = (w * off_centre).sum(1, keepdim=True)
+    s_clamped = torch.where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps))
+    passes = (s >= eps) | (s <= -eps)
+    dot = (grad_eff * w * off_centre).sum(1, keepdim=True)
+    through_sum = torch.where(passes, dot / (s_clamped * s_clamped), torch.zeros_like(dot))
+    grad_w = (grad_eff / s_clamped - through_sum) * off_centre
+    return grad_w.reshape(weight.shape).to(weight.dtype)

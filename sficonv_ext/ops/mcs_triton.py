@@ -1,0 +1,163 @@
+"""MCSConv in Triton, registered as ``sficonv_ext::mcs_conv_triton_forward/backward``.
+
+One program computes a BLOCK_H x BLOCK_W output tile of one (n, c) plane. Tensors are addressed
+through their strides, so NCHW, channels_last and strided inputs all work. The constraint is
+applied inside the kernel (the channel's off-centre sum is reduced in registers). The weight
+gradient is written as per-tile partial sums and reduced by ``torch.sum``: no atomics, so it is
+deterministic. Accumulation is in float32 (float64 inputs are not supported here).
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported), which
+is how CI checks them.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .mcs_torch import constraint_backward
+
+BLOCK_H = 16
+BLOCK_W = 32
+
+
+@triton.jit
+def _mcs_conv_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
+                     sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
+                     K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
+                     FLIP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0)
+    n = plane // C
+    c = plane % C
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    kk: tl.constexpr = K * K
+    centre: tl.constexpr = kk // 2
+    pad: tl.constexpr = K // 2
+    w_base = w_ptr + c * kk
+    scale = 1.0
+    if CONSTRAINED:
+        t = tl.arange(0, KK_POW2)
+        taps = tl.load(w_base + t, mask=(t < kk) & (t != centre), other=0.0).to(tl.float32)
+        s = tl.sum(taps, axis=0)
+        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps))
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    x_base = x_ptr + n * sxn + c * sxc
+    for a in tl.static_range(K):
+        for b in tl.static_range(K):
+            tap = a * K + b
+            if FLIP:
+                tap = kk - 1 - tap
+            if CONSTRAINED and tap == centre:
+                wt = -1.0
+            else:
+                wt = tl.load(w_base + tap).to(tl.float32)
+                if CONSTRAINED:
+                    wt = wt / scale
+            r = rows + (a - pad)
+            q = cols + (b - pad)
+            inside = (r >= 0) & (r < H) & (q >= 0) & (q < W)
+            xv = tl.load(x_base + r * sxh + q * sxw, mask=inside, other=0.0).to(tl.float32)
+            acc += wt * xv
+    out = (rows < H) & (cols < W)
+    tl.store(y_ptr + n * syn + c * syc + rows * syh + cols * syw,
+             acc.to(y_ptr.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def _mcs_weight_grad_kernel(g_ptr, x_ptr, part_ptr, C, H, W,
+                            sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, tiles_h, tiles_w,
+                            K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    plane = tl.program_id(0)
+    n = plane // C
+    c = plane % C
+    th = tl.program_id(1)
+    tw = tl.program_id(2)
+    rows = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    cols = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    pad: tl.constexpr = K // 2
+    inside_out = (rows < H) & (cols < W)
+    g = tl.load(g_ptr + n * sgn + c * sgc + rows * sgh + cols * sgw, mask=inside_out,
+                other=0.0).to(tl.float32)
+    x_base = x_ptr + n * sxn + c * sxc
+    # Partials laid out [N, C, tiles_h, tiles_w, K*K].
+    out_base = part_ptr + ((plane * tiles_h + th) * tiles_w + tw) * (K * K)
+    for a in tl.static_range(K):
+        for b in tl.static_range(K):
+            r = rows + (a - pad)
+            q = cols + (b - pad)
+            inside = (r >= 0) & (r < H) & (q >= 0) & (q < W)
+            xv = tl.load(x_base + r * sxh + q * sxw, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_base + a * K + b, tl.sum(tl.sum(g * xv, axis=1), axis=0))
+
+
+def _check_dtype(x):
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the Triton MCSConv supports float32, float16 and bfloat16, got "
+                        f"{x.dtype}; use backend='torch' or 'cpp' for float64")
+
+
+def _grid(x):
+    n, c, h, w = x.shape
+    return (n * c, triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W))
+
+
+def _launch_conv(x, weight, out, constrained, eps, flip):
+    k = weight.shape[-1]
+    wrap_triton(_mcs_conv_kernel)[_grid(x)](
+        x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
+        float(eps), K=k, KK_POW2=triton.next_power_of_2(k * k), CONSTRAINED=constrained,
+        FLIP=flip, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+
+
+@triton_op("sficonv_ext::mcs_conv_triton_forward", mutates_args=())
+def mcs_conv_triton_forward(x: torch.Tensor, weight: torch.Tensor, constrained: bool,
+                            eps: float) -> torch.Tensor:
+    _check_dtype(x)
+    y = torch.empty_like(x)  # keeps x's layout (preserve_format)
+    if y.numel():
+        _launch_conv(x, weight.contiguous(), y, constrained, eps, flip=False)
+    return y
+
+
+@triton_op("sficonv_ext::mcs_conv_triton_backward", mutates_args=())
+def mcs_conv_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                             constrained: bool, eps: float, need_x: bool,
+                             need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_dtype(x)
+    weight_c = weight.contiguous()
+    grad_out = grad_out.to(x.dtype)
+    grad_x = torch.empty_like(x) if need_x else torch.zeros_like(x)
+    grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
+    if x.numel() == 0:
+        return grad_x, grad_w
+    if need_x:
+        _launch_conv(grad_out, weight_c, grad_x, constrained, eps, flip=True)
+    if need_weight:
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        tiles_h, tiles_w = triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W)
+        partials = torch.empty((n, c, tiles_h, tiles_w, k * k), dtype=torch.float32,
+                               device=x.device)
+        wrap_triton(_mcs_weight_grad_kernel)[_grid(x)](
+            grad_out, x, partials, c, h, w, *grad_out.stride(), *x.stride(), tiles_h, tiles_w,
+            K=k, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+        grad_eff = partials.sum(dim=(0, 2, 3))
+        grad_w = constraint_backward(grad_eff, weight_c, constrained, eps)
+    return grad_x, grad_w
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, constrained, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.constrained, ctx.eps = constrained, eps
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_x, grad_w = torch.ops.sficonv_ext.mcs_conv_triton_backward(
+        grad_out, x, weight, ctx.constrained, ctx.eps, need_x, need_weight)
+    return (grad_x if need_x else None, grad_w if need_weight else None, None, None)
+
+
+mcs_conv_triton_forward.register_autograd(_backward, setup_context=_setup_context)
