@@ -90,7 +90,7 @@ def _extensions():
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        _write_build_config(os.environ["TORCH_CUDA_ARCH_LIST"])
+        _write_build_config(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " "))
         include_dirs += _wheel_cuda_includes()
         ext = CUDAExtension(
             "sficonv_ext._C", cpp + cuda, include_dirs=include_dirs,

@@ -20,7 +20,11 @@ namespace sficonv {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 8;  // channels_last weight-gradient partials: fixed blocking
-constexpr int kVec = 16;              // outputs accumulated in registers at once (one AVX-512 vector)
+// Outputs accumulated together: 64 floats = four AVX-512 registers, i.e. four independent FMA
+// chains, enough to hide the FMA latency over the k*k taps (one chain was latency bound, 4x
+// slower). Narrow planes use 16 so that little work is wasted on padding.
+constexpr int kWide = 64;
+constexpr int kNarrow = 16;
 
 struct Geometry {
   int64_t n, c, h, w;
@@ -48,9 +52,11 @@ std::vector<acc_t> all_taps(const at::Tensor& weight_c, int k, bool constrained,
 // and the width rounded up to whole vectors, so the inner loops need no bounds checks.
 struct PaddedPlane {
   int64_t rows, stride;
-  PaddedPlane(const Geometry& g)
-      : rows(g.h + 2 * g.pad),
-        stride((g.w + kVec - 1) / kVec * kVec + 2 * g.pad + kVec) {}
+  int vec;
+  explicit PaddedPlane(const Geometry& g)
+      : rows(g.h + 2 * g.pad), stride(0), vec(g.w >= 48 ? kWide : kNarrow) {
+    stride = (g.w + vec - 1) / vec * vec + 2 * g.pad + vec;
+  }
   int64_t size() const { return rows * stride; }
 };
 
@@ -64,24 +70,69 @@ void fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp
   }
 }
 
-// One output plane: out[i][j] = sum_{a,b} taps[a,b] * padded[i + a][j + b]. Each block of kVec
+// One output plane: out[i][j] = sum_{a,b} taps[a,b] * padded[i + a][j + b]. Each block of VEC
 // outputs is accumulated in registers over all k*k taps and stored once.
+// Stores the first n of VEC accumulators. Only fixed-length loops touch `acc`, which lets the
+// compiler keep it in vector registers (a variable index would force it onto the stack).
+template <int VEC, typename scalar_t, typename acc_t>
+inline void store_first(const acc_t (&acc)[VEC], int64_t n, scalar_t* dst) {
+  if (n == VEC) {
+    for (int jj = 0; jj < VEC; ++jj) dst[jj] = static_cast<scalar_t>(acc[jj]);
+    return;
+  }
+  acc_t tmp[VEC];
+  for (int jj = 0; jj < VEC; ++jj) tmp[jj] = acc[jj];
+  for (int64_t jj = 0; jj < n; ++jj) dst[jj] = static_cast<scalar_t>(tmp[jj]);
+}
+
+template <int VEC, typename scalar_t, typename acc_t>
+void correlate_plane_vec(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
+                         const Geometry& g, scalar_t* out) {
+  for (int64_t i = 0; i < g.h; ++i) {
+    for (int64_t j0 = 0; j0 < g.w; j0 += VEC) {
+      acc_t acc[VEC] = {};
+      for (int a = 0; a < g.k; ++a) {
+        for (int b = 0; b < g.k; ++b) {
+          // A pointer per tap, indexed by jj alone: with -fwrapv (Python's flags) an index like
+          // b + jj may wrap, and GCC then emits gathers instead of contiguous loads.
+          const acc_t* src = padded + (i + a) * pp.stride + j0 + b;
+          const acc_t t = taps[a * g.k + b];
+          for (int jj = 0; jj < VEC; ++jj) acc[jj] += t * src[jj];
+        }
+      }
+      store_first(acc, std::min<int64_t>(VEC, g.w - j0), out + i * g.w + j0);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void correlate_plane(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
                      const Geometry& g, scalar_t* out) {
-  for (int64_t i = 0; i < g.h; ++i) {
-    for (int64_t j0 = 0; j0 < g.w; j0 += kVec) {
-      acc_t acc[kVec] = {};
-      for (int a = 0; a < g.k; ++a) {
-        const acc_t* src = padded + (i + a) * pp.stride + j0;
-        for (int b = 0; b < g.k; ++b) {
-          const acc_t t = taps[a * g.k + b];
-          for (int jj = 0; jj < kVec; ++jj) acc[jj] += t * src[b + jj];
+  if (pp.vec == kWide)
+    correlate_plane_vec<kWide>(padded, pp, taps, g, out);
+  else
+    correlate_plane_vec<kNarrow>(padded, pp, taps, g, out);
+}
+
+// dL/dw[a,b] = sum_{i,j} g[i][j] * x[i + a - pad][j + b - pad] over one plane, written to
+// sums[k*k]. One tap at a time, so its VEC partial sums stay in registers over the whole plane;
+// g's padding is zero, so whole vectors can run past the row end.
+template <int VEC, typename acc_t>
+void weight_grad_plane_vec(const acc_t* gpad, const acc_t* xpad, const PaddedPlane& pp,
+                           const Geometry& g, acc_t* sums) {
+  for (int a = 0; a < g.k; ++a) {
+    for (int b = 0; b < g.k; ++b) {
+      acc_t acc[VEC] = {};
+      for (int64_t i = 0; i < g.h; ++i) {
+        for (int64_t j0 = 0; j0 < g.w; j0 += VEC) {
+          const acc_t* gv = gpad + (i + g.pad) * pp.stride + g.pad + j0;
+          const acc_t* xv = xpad + (i + a) * pp.stride + j0 + b;  // see correlate_plane_vec
+          for (int jj = 0; jj < VEC; ++jj) acc[jj] += gv[jj] * xv[jj];
         }
       }
-      const int64_t n = std::min<int64_t>(kVec, g.w - j0);
-      scalar_t* dst = out + i * g.w + j0;
-      for (int64_t jj = 0; jj < n; ++jj) dst[jj] = static_cast<scalar_t>(acc[jj]);
+      acc_t total = 0;
+      for (int jj = 0; jj < VEC; ++jj) total += acc[jj];
+      sums[a * g.k + b] = total;
     }
   }
 }
@@ -94,34 +145,77 @@ std::vector<acc_t> transpose_taps(const std::vector<acc_t>& taps, int64_t channe
   return out;
 }
 
-// channels_last output row (n, i): per pixel and block of kVec channels, all taps in registers.
+// channels_last: channels [c0, c0 + CB) of output pixel (i, j), all taps accumulated in
+// registers before one store.
+template <int CB, typename scalar_t, typename acc_t>
+inline void correlate_pixel_cl(const scalar_t* image, const acc_t* taps_t, const Geometry& g,
+                               int64_t i, int64_t j, int64_t c0, scalar_t* dst) {
+  acc_t acc[CB] = {};
+  for (int a = 0; a < g.k; ++a) {
+    const int64_t r = i + a - g.pad;
+    if (r < 0 || r >= g.h) continue;
+    for (int b = 0; b < g.k; ++b) {
+      const int64_t q = j + b - g.pad;
+      if (q < 0 || q >= g.w) continue;
+      const scalar_t* src = image + (r * g.w + q) * g.c + c0;
+      const acc_t* t = taps_t + (a * g.k + b) * g.c + c0;
+      for (int cc = 0; cc < CB; ++cc) acc[cc] += t[cc] * static_cast<acc_t>(src[cc]);
+    }
+  }
+  for (int cc = 0; cc < CB; ++cc) dst[cc] = static_cast<scalar_t>(acc[cc]);
+}
+
+// channels_last: PB neighbouring interior pixels (every tap inside the row, so no column checks)
+// share each tap vector load: PB * CB accumulators stay in registers.
+template <int CB, int PB, typename scalar_t, typename acc_t>
+inline void correlate_pixels_cl(const scalar_t* image, const acc_t* taps_t, const Geometry& g,
+                                int64_t i, int64_t j, int64_t c0, scalar_t* dst) {
+  acc_t acc[PB][CB] = {};
+  for (int a = 0; a < g.k; ++a) {
+    const int64_t r = i + a - g.pad;
+    if (r < 0 || r >= g.h) continue;
+    for (int b = 0; b < g.k; ++b) {
+      const scalar_t* src = image + (r * g.w + j + b - g.pad) * g.c + c0;
+      const acc_t* t = taps_t + (a * g.k + b) * g.c + c0;
+      for (int p = 0; p < PB; ++p) {
+        const scalar_t* sp = src + p * g.c;
+        for (int cc = 0; cc < CB; ++cc) acc[p][cc] += t[cc] * static_cast<acc_t>(sp[cc]);
+      }
+    }
+  }
+  for (int p = 0; p < PB; ++p)
+    for (int cc = 0; cc < CB; ++cc) dst[p * g.c + cc] = static_cast<scalar_t>(acc[p][cc]);
+}
+
+// Channels [c0, c0 + CB) of one channels_last output row: interior pixels four at a time.
+template <int CB, typename scalar_t, typename acc_t>
+inline void correlate_row_block_cl(const scalar_t* image, const acc_t* taps_t, const Geometry& g,
+                                   int64_t i, int64_t c0, scalar_t* out_row) {
+  constexpr int PB = 4;
+  const int64_t interior_end = g.w - g.pad;  // pixels j < interior_end with j >= pad need no checks
+  int64_t j = 0;
+  for (; j < g.w; ++j) {
+    if (j >= g.pad && j + PB <= interior_end) {
+      correlate_pixels_cl<CB, PB>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
+      j += PB - 1;
+    } else {
+      correlate_pixel_cl<CB>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
+    }
+  }
+}
+
+// One channels_last output row (n, i): channel blocks of kWide, then kNarrow, then singles.
 template <typename scalar_t, typename acc_t>
 void correlate_row_cl(const scalar_t* image, const acc_t* taps_t, const Geometry& g, int64_t i,
                       scalar_t* out_row) {
-  const int64_t C = g.c;
-  for (int64_t j = 0; j < g.w; ++j) {
-    for (int64_t c0 = 0; c0 < C; c0 += kVec) {
-      const int64_t cn = std::min<int64_t>(kVec, C - c0);
-      acc_t acc[kVec] = {};
-      for (int a = 0; a < g.k; ++a) {
-        const int64_t r = i + a - g.pad;
-        if (r < 0 || r >= g.h) continue;
-        for (int b = 0; b < g.k; ++b) {
-          const int64_t q = j + b - g.pad;
-          if (q < 0 || q >= g.w) continue;
-          const scalar_t* src = image + (r * g.w + q) * C + c0;
-          const acc_t* t = taps_t + (a * g.k + b) * C + c0;
-          if (cn == kVec) {
-            for (int cc = 0; cc < kVec; ++cc) acc[cc] += t[cc] * static_cast<acc_t>(src[cc]);
-          } else {
-            for (int64_t cc = 0; cc < cn; ++cc) acc[cc] += t[cc] * static_cast<acc_t>(src[cc]);
-          }
-        }
-      }
-      scalar_t* dst = out_row + j * C + c0;
-      for (int64_t cc = 0; cc < cn; ++cc) dst[cc] = static_cast<scalar_t>(acc[cc]);
-    }
-  }
+  int64_t c0 = 0;
+  for (; c0 + kWide <= g.c; c0 += kWide)
+    correlate_row_block_cl<kWide>(image, taps_t, g, i, c0, out_row);
+  for (; c0 + kNarrow <= g.c; c0 += kNarrow)
+    correlate_row_block_cl<kNarrow>(image, taps_t, g, i, c0, out_row);
+  for (; c0 < g.c; ++c0)
+    for (int64_t j = 0; j < g.w; ++j)
+      correlate_pixel_cl<1>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
 }
 
 template <typename scalar_t>
@@ -168,34 +262,18 @@ void backward_nchw(const at::Tensor& gy, const at::Tensor& x,
   const int kk = g.k * g.k;
   const PaddedPlane pp(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> gpad(pp.size()), xpad(partials ? pp.size() : 0), lanes(kk * kVec);
+    std::vector<acc_t> gpad(pp.size()), xpad(partials ? pp.size() : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t offset = p * g.h * g.w;
       fill_padded(gp + offset, g, pp, gpad.data());
       if (gxp) correlate_plane(gpad.data(), pp, flipped.data() + (p % g.c) * kk, g, gxp + offset);
       if (!partials) continue;
       fill_padded(xp + offset, g, pp, xpad.data());
-      // dL/dw[a,b] = sum_{i,j} g[i][j] * x[i + a - pad][j + b - pad]; g's padding is zero, so
-      // whole vectors can run past the row end.
-      std::fill(lanes.begin(), lanes.end(), acc_t(0));
-      for (int64_t i = 0; i < g.h; ++i) {
-        for (int64_t j0 = 0; j0 < g.w; j0 += kVec) {
-          const acc_t* gv = gpad.data() + (i + g.pad) * pp.stride + g.pad + j0;
-          for (int a = 0; a < g.k; ++a) {
-            const acc_t* xrow = xpad.data() + (i + a) * pp.stride + j0;
-            for (int b = 0; b < g.k; ++b) {
-              acc_t* lane = lanes.data() + (a * g.k + b) * kVec;
-              for (int jj = 0; jj < kVec; ++jj) lane[jj] += gv[jj] * xrow[b + jj];
-            }
-          }
-        }
-      }
       acc_t* part = partials->data() + p * kk;
-      for (int t = 0; t < kk; ++t) {
-        acc_t sum = 0;
-        for (int jj = 0; jj < kVec; ++jj) sum += lanes[t * kVec + jj];
-        part[t] = sum;
-      }
+      if (pp.vec == kWide)
+        weight_grad_plane_vec<kWide>(gpad.data(), xpad.data(), pp, g, part);
+      else
+        weight_grad_plane_vec<kNarrow>(gpad.data(), xpad.data(), pp, g, part);
     }
   });
 }

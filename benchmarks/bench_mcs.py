@@ -1,0 +1,148 @@
+"""MCSConv kernel benchmark: every available backend against the pure-PyTorch path.
+
+For each shape and dtype: forward, backward (x only) and backward (x and weight) of the learnable
+(constrained) MCSConv, k=5. Reports median time, GB/s against the minimum bytes (forward: read x,
+write y; backward x: read grad, write grad_x; backward x+w: also read x), that as a percent of
+the copy bandwidth measured in the same run, and the speedup over the PyTorch path. Prints a table
+and writes JSON.
+
+    python benchmarks/bench_mcs.py                    # CPU: [8, 64, 64, 64] float32
+    python benchmarks/bench_mcs.py --device cuda      # [64,64,64,64] and [32,64,128,128]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from sficonv_ext import ops
+
+from bench_models import machine_info
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHAPES = {"cpu": ["8x64x64x64"], "cuda": ["64x64x64x64", "32x64x128x128"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", nargs="*", help="NxCxHxW (default depends on the device)")
+    p.add_argument("--dtypes", nargs="*", default=None,
+                   help="default: float32 on CPU, float32 and bfloat16 on CUDA")
+    p.add_argument("--layouts", nargs="*", default=["nchw", "channels_last"],
+                   choices=["nchw", "channels_last"])
+    p.add_argument("--kernel-size", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def timer(device):
+    def measure(fn, warmup, iters):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    return measure
+
+
+def backends_for(device):
+    info = ops.backends()
+    names = ["torch"]
+    if device.type == "cpu" and info["cpp"]:
+        names.append("cpp")
+    if device.type == "cuda":
+        if info["cuda"]:
+            names.append("cuda")
+        if info["triton_ops"]:
+            names.append("triton")
+    return names
+
+
+def bench_case(shape, dtype, layout, k, device, backend, measure, args):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(shape[1], 1, k, k, device=device) + 0.5).to(dtype)
+    g = torch.randn_like(x)
+    out = {}
+    with torch.no_grad():
+        out["forward"] = measure(lambda: ops.mcs_conv(x, w, backend=backend), args.warmup,
+                                 args.iters)
+    for name, need_w in (("backward_x", False), ("backward_xw", True)):
+        xr = x.clone().requires_grad_()
+        wr = w.clone().requires_grad_(need_w)
+        y = ops.mcs_conv(xr, wr, backend=backend)
+        inputs = (xr, wr) if need_w else (xr,)
+        out[name] = measure(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True),
+                            args.warmup, args.iters)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    measure = timer(device)
+    shapes = args.shapes or DEFAULT_SHAPES[device.type]
+    dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
+    rows = []
+    for shape_text in shapes:
+        shape = tuple(int(v) for v in shape_text.split("x"))
+        for dtype_name, layout in [(d, l) for d in dtypes for l in args.layouts]:
+            dtype = DTYPES[dtype_name]
+            numel = torch.Size(shape).numel()
+            bytes_per = torch.finfo(dtype).bits // 8
+            src = torch.randn(shape, device=device).to(dtype)
+            dst = torch.empty_like(src)
+            copy_s = measure(lambda: dst.copy_(src), args.warmup, args.iters)
+            copy_gbs = 2 * numel * bytes_per / copy_s / 1e9
+            min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3}
+            results = {b: bench_case(shape, dtype, layout, args.kernel_size, device, b, measure,
+                                     args)
+                       for b in backends_for(device)}
+            for backend, times in results.items():
+                for phase, seconds in times.items():
+                    gbs = min_bytes[phase] * numel * bytes_per / seconds / 1e9
+                    rows.append({"shape": shape_text, "dtype": dtype_name, "layout": layout,
+                                 "backend": backend,
+                                 "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
+                                 "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
+                                 "speedup_vs_torch": results["torch"][phase] / seconds})
+    header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>7} {'phase':>12} "
+              f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
+    print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
+          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['shape']:>14} {r['dtype']:>8} {r['layout']:>13} {r['backend']:>7} "
+              f"{r['phase']:>12} "
+              f"{r['ms']:9.3f} {r['GB/s']:8.1f} {r['pct_copy_bw']:6.1f} "
+              f"{r['speedup_vs_torch']:8.2f}")
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"mcs_{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": "bench_mcs", "settings": vars(args),
+                   "machine": machine_info(device), "backends": ops.backends(), "rows": rows},
+                  f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
