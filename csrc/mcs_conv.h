@@ -53,6 +53,25 @@ SFI_HOST_DEVICE inline void valid_columns(int width, int offset, int* begin, int
 // Validation shared by every backend (raises c10::Error with a clear message).
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// The layout the kernels work in: channels_last when x really is laid out so, else NCHW.
+at::MemoryFormat kernel_layout(const at::Tensor& x);
+
+// Checked inputs in the kernel layout, and the output to fill.
+struct ForwardArgs {
+  at::MemoryFormat layout;
+  at::Tensor x, weight, y;
+};
+ForwardArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Checked inputs in the kernel layout, and the gradients to fill (grad_x zero if not needed,
+// grad_weight zero until the kernel computes it).
+struct BackwardArgs {
+  at::MemoryFormat layout;
+  at::Tensor x, grad_out, weight, grad_x, grad_weight;
+};
+BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& weight, double eps, bool need_x);
+
 // Chain rule through the constraint: gradient w.r.t. the effective filter -> raw weight.
 // `grad_eff` is [C, k*k] in an accumulation dtype; returns a tensor shaped and typed like weight.
 at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,

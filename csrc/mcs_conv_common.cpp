@@ -22,6 +22,34 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(eps > 0, "mcs_conv: eps must be positive, got ", eps);
 }
 
+at::MemoryFormat kernel_layout(const at::Tensor& x) {
+  return (x.size(1) > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+ForwardArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_inputs(x, weight, eps);
+  const auto layout = kernel_layout(x);
+  return {layout, x.contiguous(layout), weight.contiguous(),
+          at::empty(x.sizes(), x.options().memory_format(layout))};
+}
+
+BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                              const at::Tensor& weight, double eps, bool need_x) {
+  check_inputs(x, weight, eps);
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "mcs_conv_backward: grad_out has shape ",
+              grad_out.sizes(), " but x has shape ", x.sizes());
+  TORCH_CHECK(grad_out.device() == x.device(), "mcs_conv_backward: grad_out is on ",
+              grad_out.device(), " but x is on ", x.device());
+  const auto layout = kernel_layout(x);
+  const auto options = x.options().memory_format(layout);
+  return {layout, x.contiguous(layout), grad_out.to(x.scalar_type()).contiguous(layout),
+          weight.contiguous(),
+          need_x ? at::empty(x.sizes(), options) : at::zeros(x.sizes(), options),
+          at::zeros(weight.sizes(), weight.options())};
+}
+
 at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,
                                bool constrained, double eps) {
   const int64_t channels = weight.size(0), kk = weight.size(2) * weight.size(3);

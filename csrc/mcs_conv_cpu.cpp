@@ -323,34 +323,24 @@ void backward_nhwc(const at::Tensor& gy, const at::Tensor& x,
   });
 }
 
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  // channels_last only when it is really laid out so; anything else is made NCHW-contiguous.
-  return (x.size(1) > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous())
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
 }  // namespace
 
 at::Tensor mcs_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                 double eps) {
-  check_inputs(x, weight, eps);
-  TORCH_CHECK(x.device().is_cpu(), "mcs_conv_forward_cpu: expected CPU tensors");
-  const auto fmt = layout_of(x);
-  const auto xc = x.contiguous(fmt);
-  const auto wc = weight.contiguous();
-  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  if (y.numel() == 0) return y;
+  TORCH_CHECK(x.device().is_cpu(), "mcs_conv_forward_cpu: expected CPU tensors, got ",
+              x.device());
+  auto args = prepare_forward(x, weight, eps);
+  if (args.y.numel() == 0) return args.y;
   const Geometry g = geometry_of(x, weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto taps = all_taps<acc_t, scalar_t>(wc, g.k, constrained, eps, /*flip=*/false);
-    if (fmt == at::MemoryFormat::ChannelsLast)
-      forward_nhwc<scalar_t>(xc, taps, g, y);
+    const auto taps = all_taps<acc_t, scalar_t>(args.weight, g.k, constrained, eps, false);
+    if (args.layout == at::MemoryFormat::ChannelsLast)
+      forward_nhwc<scalar_t>(args.x, taps, g, args.y);
     else
-      forward_nchw<scalar_t>(xc, taps, g, y);
+      forward_nchw<scalar_t>(args.x, taps, g, args.y);
   });
-  return y;
+  return args.y;
 }
 
 std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_out,
@@ -358,30 +348,24 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& weight,
                                                          bool constrained, double eps,
                                                          bool need_x, bool need_weight) {
-  check_inputs(x, weight, eps);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "mcs_conv_backward: grad_out has shape ",
-              grad_out.sizes(), " but x has shape ", x.sizes());
-  const auto fmt = layout_of(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gc = grad_out.to(x.scalar_type()).contiguous(fmt);
-  const auto wc = weight.contiguous();
-  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options().memory_format(fmt))
-                         : at::zeros(x.sizes(), x.options().memory_format(fmt));
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
+  TORCH_CHECK(x.device().is_cpu(), "mcs_conv_backward_cpu: expected CPU tensors, got ",
+              x.device());
+  auto args = prepare_backward(grad_out, x, weight, eps, need_x);
   const Geometry g = geometry_of(x, weight);
-  if (x.numel() == 0 || (!need_x && !need_weight)) return {gx, gw};
+  if (x.numel() == 0 || (!need_x && !need_weight)) return {args.grad_x, args.grad_weight};
   const int kk = g.k * g.k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto flipped = all_taps<acc_t, scalar_t>(wc, g.k, constrained, eps, /*flip=*/true);
-    const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+    const auto flipped = all_taps<acc_t, scalar_t>(args.weight, g.k, constrained, eps, true);
+    const bool cl = args.layout == at::MemoryFormat::ChannelsLast;
     const int64_t n_partials = cl ? (g.n * g.h + kRowsPerChunk - 1) / kRowsPerChunk : g.n * g.c;
     std::vector<acc_t> partials(need_weight ? n_partials * kk * (cl ? g.c : 1) : 0, acc_t(0));
     auto* parts = need_weight ? &partials : nullptr;
+    at::Tensor* gx = need_x ? &args.grad_x : nullptr;
     if (cl)
-      backward_nhwc<scalar_t>(gc, xc, flipped, g, need_x ? &gx : nullptr, parts);
+      backward_nhwc<scalar_t>(args.grad_out, args.x, flipped, g, gx, parts);
     else
-      backward_nchw<scalar_t>(gc, xc, flipped, g, need_x ? &gx : nullptr, parts);
+      backward_nchw<scalar_t>(args.grad_out, args.x, flipped, g, gx, parts);
     if (!need_weight) return;
     // Fixed-order reduction of the partials into dL/dw_eff [C, k*k].
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
@@ -396,9 +380,9 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_
         for (int t = 0; t < kk; ++t) ge[c * kk + t] += partials[p * kk + t];
       }
     }
-    gw = constraint_backward(grad_eff, weight, constrained, eps);
+    args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
   });
-  return {gx, gw};
+  return {args.grad_x, args.grad_weight};
 }
 
 }  // namespace sficonv

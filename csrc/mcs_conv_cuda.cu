@@ -13,8 +13,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,7 +42,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void conv_nchw_tiled(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
                                 scalar_t* __restrict__ y, int64_t planes, int channels, int h,
                                 int w, int k) {
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];  // holds float or double
   acc_t* tile = reinterpret_cast<acc_t*>(shared_raw);
   const int pad = k / 2, tw = kTileW + k - 1, th = kTileH + k - 1;
   acc_t* tap_s = tile + tw * th;
@@ -176,7 +174,7 @@ __global__ void weight_grad_partials(const scalar_t* __restrict__ g, const scala
 }
 
 bool is_channels_last(const at::Tensor& x) {
-  return x.size(1) > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
+  return kernel_layout(x) == at::MemoryFormat::ChannelsLast;
 }
 
 template <typename scalar_t>
@@ -243,30 +241,21 @@ void check_cuda(const at::Tensor& x) {
               x.size(1));
 }
 
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 }  // namespace
 
 at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                  double eps) {
-  check_inputs(x, weight, eps);
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = layout_of(x);
-  const auto xc = x.contiguous(fmt);
-  const auto wc = weight.contiguous();
-  auto y = at::empty(x.sizes(), x.options().memory_format(fmt));
-  if (y.numel() == 0) return y;
+  auto args = prepare_forward(x, weight, eps);
+  if (args.y.numel() == 0) return args.y;
   const int k = static_cast<int>(weight.size(2));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_fwd_cuda",
-                                  [&] {
-                                    const auto taps = compute_taps<scalar_t>(wc, constrained, eps,
-                                                                             /*flip=*/false);
-                                    launch_conv<scalar_t>(xc, taps, y, k);
-                                  });
-  return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_fwd_cuda", [&] {
+        const auto taps = compute_taps<scalar_t>(args.weight, constrained, eps, /*flip=*/false);
+        launch_conv<scalar_t>(args.x, taps, args.y, k);
+      });
+  return args.y;
 }
 
 std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad_out,
@@ -274,26 +263,17 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
                                                           const at::Tensor& weight,
                                                           bool constrained, double eps,
                                                           bool need_x, bool need_weight) {
-  check_inputs(x, weight, eps);
   check_cuda(x);
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "mcs_conv_backward: grad_out has shape ",
-              grad_out.sizes(), " but x has shape ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto fmt = layout_of(x);
-  const auto xc = x.contiguous(fmt);
-  const auto gc = grad_out.to(x.scalar_type()).contiguous(fmt);
-  const auto wc = weight.contiguous();
-  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options().memory_format(fmt))
-                         : at::zeros(x.sizes(), x.options().memory_format(fmt));
-  at::Tensor gw = at::zeros(weight.sizes(), weight.options());
-  if (x.numel() == 0) return {gx, gw};
+  auto args = prepare_backward(grad_out, x, weight, eps, need_x);
+  if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (need_x) {
-          const auto flipped = compute_taps<scalar_t>(wc, constrained, eps, /*flip=*/true);
-          launch_conv<scalar_t>(gc, flipped, gx, k);
+          const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
+          launch_conv<scalar_t>(args.grad_out, flipped, args.grad_x, k);
         }
         if (!need_weight) return;
         // Fixed chunking (independent of the device) keeps the reduction order fixed.
@@ -302,15 +282,17 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
         const int64_t chunks = (n_pixels + chunk_len - 1) / chunk_len;
         auto partials = at::empty({x.size(1), chunks, k * k},
                                   x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        const auto& g = args.grad_out;
+        const auto& xc = args.x;
         switch (k) {
-          case 3: launch_weight_grad<scalar_t, 3>(gc, xc, partials, chunks, chunk_len, k); break;
-          case 5: launch_weight_grad<scalar_t, 5>(gc, xc, partials, chunks, chunk_len, k); break;
-          case 7: launch_weight_grad<scalar_t, 7>(gc, xc, partials, chunks, chunk_len, k); break;
-          default: launch_weight_grad<scalar_t, 0>(gc, xc, partials, chunks, chunk_len, k);
+          case 3: launch_weight_grad<scalar_t, 3>(g, xc, partials, chunks, chunk_len, k); break;
+          case 5: launch_weight_grad<scalar_t, 5>(g, xc, partials, chunks, chunk_len, k); break;
+          case 7: launch_weight_grad<scalar_t, 7>(g, xc, partials, chunks, chunk_len, k); break;
+          default: launch_weight_grad<scalar_t, 0>(g, xc, partials, chunks, chunk_len, k);
         }
-        gw = constraint_backward(at::sum(partials, {1}), weight, constrained, eps);
+        args.grad_weight = constraint_backward(at::sum(partials, {1}), weight, constrained, eps);
       });
-  return {gx, gw};
+  return {args.grad_x, args.grad_weight};
 }
 
 }  // namespace sficonv

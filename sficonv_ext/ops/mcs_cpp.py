@@ -2,7 +2,11 @@
 
 Imported only when the compiled extension loaded (the ops must exist to be registered).
 """
+import functools
+
 import torch
+
+from .mcs_autograd import register_mcs_autograd
 
 
 def output_like(x):
@@ -24,19 +28,6 @@ def _backward_fake(grad_out, x, weight, constrained, eps, need_x, need_weight):
     return output_like(x), torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, constrained, eps = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.constrained, ctx.eps = constrained, eps
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_w = torch.ops.sficonv_ext.mcs_conv_backward(
-        grad_out, x, weight, ctx.constrained, ctx.eps, need_x, need_weight)
-    return (grad_x if need_x else None, grad_w if need_weight else None, None, None)
-
-
-torch.library.register_autograd("sficonv_ext::mcs_conv_forward", _backward,
-                                setup_context=_setup_context)
+register_mcs_autograd(
+    functools.partial(torch.library.register_autograd, "sficonv_ext::mcs_conv_forward"),
+    torch.ops.sficonv_ext.mcs_conv_backward)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .mcs_autograd import register_mcs_autograd
 from .mcs_torch import constraint_backward
 
 BLOCK_H = 16
@@ -146,18 +147,5 @@ def mcs_conv_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     return grad_x, grad_w
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, constrained, eps = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.constrained, ctx.eps = constrained, eps
-
-
-def _backward(ctx, grad_out):
-    x, weight = ctx.saved_tensors
-    need_x, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_w = torch.ops.sficonv_ext.mcs_conv_triton_backward(
-        grad_out, x, weight, ctx.constrained, ctx.eps, need_x, need_weight)
-    return (grad_x if need_x else None, grad_w if need_weight else None, None, None)
-
-
-mcs_conv_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+register_mcs_autograd(mcs_conv_triton_forward.register_autograd,
+                      torch.ops.sficonv_ext.mcs_conv_triton_backward)
