@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 TORCH ?= torch==2.14.1
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest python_tests -q
+
+# The main job: train on the built-in dataset (offline, a few minutes on a 2-core CPU).
+demo: install
+	$(BIN)/sficonv train --data builtin --out runs/demo --overwrite
 
 bench: install
 	$(BIN)/python benchmarks/bench_models.py

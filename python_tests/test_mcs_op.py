@@ -207,3 +207,15 @@ def test_backends_reports_consistently():
     info = ops.backends()
     assert info["auto_cpu"] == ("cpp" if info["cpp"] else "torch")
     assert set(["cpp", "cuda", "triton", "cuda_archs", "torch"]) <= set(info)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_autocast_casts_both_inputs(backend):
+    x = torch.randn(1, 3, 9, 9, dtype=torch.bfloat16)  # as a bf16 layer would hand it over
+    w = torch.randn(3, 1, 5, 5, requires_grad=True)      # float32 parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.mcs_conv(x, w, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    assert rel_err(y.double(), expected(x, w.detach().bfloat16(), True)) < 2e-2

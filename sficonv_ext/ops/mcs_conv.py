@@ -78,15 +78,27 @@ def resolve_backend(backend, x):
     return backend
 
 
+def _apply_autocast(x, weight):
+    # Under autocast the previous layer hands over a low-precision x while the filter stays
+    # float32: cast both to the autocast dtype, as autocast does for F.conv2d.
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) \
+            and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
 def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     """Depthwise ``k x k`` MCSConv, stride 1, padding ``k // 2``, no bias.
 
     ``x``: ``[N, C, H, W]``; ``weight``: ``[C, 1, k, k]``, k odd. ``constrained=True`` applies
     the SPEC section 1 constraint to ``weight`` inside the kernel (differentiably);
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
-    (channels_last stays channels_last). ``backend``: "auto" (C++ on CPU, CUDA C++ on GPU when
+    (channels_last stays channels_last); under autocast both inputs are cast to the autocast
+    dtype. ``backend``: "auto" (C++ on CPU, CUDA C++ on GPU when
     built, else Triton, else PyTorch), "torch", "cpp", "cuda" or "triton".
     """
+    x, weight = _apply_autocast(x, weight)
     _validate(x, weight, eps, backend)
     chosen = resolve_backend(backend, x)
     if chosen == "torch":

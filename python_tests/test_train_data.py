@@ -1,0 +1,184 @@
+"""Data sources, hold-out, batch plans, transforms, the built-in data set and configuration."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sficonv_ext.train import builtin_data, config
+from sficonv_ext.train.data import hold_out, load_samples, read_list_file
+from sficonv_ext.train.errors import DataError, UserError
+from sficonv_ext.train.sampling import TrainPlan, size_grouped_batches, shard
+from sficonv_ext.train.transforms import (EvalTransform, TrainTransform, perspective_coefficients,
+                                          to_normalized_tensor)
+from test_train_support import real_fake_folder, write_image
+
+
+def test_list_file_paths_with_spaces_relative_and_comments(tmp_path):
+    write_image(str(tmp_path / "sub dir" / "a b.png"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("# comment\n\nsub dir/a b.png 1\n/abs/x.png 0\n")
+    samples = read_list_file(str(listing))
+    assert [s.label for s in samples] == [1, 0]
+    assert samples[0].path == os.path.join(str(tmp_path), "sub dir", "a b.png")
+    assert samples[1].path == "/abs/x.png"
+
+
+@pytest.mark.parametrize("line, message", [("img.png 2", "line 2: label must be 0"),
+                                           ("img.png", "line 2: expected 'path label'"),
+                                           ("img.png real", "line 2: label must be 0")])
+def test_list_file_errors_name_file_and_line(tmp_path, line, message):
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"ok.png 0\n{line}\n")
+    with pytest.raises(DataError, match=message) as info:
+        read_list_file(str(listing))
+    assert str(listing) in str(info.value)
+
+
+def test_real_fake_folder(tmp_path):
+    real_fake_folder(tmp_path, 2, 3)
+    samples = load_samples(str(tmp_path))
+    assert [s.label for s in samples] == [0, 0, 1, 1, 1]
+    assert all(s.video is None for s in samples)
+
+
+def test_ffpp_tree_video_ids_and_hold_out_by_video(tmp_path):
+    for v in range(4):
+        for f in range(3):
+            write_image(str(tmp_path / "original_sequences" / "youtube" / "c23" / "frames"
+                            / f"{v:03d}" / f"{f:04d}.png"))
+            write_image(str(tmp_path / "manipulated_sequences" / "Deepfakes" / "c23" / "frames"
+                            / f"{v:03d}_{v + 1:03d}" / f"{f:04d}.png"))
+    samples = load_samples(str(tmp_path))
+    assert len(samples) == 24 and len({s.video for s in samples}) == 8
+    assert {s.label for s in samples if s.video.startswith("original")} == {0}
+    train, val = hold_out(samples, 0.25, seed=7)
+    assert {s.video for s in train}.isdisjoint({s.video for s in val})
+    assert {s.label for s in val} == {0, 1}  # one video of each class held out
+    assert len(val) == 6
+    again = hold_out(samples, 0.25, seed=7)[1]
+    assert [s.path for s in again] == [s.path for s in val]
+
+
+def test_unknown_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_samples(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="real/ and fake/"):
+        load_samples(str(tmp_path / "empty"))
+
+
+def test_train_plan_resumes_and_splits_exactly():
+    full = TrainPlan(50, 8, seed=3)
+    batches = list(full.micro_batches(epoch=2))
+    assert len(batches) == 6 and all(len(b) == 8 for b in batches)
+    assert list(full.micro_batches(epoch=2, start_step=4)) == batches[4:]
+    assert batches != list(full.micro_batches(epoch=3))
+    # Two ranks with two accumulation steps share each global batch without overlap.
+    parts = [list(TrainPlan(50, 8, 3, world_size=2, rank=r, accum_steps=2).micro_batches(2))
+             for r in range(2)]
+    for step in range(6):
+        pieces = [parts[r][step * 2 + a] for r in range(2) for a in range(2)]
+        assert sorted(i for p in pieces for i in p) == sorted(batches[step])
+    with pytest.raises(UserError, match="fewer than 2 images"):
+        TrainPlan(50, 4, 3, world_size=2, accum_steps=2)
+
+
+def test_size_grouped_batches_never_mix_sizes():
+    sizes = [(32, 32), (40, 32), (32, 32), None, (40, 32), (32, 32)]
+    batches = size_grouped_batches(sizes, 2)
+    assert batches == [[0, 2], [5], [1, 4]]
+    assert shard(batches, 2, 0) == [[0, 2], [1, 4]] and shard(batches, 2, 1) == [[5]]
+
+
+def test_test_transform_is_published_to_tensor_and_normalize():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, size=(7, 9, 3), dtype=np.uint8)
+    got = to_normalized_tensor(Image.fromarray(array))
+    # torchvision: ToTensor (HWC uint8 -> CHW float / 255) then Normalize (sub mean, div std).
+    expected = torch.from_numpy(array).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.equal(got, (expected - mean) / std)
+    assert EvalTransform()(Image.fromarray(array)).shape == (3, 7, 9)  # no resizing
+    assert EvalTransform(16)(Image.fromarray(array)).shape == (3, 16, 16)
+
+
+def test_perspective_coefficients_map_corners():
+    dst = [(3, 2), (60, 5), (58, 61), (1, 59)]
+    src = [(0, 0), (63, 0), (63, 63), (0, 63)]
+    a, b, c, d, e, f, g, h = perspective_coefficients(dst, src)
+    for (x, y), (u, v) in zip(dst, src):
+        w = g * x + h * y + 1
+        assert abs((a * x + b * y + c) / w - u) < 1e-9 and abs((d * x + e * y + f) / w - v) < 1e-9
+
+
+@pytest.mark.parametrize("augment", ["published", "light", "none"])
+def test_train_transform_is_seeded_per_sample(augment):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), np.uint8))
+    t = TrainTransform(32, augment)
+    first = t(image, np.random.default_rng([7, 1, 5]))
+    assert first.shape == (3, 32, 32)
+    assert torch.equal(first, t(image, np.random.default_rng([7, 1, 5])))
+    if augment != "none":
+        others = [t(image, np.random.default_rng([7, 1, k])) for k in range(6, 12)]
+        assert any(not torch.equal(first, o) for o in others)
+
+
+def test_builtin_data_is_deterministic_and_offline(tmp_path):
+    a_train, a_val = builtin_data.builtin_lists(32, 12, cache_root=str(tmp_path / "a"),
+                                                progress=False, log=lambda *_: None)
+    b_train, b_val = builtin_data.builtin_lists(32, 12, cache_root=str(tmp_path / "b"),
+                                                progress=False, log=lambda *_: None)
+    for a, b in ((a_train, b_train), (a_val, b_val)):
+        sa, sb = read_list_file(a), read_list_file(b)
+        assert [s.label for s in sa] == [s.label for s in sb]
+        for x, y in zip(sa, sb):
+            assert open(x.path, "rb").read() == open(y.path, "rb").read()
+    samples = read_list_file(a_train) + read_list_file(a_val)
+    assert len(samples) == 12 and {s.label for s in samples} == {0, 1}
+    assert Image.open(samples[0].path).size == (32, 32)
+    assert {os.path.basename(s.path).split("_")[0] for s in samples} == {"real", "fake"}
+    # A second call reuses the cache.
+    assert builtin_data.builtin_lists(32, 12, cache_root=str(tmp_path / "a"),
+                                      progress=False, log=pytest.fail) == (a_train, a_val)
+
+
+def test_builtin_reads_only_bundled_photographs():
+    folder = builtin_data.photo_folder()
+    for name in builtin_data.PHOTOS:
+        assert os.path.isfile(os.path.join(folder, name))
+
+
+def test_config_precedence_and_validation(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 3\nbatch-size: 16\nlr: 0.01\n")
+    values = config.read_yaml(str(yaml_file), "train")
+    cfg = config.resolve("train", {"epochs": 5}, values)
+    assert cfg["epochs"] == 5 and cfg["batch_size"] == 16 and cfg["lr"] == 0.01
+    assert cfg["seed"] == 7 and cfg["lr_schedule"] == "cosine" and cfg["augment"] == "published"
+    builtin = config.resolve("train", {"data": "builtin"}, {"epochs": 2})
+    assert builtin["epochs"] == 2 and builtin["image_size"] == 64
+    yaml_file.write_text("epochz: 3\n")
+    with pytest.raises(UserError, match="unknown option 'epochz'"):
+        config.read_yaml(str(yaml_file), "train")
+    yaml_file.write_text("epochs: -1\n")
+    with pytest.raises(UserError, match="bad value -1 for epochs"):
+        config.read_yaml(str(yaml_file), "train")
+    yaml_file.write_text("augment: heavy\n")
+    with pytest.raises(UserError, match="augment must be one of"):
+        config.read_yaml(str(yaml_file), "train")
+
+
+def test_best_metric_direction():
+    from sficonv_ext.train.distributed import Context
+    from sficonv_ext.train.trainer import Run
+
+    for metric, worse, better in (("acc", 0.5, 0.7), ("eer", 0.3, 0.1), ("loss", 0.7, 0.6)):
+        run = Run({"best_metric": metric}, Context(), reporter=None)
+        assert run.improved({metric: worse})
+        run.best = {"metric": metric, "value": worse, "epoch": 1}
+        assert run.improved({metric: better})
+        assert not run.improved({metric: worse})  # a tie keeps the earlier checkpoint
+        assert not run.improved({metric: None})

@@ -1,0 +1,231 @@
+"""End to end on the CPU with tiny images and the real SFIConv-ResNet-26: train, eval, predict,
+a published best.pkl, DistributedDataParallel with two gloo processes, export."""
+import csv
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+from sficonv_ext import models, reference
+from sficonv_ext.train import checkpoint as ckpt
+from sficonv_ext.train.cli import main
+from sficonv_ext.train.transforms import to_normalized_tensor
+from sficonv_ext.train.images import open_rgb
+from test_train_support import FAST, real_fake_folder, run_module, tiny_builtin, write_image
+
+METRIC_KEYS = {"acc", "auc", "ap", "eer", "tpr_at_fpr", "n"}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run on the built-in data set, shared by the eval/predict tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out = tmp / "run"
+    code = main(["train", *tiny_builtin(tmp), *FAST, "--epochs", "2", "--out", str(out),
+                 "--export-published", "wrapper"])
+    assert code == 0
+    return tmp, out
+
+
+def test_train_writes_a_complete_run(trained):
+    tmp, out = trained
+    for name in ("last.pt", "best.pt", "metrics.json", "history.csv", "roc.png", "train.log",
+                 "config.yaml", "best_published.pkl"):
+        assert (out / name).is_file(), name
+    metrics = read_json(out / "metrics.json")
+    assert METRIC_KEYS <= set(metrics)
+    assert set(metrics["tpr_at_fpr"]) == {"1e-2", "1e-3", "1e-4"}
+    assert metrics["n"] == 5  # 20% of 24 built-in images are held out
+    assert metrics["best"]["metric"] == "acc"
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    last, _ = ckpt.load_file(str(out / "last.pt"))
+    assert last["progress"]["epoch"] == 2 and last["progress"]["step"] == 0
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last)
+    assert open(out / "roc.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_exported_published_layout_loads_in_reference(trained):
+    _, out = trained
+    published = torch.load(out / "best_published.pkl", weights_only=True)
+    ref = reference.PublishedTrainingWrapper(26)
+    ref.load_state_dict(published)  # strict: every published key present, nothing extra
+    assert len(published) == 363
+
+
+def test_eval_our_checkpoint(trained):
+    tmp, out = trained
+    code = main(["eval", "--checkpoint", str(out / "best.pt"), *tiny_builtin(tmp)[:6],
+                 "--out", str(tmp / "eval"), "--workers", "0", "--no-progress"])
+    assert code == 0
+    metrics = read_json(tmp / "eval" / "metrics.json")
+    assert METRIC_KEYS <= set(metrics) and metrics["n"] == 5
+    assert (tmp / "eval" / "roc.png").is_file()
+
+
+def test_predict_files_and_folders(trained, tmp_path):
+    _, out = trained
+    folder = tmp_path / "imgs"
+    write_image(str(folder / "a.png"), 40, seed=1)
+    write_image(str(folder / "sub" / "b.png"), 48, seed=2)
+    single = write_image(str(tmp_path / "c d.png"), 36, seed=3)
+    csv_path = tmp_path / "scores.csv"
+    code = main(["predict", "--checkpoint", str(out), str(folder), single, "--out",
+                 str(csv_path), "--batch-size", "2", "--workers", "0", "--no-progress"])
+    assert code == 0
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == [os.path.join(str(folder), "a.png"),
+                                          os.path.join(str(folder), "sub", "b.png"), single]
+    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+
+
+def _published_checkpoint(path):
+    torch.manual_seed(0)
+    ref = reference.PublishedTrainingWrapper(26)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    torch.save(ref.state_dict(), path)
+    return ref.eval()
+
+
+def test_eval_published_best_pkl_scores_as_published(tmp_path):
+    ref = _published_checkpoint(tmp_path / "best.pkl")
+    # Two image sizes: the published test transform does not resize, so they never share a batch.
+    paths = [write_image(str(tmp_path / "data" / "real" / f"r{i}.png"), 32 + 8 * (i % 2), i)
+             for i in range(3)]
+    paths += [write_image(str(tmp_path / "data" / "fake" / f"f{i}.png"), 32 + 8 * (i % 2),
+                          10 + i, fake=True) for i in range(3)]
+    listing = tmp_path / "test.txt"
+    listing.write_text("".join(f"{p} {int('fake' in p)}\n" for p in paths))
+    code = main(["eval", "--checkpoint", str(tmp_path / "best.pkl"), "--data", str(listing),
+                 "--out", str(tmp_path / "eval"), "--workers", "0", "--no-progress"])
+    assert code == 0
+    metrics = read_json(tmp_path / "eval" / "metrics.json")
+    assert metrics["n"] == 6
+    # What the published code computes: ToTensor + Normalize, softmax of the wrapper's logits.
+    with torch.no_grad():
+        expected = [torch.softmax(ref(to_normalized_tensor(open_rgb(p))[None]), 1)[0, 1].item()
+                    for p in paths]
+    csv_path = tmp_path / "scores.csv"
+    assert main(["predict", "--checkpoint", str(tmp_path / "best.pkl"), *paths, "--out",
+                 str(csv_path), "--workers", "0", "--no-progress"]) == 0
+    with open(csv_path) as f:
+        got = [float(r["score"]) for r in csv.DictReader(f)]
+    assert got == pytest.approx(expected, abs=2e-5)
+
+
+def test_output_folder_with_another_run_is_refused(trained, tmp_path, capsys):
+    tmp, out = trained
+    target = tmp_path / "copy"
+    shutil.copytree(out, target)
+    code = main(["train", *tiny_builtin(tmp), *FAST, "--out", str(target)])
+    assert code == 2
+    assert "holds another run" in capsys.readouterr().err
+    assert main(["train", *tiny_builtin(tmp), *FAST, "--out", str(target), "--overwrite"]) == 0
+    assert read_json(target / "metrics.json")["epoch"] == 1
+
+
+def test_resume_of_a_finished_run_with_more_epochs(trained, tmp_path):
+    tmp, out = trained
+    target = tmp_path / "more"
+    shutil.copytree(out, target)
+    assert main(["train", "--resume", str(target), "--epochs", "3", "--no-progress"]) == 0
+    with open(target / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def test_resume_refuses_a_changed_recipe(trained, tmp_path, capsys):
+    tmp, out = trained
+    target = tmp_path / "changed"
+    shutil.copytree(out, target)
+    assert main(["train", "--resume", str(target), "--lr", "0.5"]) == 2
+    assert "cannot change --lr when resuming" in capsys.readouterr().err
+
+
+def test_accumulation_channels_last_published_schedule_from_yaml(tmp_path):
+    yaml_file = tmp_path / "cfg.yaml"
+    yaml_file.write_text("channels-last: true\naccum_steps: 2\nlr_schedule: published\n"
+                         "augment: published\nepochs: 2\n")
+    out = tmp_path / "run"
+    code = main(["train", *tiny_builtin(tmp_path), *FAST, "--config", str(yaml_file),
+                 "--epochs", "2", "--out", str(out)])
+    assert code == 0
+    saved = (out / "config.yaml").read_text()
+    assert "channels_last: true" in saved and "accum_steps: 2" in saved
+    with open(out / "history.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f)]
+    # builtin lr 5e-4 halved after each of the two epochs (StepLR step 1, gamma 0.5)
+    assert lrs == pytest.approx([2.5e-4, 1.25e-4])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision(tmp_path, amp):
+    out = tmp_path / "run"
+    code = main(["train", *tiny_builtin(tmp_path), *FAST, "--amp", amp, "--out", str(out)])
+    assert code == 0
+    metrics = read_json(out / "metrics.json")
+    assert metrics["n"] == 5 and metrics["acc"] is not None
+    code = main(["eval", "--checkpoint", str(out), *tiny_builtin(tmp_path)[:6], "--amp", amp,
+                 "--out", str(tmp_path / "eval"), "--workers", "0", "--no-progress"])
+    assert code == 0
+
+
+def test_eval_ffpp_tree_adds_video_metrics(trained, tmp_path):
+    _, out = trained
+    for v in range(3):
+        for f in range(2):
+            write_image(str(tmp_path / "ff" / "original_sequences" / "youtube" / "c23" /
+                            "frames" / f"{v:03d}" / f"{f:04d}.png"), 32, seed=10 * v + f)
+            write_image(str(tmp_path / "ff" / "manipulated_sequences" / "Deepfakes" / "c23" /
+                            "frames" / f"{v:03d}_{v + 3:03d}" / f"{f:04d}.png"), 32,
+                        seed=100 + 10 * v + f, fake=True)
+    code = main(["eval", "--checkpoint", str(out / "best.pt"), "--data", str(tmp_path / "ff"),
+                 "--out", str(tmp_path / "eval"), "--workers", "0", "--no-progress"])
+    assert code == 0
+    metrics = read_json(tmp_path / "eval" / "metrics.json")
+    assert metrics["n"] == 12
+    assert metrics["video"]["n"] == 6 and METRIC_KEYS <= set(metrics["video"])
+
+
+def test_export_command_bare_layout(trained, tmp_path):
+    _, out = trained
+    target = tmp_path / "bare.pkl"
+    assert main(["export", "--checkpoint", str(out / "best.pt"), "--out", str(target),
+                 "--layout", "bare"]) == 0
+    net = reference.SFIConvResNet(reference.DEPTHS[26])
+    net.load_state_dict(torch.load(target, weights_only=True))
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    data = real_fake_folder(tmp_path / "data", 10, 10)
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m"]
+    result = run_module(["train", "--data", data, "--image-size", "32", "--batch-size", "8",
+                         "--epochs", "2", "--workers", "0", "--no-progress", "--out", str(out),
+                         "--val-fraction", "0.2", "--device", "cpu", "--deterministic"],
+                        env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = read_json(out / "metrics.json")
+    assert metrics["n"] == 4  # every held-out image scored once, none padded or repeated
+    # rank 0 alone prints
+    assert result.stdout.count("training sfi_resnet26 on 16 images") == 1
+    state, _ = ckpt.load_file(str(out / "last.pt"))
+    assert state["progress"]["global_step"] == 4  # 16 images / batch 8 x 2 epochs
+    model = models.sfi_resnet26()
+    model.load_state_dict(state["model"])

@@ -1,0 +1,149 @@
+"""What a DATA argument names, turned into a list of labelled samples.
+
+DATA is one of: a published-style list file (``path label`` per line); a folder with ``real/``
+and ``fake/`` subfolders; a FaceForensics++-style tree (``original_sequences/`` and
+``manipulated_sequences/`` holding one folder of frames per video); or ``builtin``.
+"""
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+REAL, FAKE = 0, 1
+FFPP_FOLDERS = {"original_sequences": REAL, "manipulated_sequences": FAKE}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str                     # as written in the list or found in the folder
+    label: int                    # 0 real, 1 fake (-1: unknown, for predict)
+    video: Optional[str] = None   # frame folder, for video-level metrics
+
+
+def is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def images_under(folder):
+    """Every image file below ``folder``, in a stable (sorted) order."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        found += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
+    return found
+
+
+def read_list_file(path):
+    """Parse ``path label`` lines; the label is the last field so paths may hold spaces."""
+    base = os.path.dirname(os.path.abspath(path))
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            fields = text.rsplit(None, 1)
+            if len(fields) != 2:
+                raise DataError(f"{path}, line {number}: expected 'path label', got {text!r}")
+            image, label = fields
+            if label not in ("0", "1"):
+                raise DataError(f"{path}, line {number}: label must be 0 (real) or 1 (fake), "
+                                f"got {label!r}")
+            if not os.path.isabs(image):
+                image = os.path.join(base, image)
+            samples.append(Sample(image, int(label)))
+    return samples
+
+
+def _real_fake_folder(path):
+    samples = []
+    for name, label in (("real", REAL), ("fake", FAKE)):
+        sub = os.path.join(path, name)
+        if os.path.isdir(sub):
+            samples += [Sample(p, label) for p in images_under(sub)]
+    return samples
+
+
+def _ffpp_tree(path):
+    samples = []
+    for name, label in FFPP_FOLDERS.items():
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub):
+            continue
+        for image in images_under(sub):
+            video = os.path.relpath(os.path.dirname(image), path)
+            samples.append(Sample(image, label, video))
+    return samples
+
+
+def describe_kind(path):
+    if os.path.isfile(path):
+        return "list"
+    if os.path.isdir(path):
+        entries = set(os.listdir(path))
+        if entries & set(FFPP_FOLDERS):
+            return "ffpp"
+        if entries & {"real", "fake"}:
+            return "real_fake"
+        raise DataError(f"{path} is a folder without real/ and fake/ subfolders (or "
+                        f"original_sequences/ and manipulated_sequences/ for a "
+                        f"FaceForensics++-style tree)")
+    raise DataError(f"data {path!r} does not exist (expected a list file, a folder with real/ "
+                    f"and fake/, a FaceForensics++-style tree, or 'builtin')")
+
+
+def load_samples(path):
+    """All samples named by a list file or a folder (not ``builtin``; see :mod:`.datasets`)."""
+    kind = describe_kind(path)
+    if kind == "list":
+        return read_list_file(path)
+    if kind == "ffpp":
+        return _ffpp_tree(path)
+    return _real_fake_folder(path)
+
+
+def drop_missing(samples, strict, log):
+    """Remove samples whose file is missing; count them in the log (``strict``: stop)."""
+    kept, missing = [], []
+    for s in samples:
+        (kept if os.path.isfile(s.path) else missing).append(s)
+    if missing:
+        if strict:
+            raise DataError(f"image not found: {missing[0].path}")
+        shown = ", ".join(s.path for s in missing[:3])
+        log(f"warning: skipped {len(missing)} missing image(s): {shown}"
+            + (" ..." if len(missing) > 3 else ""))
+    return kept, len(missing)
+
+
+def hold_out(samples, fraction, seed):
+    """Split off a seeded ``fraction`` for validation, per class, whole videos at a time.
+
+    Returns ``(train, val)``; each keeps the input order. At least one group per class is held
+    out where a class has two or more groups, so the validation set has both classes if it can.
+    """
+    groups = defaultdict(list)  # (label, group key) -> sample indices
+    for i, s in enumerate(samples):
+        groups[(s.label, s.video if s.video is not None else i)].append(i)
+    rng = np.random.default_rng(seed)
+    held = set()
+    for label in sorted({key[0] for key in groups}):
+        keys = [k for k in groups if k[0] == label]
+        n_val = int(round(fraction * len(keys)))
+        if n_val == 0 and len(keys) >= 2 and fraction > 0:
+            n_val = 1
+        for j in rng.permutation(len(keys))[:n_val]:
+            held.update(groups[keys[j]])
+    train = [s for i, s in enumerate(samples) if i not in held]
+    val = [s for i, s in enumerate(samples) if i in held]
+    return train, val
+
+
+def class_counts(samples):
+    real = sum(1 for s in samples if s.label == REAL)
+    return real, len(samples) - real

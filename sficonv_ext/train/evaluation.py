@@ -1,0 +1,75 @@
+"""Scoring a sample list and turning the scores into metrics, shared by training-time
+validation and ``sficonv eval``."""
+import os
+
+import torch
+
+from .images import ImageDataset, UnreadableImageError, collate, image_size
+from .loop import score
+from .metrics import binary_metrics, video_scores
+from .sampling import ListBatchSampler, shard, size_grouped_batches
+
+
+def default_workers(ctx):
+    """A loader process or a few, leaving cores to the training processes themselves."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    return max(0, min(4, (os.cpu_count() or 1) // max(local, 1) - 1))
+
+
+class ScoringSet:
+    """This rank's batches of ``samples``; images of different sizes never share a batch.
+
+    With ``size`` set, every image is brought to that size and no header is read up front;
+    otherwise each header is read to group images by size, and files PIL cannot identify are
+    counted as failures here.
+    """
+
+    def __init__(self, samples, transform, batch_size, ctx, workers=None, strict=False,
+                 size=None):
+        self.samples, self.ctx = samples, ctx
+        self.header_failures = []
+        if size is not None:
+            sizes = [(size, size)] * len(samples)
+        else:
+            sizes = []
+            for i, s in enumerate(samples):
+                found = image_size(s.path)
+                if found is None:
+                    if strict:
+                        raise UnreadableImageError(f"cannot read image {s.path}")
+                    self.header_failures.append((i, s.path, "cannot identify image file"))
+                sizes.append(found)
+        batches = shard(size_grouped_batches(sizes, batch_size), ctx.world_size, ctx.rank)
+        dataset = ImageDataset(samples, transform, strict=strict)
+        workers = default_workers(ctx) if workers is None else workers
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=ListBatchSampler(batches), collate_fn=collate,
+            num_workers=workers, pin_memory=ctx.device.type == "cuda")
+        self.local_images = sum(len(b) for b in batches)
+
+    def run(self, model, amp="none", channels_last=False, bar=None):
+        scored = score(model, self.loader, self.ctx, amp, channels_last, bar)
+        scored["failures"] = sorted(scored["failures"] + self.header_failures)
+        return scored
+
+
+def metrics_of(scored, samples):
+    """metrics.json content for scored samples (video-level metrics where videos exist)."""
+    metrics = binary_metrics(scored["labels"], scored["scores"], scored["predictions"])
+    n = metrics["n"]
+    metrics["loss"] = scored["loss_sum"] / n if n else None
+    videos = [samples[i].video for i in scored["indices"]]
+    if n and all(v is not None for v in videos):
+        _, labels, means = video_scores(videos, scored["labels"], scored["scores"])
+        metrics["video"] = binary_metrics(labels, means)
+    metrics["skipped"] = len(scored["failures"])
+    return metrics
+
+
+def failure_message(paths):
+    """A log line for unreadable images (None if there were none)."""
+    if not paths:
+        return None
+    shown = ", ".join(paths[:3])
+    more = " ..." if len(paths) > 3 else ""
+    return f"warning: skipped {len(paths)} unreadable image(s): {shown}{more}"

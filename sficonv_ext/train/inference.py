@@ -1,0 +1,28 @@
+"""Loading a checkpoint for scoring, shared by ``sficonv eval`` and ``sficonv predict``."""
+import torch
+
+from . import checkpoint as ckpt
+from .architectures import build_model
+from .errors import UserError
+
+
+def load_model(path, arch, device, channels_last=False, compile_model=False, log=print):
+    """Build the network a checkpoint needs and load it (ours, or a published ``best.pkl``).
+
+    ``arch`` None: the checkpoint's own, or sfi_resnet26 for a published file (which does not
+    record it). Returns ``(model in eval mode, resolved checkpoint path)``.
+    """
+    obj, path = ckpt.load_file(path)
+    state_dict, saved_arch, options = ckpt.model_weights(obj, path)
+    if arch and saved_arch and arch != saved_arch:
+        raise UserError(f"--arch {arch} does not match the checkpoint's {saved_arch}")
+    arch = arch or saved_arch or "sfi_resnet26"
+    model = build_model(arch, **options)
+    ckpt.load_into(model, state_dict, path)
+    log(f"loaded {path} ({'training checkpoint' if saved_arch else 'state_dict'}, {arch})")
+    model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_model:
+        model = torch.compile(model)
+    return model, path

@@ -1,0 +1,71 @@
+"""``sficonv predict``: one ``path,score`` row per image (score = probability of fake)."""
+import csv
+import io
+import os
+
+import torch
+
+from .data import Sample, images_under
+from .errors import UserError
+from .evaluation import ScoringSet, failure_message
+from .distributed import Context, resolve_device
+from .inference import load_model
+from .reporting import Reporter, write_atomic_text
+from .transforms import EvalTransform
+
+
+def expand_inputs(inputs, strict, log):
+    """Images named directly, and every image under named folders (path as given joined with
+    the path inside the folder). Missing inputs are skipped and counted (``strict``: error)."""
+    paths, missing = [], []
+    for given in inputs:
+        if os.path.isdir(given):
+            paths += images_under(given)  # joined onto the folder as given
+        elif os.path.isfile(given):
+            paths.append(given)
+        else:
+            missing.append(given)
+    if missing:
+        if strict:
+            raise UserError(f"input not found: {missing[0]}")
+        log(f"warning: skipped {len(missing)} missing input(s): {', '.join(missing[:3])}"
+            + (" ..." if len(missing) > 3 else ""))
+    return paths
+
+
+def predict(cfg, inputs):
+    if not cfg.get("checkpoint"):
+        raise UserError("predict needs --checkpoint")
+    if not cfg.get("out"):
+        raise UserError("predict needs --out FILE.csv")
+    if not inputs:
+        raise UserError("predict needs at least one image or folder")
+    ctx = Context(device=resolve_device(cfg["device"]))
+    log = Reporter(True).log
+    paths = expand_inputs(inputs, cfg["strict"], log)
+    if not paths:
+        raise UserError(f"no images found in {', '.join(inputs)}")
+    model, _ = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,
+                          cfg["channels_last"], cfg["compile"], log)
+    samples = [Sample(p, -1) for p in paths]
+    scoring = ScoringSet(samples, EvalTransform(cfg["image_size"]), cfg["batch_size"], ctx,
+                         cfg["workers"], cfg["strict"], size=cfg["image_size"])
+    bar = None
+    if cfg["progress"]:
+        from tqdm import tqdm
+        bar = tqdm(total=len(samples), desc="predict", unit="img", mininterval=1.0, leave=False)
+    with torch.inference_mode():
+        scored = scoring.run(model, cfg["amp"], cfg["channels_last"], bar)
+    warning = failure_message([f[1] for f in scored["failures"]])
+    if warning:
+        log(warning)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score"])
+    for index, value in zip(scored["indices"], scored["scores"]):
+        writer.writerow([paths[index], f"{value:.8g}"])
+    folder = os.path.dirname(os.path.abspath(cfg["out"]))
+    os.makedirs(folder, exist_ok=True)
+    write_atomic_text(cfg["out"], buffer.getvalue())
+    log(f"wrote {len(scored['indices'])} scores to {cfg['out']}")
+    return scored

@@ -1,0 +1,48 @@
+"""From DATA arguments to the sample lists a command works on."""
+from . import builtin_data
+from .config import BUILTIN_DEFAULTS
+from .data import drop_missing, hold_out, load_samples, read_list_file
+from .distributed import barrier
+
+
+def _builtin(cfg, ctx, log):
+    size = cfg.get("image_size") or BUILTIN_DEFAULTS["image_size"]
+
+    def build(log_fn):
+        return builtin_data.builtin_lists(size, cfg["builtin_images"],
+                                          cache_root=cfg.get("cache_dir"),
+                                          progress=cfg.get("progress", True), log=log_fn)
+    # Rank 0 builds the cache; the others then find it complete.
+    if ctx.is_main:
+        lists = build(log)
+    barrier(ctx)
+    if not ctx.is_main:
+        lists = build(lambda *_: None)
+    return lists
+
+
+def training_sets(cfg, ctx, log):
+    """``(train, val)`` sample lists for ``sficonv train``."""
+    if cfg["data"] == "builtin":
+        train_list, val_list = _builtin(cfg, ctx, log)
+        train = read_list_file(train_list)
+        val = read_list_file(val_list) if cfg.get("val_data") is None else None
+    else:
+        train = load_samples(cfg["data"])
+        val = None
+        if cfg.get("val_data") is None:
+            train, val = hold_out(train, cfg["val_fraction"], cfg["seed"])
+            log(f"held out {len(val)} of {len(train) + len(val)} images of {cfg['data']} for "
+                f"validation (seed {cfg['seed']})")
+    if cfg.get("val_data") is not None:
+        val = evaluation_set(cfg["val_data"], cfg, ctx, log)
+    train, missing_train = drop_missing(train, cfg["strict"], log)
+    val, missing_val = drop_missing(val, cfg["strict"], log)
+    return train, val, missing_train + missing_val
+
+
+def evaluation_set(spec, cfg, ctx, log):
+    """Samples of an eval DATA argument (``builtin``: the built-in validation split)."""
+    if spec == "builtin":
+        return read_list_file(_builtin(cfg, ctx, log)[1])
+    return load_samples(spec)

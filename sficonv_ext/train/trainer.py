@@ -1,0 +1,380 @@
+"""``sficonv train``: set up a run (or resume one), train epoch by epoch, validate, checkpoint."""
+import contextlib
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed, output_folder
+from .architectures import build_model
+from .config import BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, convert
+from .data import class_counts
+from .errors import DataError, UserError
+from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
+from .images import ImageDataset, collate
+from .loop import EpochTotals, train_epoch
+from .metrics import undefined_reason
+from .plots import save_roc_png
+from .reporting import Reporter, flat_metrics, summary, write_atomic_text, write_json
+from .sampling import ListBatchSampler, TrainPlan
+from .schedules import make_scheduler
+from .sources import training_sets
+from .transforms import TrainTransform, validation_transform
+
+NOT_SAVED = ("resume", "overwrite", "config")
+
+
+@contextlib.contextmanager
+def determinism(enabled, device):
+    """Deterministic kernels for the run, and the previous global settings back afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if enabled:
+        # cuBLAS needs this set before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: a few CUDA backward kernels (adaptive average pooling, max pooling) have
+        # no deterministic version; erroring would make --deterministic unusable on GPUs.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def merge_resume(saved, explicit):
+    """The saved run's configuration with the options given now; refuse changes that would make
+    a different run."""
+    cfg = dict(saved)
+    cfg.pop("out", None)  # a resumed run writes where it is told, by default beside its checkpoint
+    for name, value in explicit.items():
+        if name in FIXED_ON_RESUME and name in saved and saved[name] != value:
+            raise UserError(f"cannot change --{name.replace('_', '-')} when resuming (the run "
+                            f"used {saved[name]!r}, now {value!r}); start a new run instead")
+        cfg[name] = value
+    for name, option in BY_NAME.items():
+        if "train" in option.commands and name not in cfg:
+            cfg[name] = option.default
+    return cfg
+
+
+def _agree(ctx, action):
+    """Run ``action`` on rank 0 and raise its UserError on every rank (no rank left waiting)."""
+    message = None
+    if ctx.is_main:
+        try:
+            action()
+        except UserError as exc:
+            message = str(exc)
+    message = distributed.broadcast_object(ctx, message)
+    if message is not None:
+        raise UserError(message)
+
+
+class Run:
+    """Everything one training process holds; the loops in :mod:`.loop` work on it."""
+
+    def __init__(self, cfg, ctx, reporter):
+        self.cfg, self.ctx, self.reporter = cfg, ctx, reporter
+        self.global_step = 0
+        self.history, self.best = [], None
+
+    # -- set-up -------------------------------------------------------------------------------
+    def build(self, train_samples):
+        cfg, ctx = self.cfg, self.ctx
+        self.plan = TrainPlan(len(train_samples), cfg["batch_size"], cfg["seed"],
+                              ctx.world_size, ctx.rank, cfg["accum_steps"])
+        self.train_dataset = ImageDataset(train_samples,
+                                          TrainTransform(cfg["image_size"], cfg["augment"]),
+                                          seed=cfg["seed"], strict=cfg["strict"],
+                                          substitute=True)
+        self.workers = default_workers(ctx) if cfg["workers"] is None else cfg["workers"]
+        seed_everything(cfg["seed"])
+        model = build_model(cfg["arch"], cfg["mcs_learnable"], cfg["mcs_init"])
+        model.to(ctx.device)
+        if cfg["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
+                                          weight_decay=cfg["weight_decay"])
+        self.scheduler = make_scheduler(self.optimizer, cfg["lr_schedule"],
+                                        self.plan.steps_per_epoch, cfg["epochs"])
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg["amp"] == "fp16")
+
+    def wrap(self):
+        model = self.model
+        if self.ctx.distributed:
+            # The published MCSConv filter is frozen (requires_grad False), so every parameter
+            # DDP tracks receives a gradient and unused-parameter search is not needed.
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda"
+                else None, find_unused_parameters=False)
+        if self.cfg["compile"]:
+            model = torch.compile(model)
+        self.train_model = model
+
+    def train_loader(self, epoch, start_step):
+        batches = ListBatchSampler(self.plan.micro_batches(epoch, start_step))
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=batches, collate_fn=collate,
+            num_workers=self.workers, pin_memory=self.ctx.device.type == "cuda")
+
+    def progress_bar(self, **kwargs):
+        if not (self.ctx.is_main and self.cfg["progress"]):
+            return None
+        from tqdm import tqdm
+        return tqdm(mininterval=1.0, dynamic_ncols=True, file=sys.stderr, leave=False,
+                    **kwargs)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def payload(self, epoch, step, totals, full=True):
+        state = {
+            "format": ckpt.FORMAT, "version": ckpt.VERSION, "arch": self.cfg["arch"],
+            "model_options": {"mcs_learnable": self.cfg["mcs_learnable"],
+                              "mcs_init": self.cfg["mcs_init"]},
+            "model": self.model.state_dict(),
+            "progress": {"epoch": epoch, "step": step, "global_step": self.global_step,
+                         "steps_per_epoch": self.plan.steps_per_epoch,
+                         "num_samples": self.plan.num_samples,
+                         "totals": totals.state_dict()},
+            "best": self.best, "history": self.history,
+            "config": {k: v for k, v in self.cfg.items() if k not in NOT_SAVED},
+        }
+        if full:
+            state.update(optimizer=self.optimizer.state_dict(),
+                         scheduler=self.scheduler.state_dict(),
+                         scaler=self.scaler.state_dict(), rng=ckpt.rng_state())
+        return state
+
+    def save(self, name, epoch, step, totals, full=True):
+        if self.ctx.is_main:
+            ckpt.atomic_save(self.payload(epoch, step, totals, full),
+                             os.path.join(self.cfg["out"], name))
+
+    def restore(self, state, path):
+        progress = state["progress"]
+        if (progress["num_samples"] != self.plan.num_samples
+                or progress["steps_per_epoch"] != self.plan.steps_per_epoch):
+            raise UserError(f"the training set changed since {path} was written "
+                            f"({progress['num_samples']} images then, {self.plan.num_samples} "
+                            f"now): resuming would not continue the same run")
+        ckpt.load_into(self.model, state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.global_step = progress["global_step"]
+        self.best, self.history = state["best"], list(state["history"])
+        return progress["epoch"], progress["step"], EpochTotals(**progress["totals"])
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self, val_set, val_samples, epoch):
+        bar = self.progress_bar(total=val_set.local_images, desc=f"validate {epoch + 1}")
+        scored = val_set.run(self.model, self.cfg["amp"], self.cfg["channels_last"], bar)
+        metrics = metrics_of(scored, val_samples)
+        warning = failure_message([f[1] for f in scored["failures"]])
+        if warning:
+            self.reporter.log(warning)
+        return metrics, scored
+
+    def improved(self, metrics):
+        name = self.cfg["best_metric"]
+        value = metrics.get(name)
+        if value is None:
+            return False
+        if self.best is None:
+            return True
+        if name in LOWER_IS_BETTER:
+            return value < self.best["value"]
+        return value > self.best["value"]
+
+
+def _load_resume(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, ckpt.LAST)
+    state, path = ckpt.load_file(path)
+    if not ckpt.is_training_checkpoint(state) or "optimizer" not in state:
+        raise UserError(f"{path} is not a resumable training checkpoint (last.pt of a run)")
+    return state, path
+
+
+def resolve_run_config(cfg, explicit):
+    """Configuration for a new or resumed run; returns ``(cfg, resume_state, resume_path)``."""
+    state = path = None
+    if cfg.get("resume"):
+        state, path = _load_resume(cfg["resume"])
+        cfg = merge_resume(state["config"], explicit)
+        cfg["resume"] = path
+        if not cfg.get("out"):
+            cfg["out"] = os.path.dirname(path)
+    if not cfg.get("data"):
+        raise UserError("train needs --data (a list file, a folder, or 'builtin')")
+    if not cfg.get("out"):
+        raise UserError("train needs --out DIR")
+    if cfg["image_size"] is None:
+        raise UserError("train needs an --image-size")
+    for name in ("epochs", "batch_size", "lr"):
+        convert(BY_NAME[name], cfg[name], "option")
+    return cfg, state, path
+
+
+def train(cfg, explicit):
+    """Run ``sficonv train``; returns the final metrics (rank 0) or None."""
+    cfg, resume_state, resume_path = resolve_run_config(cfg, explicit)
+    ctx = distributed.setup(cfg["device"])
+    try:
+        with determinism(cfg["deterministic"], ctx.device):
+            return _train(cfg, ctx, resume_state, resume_path)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg, ctx, resume_state, resume_path):
+    out = cfg["out"]
+    resuming_here = resume_path is not None and (os.path.abspath(os.path.dirname(resume_path))
+                                                 == os.path.abspath(out))
+    _agree(ctx, lambda: output_folder.prepare(out, resuming_here, cfg["overwrite"]))
+    distributed.barrier(ctx)
+    reporter = Reporter(ctx.is_main, out, tensorboard=True)
+    log = reporter.log
+    if ctx.is_main:
+        import yaml
+        saved = {k: v for k, v in cfg.items() if k not in NOT_SAVED}
+        write_atomic_text(os.path.join(out, "config.yaml"), yaml.safe_dump(saved,
+                                                                           sort_keys=True))
+    try:
+        train_samples, val_samples, _ = training_sets(cfg, ctx, log)
+        if not train_samples:
+            raise DataError(f"the training set from {cfg['data']} is empty: no images to train "
+                            f"on")
+        run = Run(cfg, ctx, reporter)
+        run.build(train_samples)
+        epoch, start_step, totals = 0, 0, EpochTotals()
+        if resume_state is not None:
+            epoch, start_step, totals = run.restore(resume_state, resume_path)
+            log(f"resumed {resume_path}: epoch {epoch + 1}, step {start_step} "
+                f"(global step {run.global_step})")
+        run.wrap()
+        return _epochs(run, train_samples, val_samples, epoch, start_step, totals)
+    finally:
+        reporter.close()
+
+
+def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):
+    cfg, ctx, log = run.cfg, run.ctx, run.reporter.log
+    real, fake = class_counts(train_samples)
+    log(f"training {cfg['arch']} on {len(train_samples)} images ({real} real, {fake} fake), "
+        f"validating on {len(val_samples)}; {ctx.world_size} process(es) on {ctx.device}; "
+        f"batch {run.plan.batch_size}, {run.plan.steps_per_epoch} steps per epoch")
+    val_set = None
+    if val_samples:
+        val_set = ScoringSet(val_samples, validation_transform(cfg["image_size"], cfg["augment"]),
+                             max(1, cfg["batch_size"] // ctx.world_size), ctx, run.workers,
+                             cfg["strict"], size=cfg["image_size"])
+    else:
+        log("the validation set is empty: no validation metrics, and best.pt is not chosen")
+    last_save = time.monotonic()
+
+    def on_step(epoch, step_done):
+        nonlocal last_save
+        if step_done == run.plan.steps_per_epoch:
+            return  # the end-of-epoch checkpoint follows
+        by_steps = cfg["save_every_steps"] and run.global_step % cfg["save_every_steps"] == 0
+        by_time = (cfg["save_every_minutes"]
+                   and time.monotonic() - last_save >= 60 * cfg["save_every_minutes"])
+        if by_steps or by_time:
+            run.save(ckpt.LAST, epoch, step_done, totals)
+            last_save = time.monotonic()
+
+    final = None
+    for epoch in range(first_epoch, cfg["epochs"]):
+        started = time.perf_counter()
+        done_before = totals.images
+        failures = train_epoch(run, epoch, start_step, totals, lambda s: on_step(epoch, s))
+        seconds = time.perf_counter() - started
+        if totals.skipped:
+            log(failure_message(failures) if failures else
+                f"warning: skipped {totals.skipped} unreadable image(s) in epoch {epoch + 1}")
+        row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+               "train_loss": totals.mean_loss, "train_images": totals.images,
+               "skipped": totals.skipped, "seconds": round(seconds, 3),
+               "images_per_s": round((totals.images - done_before) / max(seconds, 1e-9), 2)}
+        metrics = None
+        distributed.sync_buffers(ctx, run.model)
+        if val_set is not None:
+            metrics, scored = run.validate(val_set, val_samples, epoch)
+            row.update(flat_metrics(metrics))
+            final = (metrics, scored)
+        improved = metrics is not None and run.improved(metrics)
+        if improved:
+            name = cfg["best_metric"]
+            run.best = {"metric": name, "value": metrics[name], "epoch": epoch + 1}
+        run.history.append(row)
+        totals = EpochTotals()
+        run.save(ckpt.LAST, epoch + 1, 0, totals)
+        if improved:
+            run.save(ckpt.BEST, epoch + 1, 0, totals, full=False)
+        distributed.barrier(ctx)
+        last_save = time.monotonic()
+        run.reporter.history_csv(run.history)
+        run.reporter.scalars(epoch + 1, row)
+        log(f"epoch {epoch + 1}/{cfg['epochs']}: train loss {row['train_loss']:.4f}, "
+            f"{row['images_per_s']:.0f} img/s"
+            + (f"; val {summary(metrics)}" if metrics else ""))
+        if metrics is not None and undefined_reason(metrics):
+            log(f"note: {undefined_reason(metrics)}")
+        start_step = 0
+    distributed.sync_buffers(ctx, run.model)
+    if val_set is not None and final is None:
+        # Resumed a run whose epochs were all done: validate the final model again.
+        final = run.validate(val_set, val_samples, cfg["epochs"] - 1)
+    return _finish(run, final)
+
+
+def _finish(run, final):
+    cfg, out, log = run.cfg, run.cfg["out"], run.reporter.log
+    result = None
+    if run.ctx.is_main:
+        if final is not None:
+            metrics, scored = final
+            result = dict(metrics)
+        else:
+            result = {"acc": None, "auc": None, "ap": None, "eer": None,
+                      "tpr_at_fpr": {"1e-2": None, "1e-3": None, "1e-4": None}, "n": 0}
+        result["epoch"] = cfg["epochs"]
+        result["best"] = run.best
+        write_json(os.path.join(out, "metrics.json"), result)
+        if final is not None and save_roc_png(scored["labels"], scored["scores"],
+                                              os.path.join(out, "roc.png"),
+                                              f"validation ROC, {cfg['arch']}",
+                                              result["auc"]):
+            log(f"wrote {os.path.join(out, 'roc.png')}")
+        if cfg["export_published"] != "none":
+            source = os.path.join(out, ckpt.BEST if run.best else ckpt.LAST)
+            state, _ = ckpt.load_file(source)
+            model = build_model(cfg["arch"], cfg["mcs_learnable"], cfg["mcs_init"])
+            ckpt.load_into(model, state["model"], source)
+            target = os.path.join(out, "best_published.pkl")
+            ckpt.export_published(model, target, cfg["export_published"])
+            log(f"wrote {target} ({cfg['export_published']} layout of {source})")
+        log(f"final validation: {summary(result)}" if result["n"] else
+            "no validation metrics")
+        log(f"wrote {os.path.join(out, 'metrics.json')}")
+    distributed.barrier(run.ctx)
+    return result
