@@ -206,7 +206,18 @@ def test_cpp_kernel_checks_reach_python():
 def test_backends_reports_consistently():
     info = ops.backends()
     assert info["auto_cpu"] == ("cpp" if info["cpp"] else "torch")
+    assert info["auto_cpu_channels_last_frozen"] == "torch"
     assert set(["cpp", "cuda", "triton", "cuda_archs", "torch"]) <= set(info)
+
+
+@cpp
+def test_auto_rule_on_cpu():
+    x = torch.randn(1, 4, 6, 6)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    frozen, learnable = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5, requires_grad=True)
+    assert ops.resolve_backend("auto", x, frozen) == "cpp"
+    assert ops.resolve_backend("auto", cl, learnable) == "cpp"
+    assert ops.resolve_backend("auto", cl, frozen) == "torch"  # oneDNN measured faster here
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sficonv_ext import models
+from sficonv_ext import models, ops
 from sficonv_ext.models.interop import official_rules
 
 from conftest import make_pair, rel_err
@@ -53,9 +53,13 @@ def test_eval_forward_parity(depth):
         assert rel_err(fast(x), ref(x)) < TOL
 
 
-@pytest.mark.parametrize("depth", [26, 50])
-def test_train_step_parity(depth):
+@pytest.mark.parametrize("depth,mcs_backend", [(26, "auto"), (50, "auto"), (26, "cpp"),
+                                               (26, "torch")])
+def test_train_step_parity(depth, mcs_backend):
+    if mcs_backend == "cpp" and not ops.backends()["cpp"]:
+        pytest.skip("C++ extension not built")
     ref, fast = make_pair(depth)
+    fast.layer1[0].SFIC1.conv.mcs.backend = mcs_backend
     ref.train(), fast.train()
     x = torch.randn(3, 3, 67, 61, dtype=torch.float64)
     target = torch.tensor([0, 1, 1])

@@ -25,7 +25,9 @@ def backends():
         "triton_ops": triton_ops() is not None,
         "triton_error": triton_error(),
         "cuda_device": torch.cuda.get_device_name(0) if cuda_device else None,
-        "auto_cpu": resolve_backend("auto", torch.empty(0)),
+        "auto_cpu": resolve_backend("auto", torch.empty(1, 2, 1, 1)),
+        "auto_cpu_channels_last_frozen": resolve_backend(
+            "auto", torch.empty(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)),
     }
     if cuda_device:
         result["auto_cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))

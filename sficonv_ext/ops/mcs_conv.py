@@ -53,14 +53,26 @@ def _validate(x, weight, eps, backend):
         raise ValueError(f"mcs_conv: eps must be positive, got {eps}")
 
 
-def resolve_backend(backend, x):
+def _cpu_auto(x, weight):
+    # Measured on a 2-core AVX-512 CPU, [8, 64, 64, 64] float32 (benchmarks/results/mcs_cpu.json):
+    # the C++ kernels win everywhere except channels_last with a frozen filter, where oneDNN's
+    # depthwise forward and input-gradient kernels are 2-3x faster than ours.
+    if not _extension.has_cpp_kernels():
+        return "torch"
+    frozen = weight is None or not weight.requires_grad
+    channels_last = x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+    return "torch" if (frozen and channels_last) else "cpp"
+
+
+def resolve_backend(backend, x, weight=None):
     """The backend that ``backend`` means for tensor ``x`` (raises if it is unavailable)."""
     if backend == "auto":
         if x.is_cuda:
             if _extension.has_cuda_kernels():
                 return "cuda"
             return "triton" if triton_ops() is not None else "torch"
-        return "cpp" if _extension.has_cpp_kernels() else "torch"
+        return _cpu_auto(x, weight)
     if backend == "cpp":
         if x.is_cuda:
             raise ValueError("backend='cpp' runs the C++ CPU kernels; for CUDA tensors use "
@@ -95,12 +107,13 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     the SPEC section 1 constraint to ``weight`` inside the kernel (differentiably);
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
     (channels_last stays channels_last); under autocast both inputs are cast to the autocast
-    dtype. ``backend``: "auto" (C++ on CPU, CUDA C++ on GPU when
+    dtype. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
+    frozen filter on channels_last input, which measured faster; on a GPU the CUDA kernels when
     built, else Triton, else PyTorch), "torch", "cpp", "cuda" or "triton".
     """
     x, weight = _apply_autocast(x, weight)
     _validate(x, weight, eps, backend)
-    chosen = resolve_backend(backend, x)
+    chosen = resolve_backend(backend, x, weight)
     if chosen == "torch":
         return mcs_conv_torch(x, weight, constrained, eps)
     if chosen == "triton":
