@@ -33,7 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="autocast dtype for bfloat16/float16 (weights stay float32)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement")
+    p.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds over all variants (the result is the median)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--optimizer", default="adam-fused", choices=["adam-fused", "adam"],
                    help="Adam for every variant: fused=True (one kernel for all parameters, "
@@ -79,29 +81,42 @@ def build_variants(depth, device):
     }
 
 
-def measure(model, x, target, trainable, args, device, amp_dtype):
+def make_steps(model, x, target, trainable, args, device, amp_dtype):
+    """{"train": fn, "infer": fn} for one variant (train only when it can train)."""
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    result = {}
+    steps = {}
     if trainable and not args.skip_train:
-        model.train()
         # The same optimizer for every variant; frozen parameters never get a gradient.
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                fused=args.optimizer == "adam-fused")
 
-        def step():
+        def train():
+            model.train()
             opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = torch.nn.functional.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
-        result["train_s"] = time_it(step, device, args.warmup, args.iters)
-    model.eval()
+        steps["train"] = train
 
     def infer():
+        model.eval()
         with torch.inference_mode(), autocast:
             model(x)
-    result["infer_s"] = time_it(infer, device, args.warmup, args.iters)
-    return result
+    steps["infer"] = infer
+    return steps
+
+
+def measure_interleaved(variants, args, device):
+    """Median seconds per step for every (variant, phase). Variants take turns over several
+    rounds, so a slow spell of the machine hits them all alike rather than one of them."""
+    times = {(name, phase): [] for name, steps in variants.items() for phase in steps}
+    for round_index in range(args.rounds):
+        for name, steps in variants.items():
+            for phase, fn in steps.items():
+                warmup = args.warmup if round_index == 0 else 1
+                times[(name, phase)].append(time_it(fn, device, warmup, args.iters))
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def machine_info(device):
@@ -146,14 +161,17 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 2, (args.batch,), device=device)
-    rows = []
+    variants = {}
     for name, (model, trainable) in build_variants(args.depth, device).items():
-        print(f"measuring {name} ...", flush=True)
-        r = measure(model, x, target, trainable, args, device, amp_dtype)
-        rows.append({"variant": name, **r})
+        variants[name] = make_steps(model, x, target, trainable, args, device, amp_dtype)
+    print(f"measuring {len(variants)} variants, {args.rounds} interleaved rounds ...", flush=True)
+    medians = measure_interleaved(variants, args, device)
+    rows = []
+    for name, steps in variants.items():
+        rows.append({"variant": name, **{f"{phase}_s": medians[(name, phase)] for phase in steps}})
     print(f"\nSFIConv-ResNet-{args.depth}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
-          f"{args.optimizer}, median of {args.iters}")
+          f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps")
     print_table(rows, args.batch)
     out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"models_{device.type}.json")
