@@ -237,8 +237,12 @@ void launch_weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor& pa
 
 void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
-  TORCH_CHECK(x.size(1) <= 65535, "mcs_conv CUDA kernel: at most 65535 channels, got ",
-              x.size(1));
+}
+
+// Called after check_inputs: the kernels keep per-image sizes in 32-bit ints.
+void check_cuda_sizes(const at::Tensor& x) {
+  TORCH_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX,
+              "mcs_conv CUDA kernel: C, H and W must each fit in 32 bits, got ", x.sizes());
 }
 
 }  // namespace
@@ -248,6 +252,7 @@ at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, 
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_forward(x, weight, eps);
+  check_cuda_sizes(x);
   if (args.y.numel() == 0) return args.y;
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -266,6 +271,11 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   check_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x);
+  check_cuda_sizes(x);
+  // The weight-gradient grid puts channels on gridDim.y.
+  TORCH_CHECK(!need_weight || x.size(1) <= 65535,
+              "mcs_conv CUDA kernel: the weight gradient supports at most 65535 channels, got ",
+              x.size(1));
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(

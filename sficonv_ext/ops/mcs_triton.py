@@ -9,6 +9,8 @@ deterministic. Accumulation is in float32 (float64 inputs are not supported here
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported), which
 is how CI checks them.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -26,11 +28,13 @@ def _mcs_conv_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
                      sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
                      K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
                      FLIP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(0)
+    # 64-bit offsets: program ids and small integer arguments are 32-bit on a GPU, and
+    # n * stride or row * stride overflows past 2**31 elements.
+    plane = tl.program_id(0).to(tl.int64)
     n = plane // C
     c = plane % C
-    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    cols = tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    rows = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]).to(tl.int64)
+    cols = (tl.program_id(2) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]).to(tl.int64)
     kk: tl.constexpr = K * K
     centre: tl.constexpr = kk // 2
     pad: tl.constexpr = K // 2
@@ -68,13 +72,13 @@ def _mcs_conv_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
 def _mcs_weight_grad_kernel(g_ptr, x_ptr, part_ptr, C, H, W,
                             sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, tiles_h, tiles_w,
                             K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(0)
+    plane = tl.program_id(0).to(tl.int64)  # 64-bit offsets, as in _mcs_conv_kernel
     n = plane // C
     c = plane % C
-    th = tl.program_id(1)
-    tw = tl.program_id(2)
-    rows = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    cols = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    th = tl.program_id(1).to(tl.int64)
+    tw = tl.program_id(2).to(tl.int64)
+    rows = th * BLOCK_H + tl.arange(0, BLOCK_H)[:, None].to(tl.int64)
+    cols = tw * BLOCK_W + tl.arange(0, BLOCK_W)[None, :].to(tl.int64)
     pad: tl.constexpr = K // 2
     inside_out = (rows < H) & (cols < W)
     g = tl.load(g_ptr + n * sgn + c * sgc + rows * sgh + cols * sgw, mask=inside_out,
@@ -102,6 +106,13 @@ def _grid(x):
     return (n * c, triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W))
 
 
+def _on_device(tensor):
+    # A Triton launch uses the current device and its stream, not the tensor's: make them agree.
+    if tensor.is_cuda:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def _launch_conv(x, weight, out, constrained, eps, flip):
     k = weight.shape[-1]
     wrap_triton(_mcs_conv_kernel)[_grid(x)](
@@ -116,7 +127,8 @@ def mcs_conv_triton_forward(x: torch.Tensor, weight: torch.Tensor, constrained: 
     _check_dtype(x)
     y = torch.empty_like(x)  # keeps x's layout (preserve_format)
     if y.numel():
-        _launch_conv(x, weight.contiguous(), y, constrained, eps, flip=False)
+        with _on_device(x):
+            _launch_conv(x, weight.contiguous(), y, constrained, eps, flip=False)
     return y
 
 
@@ -131,11 +143,18 @@ def mcs_conv_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     if x.numel() == 0:
         return grad_x, grad_w
+    with _on_device(x):
+        return _triton_backward(grad_out, x, weight_c, grad_x, grad_w, constrained, eps, need_x,
+                                need_weight)
+
+
+def _triton_backward(grad_out, x, weight_c, grad_x, grad_w, constrained, eps, need_x,
+                     need_weight):
     if need_x:
         _launch_conv(grad_out, weight_c, grad_x, constrained, eps, flip=True)
     if need_weight:
         n, c, h, w = x.shape
-        k = weight.shape[-1]
+        k = weight_c.shape[-1]
         tiles_h, tiles_w = triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W)
         partials = torch.empty((n, c, tiles_h, tiles_w, k * k), dtype=torch.float32,
                                device=x.device)
