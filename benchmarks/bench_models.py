@@ -1,11 +1,14 @@
 """Model benchmark: the published reference vs the fast SFIConv-ResNet, side by side.
 
 Measures, on one device in one run: train step (forward + backward + Adam step) and inference
-throughput in images/s, and the speedup of each variant over the reference. Prints a table and
-writes a JSON result (machine, versions, settings, every timing).
+throughput in images/s, the speedup of each variant over the published reference in eager
+float32, and (on CUDA) the peak memory a train step adds. The variants are described in
+``model_variants.py``. Prints a table and writes a JSON result (machine, versions, settings,
+every timing).
 
     python benchmarks/bench_models.py                      # CPU, ResNet-26, batch 8, 256x256
     python benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16
+    python benchmarks/bench_models.py --variants reference fast fast-compiled
 """
 import argparse
 import datetime
@@ -19,7 +22,9 @@ import time
 import torch
 
 import sficonv_ext
-from sficonv_ext import models, reference
+from sficonv_ext import reference
+
+from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adam-fused", choices=["adam-fused", "adam"],
                    help="Adam for every variant: fused=True (one kernel for all parameters, "
                         "what the sficonv trainer uses) or the default per-parameter loop")
+    p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
+                   help="what to compare (default: the eager variants for the device; see "
+                        "model_variants.py); the first is the baseline of the 'x ref' columns")
     p.add_argument("--json", default=None, help="where to write the JSON result "
                    "(default: benchmarks/results/models_<device>.json)")
     return p.parse_args(argv)
@@ -64,28 +72,15 @@ def time_it(fn, device, warmup, iters):
     return statistics.median(times)
 
 
-def build_variants(depth, device):
-    """name -> (model, trainable). All hold the same weights; inputs arrive NCHW, as from a
-    data loader (the fast model converts to its own layout on entry)."""
-    ref = reference.PublishedTrainingWrapper(depth).to(device)
-    build = getattr(models, f"sfi_resnet{depth}")
-    fast = build().to(device)  # default: channels_last
-    fast.load_state_dict(ref.state_dict())
-    fast_nchw = build(channels_last=False).to(device)
-    fast_nchw.load_state_dict(ref.state_dict())
-    return {
-        "reference (published, eager NCHW)": (ref, True),
-        "fast, NCHW (channels_last=False)": (fast_nchw, True),
-        "fast (default: channels_last)": (fast, True),
-        "fast + fuse_for_inference": (models.fuse_for_inference(fast), False),
-    }
-
-
-def make_steps(model, x, target, trainable, args, device, amp_dtype):
+def make_steps(variant, x, target, args):
     """{"train": fn, "infer": fn} for one variant (train only when it can train)."""
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    model = variant.model
+    if variant.channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(x.device.type, dtype=variant.amp_dtype,
+                              enabled=variant.amp_dtype is not None)
     steps = {}
-    if trainable and not args.skip_train:
+    if variant.trainable and not args.skip_train:
         # The same optimizer for every variant; frozen parameters never get a gradient.
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                fused=args.optimizer == "adam-fused")
@@ -107,16 +102,47 @@ def make_steps(model, x, target, trainable, args, device, amp_dtype):
     return steps
 
 
-def measure_interleaved(variants, args, device):
-    """Median seconds per step for every (variant, phase). Variants take turns over several
-    rounds, so a slow spell of the machine hits them all alike rather than one of them."""
+def peak_step_memory(fn, device):
+    """Bytes a call of ``fn`` allocates above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_interleaved(variants, args, device, on_progress=None):
+    """Median seconds per step for every (variant, phase), each step's peak memory, and the
+    error of any step that failed (reported, not fatal: one broken variant must not cost the
+    others' numbers). Variants take turns over several rounds, so a slow spell of the machine
+    hits them all alike. ``on_progress(medians, memory, errors)`` runs after every measurement,
+    so a run stopped part-way still leaves its numbers."""
     times = {(name, phase): [] for name, steps in variants.items() for phase in steps}
+    memory, errors = {}, {}
     for round_index in range(args.rounds):
         for name, steps in variants.items():
             for phase, fn in steps.items():
-                warmup = args.warmup if round_index == 0 else 1
-                times[(name, phase)].append(time_it(fn, device, warmup, args.iters))
-    return {key: statistics.median(values) for key, values in times.items()}
+                if (name, phase) in errors:
+                    continue
+                try:
+                    if round_index == 0:
+                        for _ in range(args.warmup):
+                            fn()
+                        memory[(name, phase)] = peak_step_memory(fn, device)
+                    times[(name, phase)].append(time_it(fn, device, 1, args.iters))
+                except Exception as error:  # noqa: BLE001  (reported in the table and JSON)
+                    errors[(name, phase)] = f"{type(error).__name__}: {error}"[:300]
+                    print(f"{name} {phase} FAILED: {errors[(name, phase)]}", flush=True)
+                if on_progress is not None:
+                    on_progress(_medians(times, errors), memory, errors)
+    return _medians(times, errors), memory, errors
+
+
+def _medians(times, errors):
+    return {key: statistics.median(v) for key, v in times.items() if v and key not in errors}
 
 
 def machine_info(device):
@@ -139,17 +165,39 @@ def machine_info(device):
 
 
 def print_table(rows, batch):
-    header = f"{'variant':36} {'train img/s':>12} {'x ref':>7} {'infer img/s':>12} {'x ref':>7}"
+    header = (f"{'variant':26} {'train img/s':>12} {'x ref':>7} {'infer img/s':>12} {'x ref':>7}"
+              f" {'train peak MiB':>15}")
     print(header)
     print("-" * len(header))
     ref = rows[0]
     for r in rows:
         def cell(key):
-            if key not in r:
+            if key.replace("_s", "_error") in r:
+                return f"{'FAILED':>12} {'-':>7}"
+            if key not in r or key not in ref:
                 return f"{'-':>12} {'-':>7}"
             ips = batch / r[key]
             return f"{ips:12.2f} {ref[key] / r[key]:7.2f}"
-        print(f"{r['variant']:36} {cell('train_s')} {cell('infer_s')}")
+        if "build_error" in r:
+            print(f"{r['variant']:26} {'not built':>12}")
+            continue
+        peak = r.get("train_peak_bytes")
+        peak_text = f"{peak / 2**20:15.0f}" if peak is not None else f"{'-':>15}"
+        print(f"{r['variant']:26} {cell('train_s')} {cell('infer_s')} {peak_text}")
+
+
+def collect_rows(variants, medians, memory, errors, build_errors):
+    rows = []
+    for name, steps in variants.items():
+        row = {"variant": name}
+        for phase in steps:
+            if (name, phase) in medians:
+                row[f"{phase}_s"] = medians[(name, phase)]
+                row[f"{phase}_peak_bytes"] = memory.get((name, phase))
+            elif (name, phase) in errors:
+                row[f"{phase}_error"] = errors[(name, phase)]
+        rows.append(row)
+    return rows + [{"variant": name, "build_error": text} for name, text in build_errors.items()]
 
 
 def main(argv=None):
@@ -161,27 +209,39 @@ def main(argv=None):
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 2, (args.batch,), device=device)
-    variants = {}
-    for name, (model, trainable) in build_variants(args.depth, device).items():
-        variants[name] = make_steps(model, x, target, trainable, args, device, amp_dtype)
+    names = args.variants or DEFAULT_VARIANTS[device.type]
+    variants, build_errors = {}, {}
+    for name, variant in build_variants(names, args.depth, device, amp_dtype).items():
+        if isinstance(variant, str):
+            build_errors[name] = variant
+            print(f"{name} could not be built: {variant}", flush=True)
+        else:
+            variants[name] = make_steps(variant, x, target, args)
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"models_{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def save(medians, memory, errors, complete=False):
+        rows = collect_rows(variants, medians, memory, errors, build_errors)
+        result = {"benchmark": "bench_models", "complete": complete, "settings": vars(args),
+                  "machine": machine_info(device),
+                  "rows": [{**r, **{k.replace("_s", "_images_per_s"): args.batch / r[k]
+                                    for k in ("train_s", "infer_s") if k in r}} for r in rows]}
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        return rows, result
+
     print(f"measuring {len(variants)} variants, {args.rounds} interleaved rounds ...", flush=True)
-    medians = measure_interleaved(variants, args, device)
-    rows = []
-    for name, steps in variants.items():
-        rows.append({"variant": name, **{f"{phase}_s": medians[(name, phase)] for phase in steps}})
+    medians, memory, errors = measure_interleaved(variants, args, device, on_progress=save)
+    rows, result = save(medians, memory, errors, complete=True)
     print(f"\nSFIConv-ResNet-{args.depth}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
           f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps")
     print_table(rows, args.batch)
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"models_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    result = {"benchmark": "bench_models", "settings": vars(args), "machine": machine_info(device),
-              "rows": [{**r, **{k.replace("_s", "_images_per_s"): args.batch / r[k]
-                                for k in ("train_s", "infer_s") if k in r}} for r in rows]}
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
     print(f"\nwrote {out}")
+    if errors or build_errors:
+        sys.exit(f"{len(errors) + len(build_errors)} variant step(s) failed: see the *_error "
+                 f"fields in {out}")
     return result
 
 

@@ -2,12 +2,12 @@
 // <torch/extension.h> multiplies nvcc time many times over.
 //
 // Forward: a small prologue kernel turns the raw weight into the effective (constrained) taps in
-// float32/float64; NCHW inputs then run a tiled kernel (output tile + halo staged in shared
-// memory), channels_last inputs a per-element kernel whose neighbouring threads read
-// neighbouring channels (coalesced). Backward: the input gradient is the same convolution with
-// the mirrored filter; the weight gradient is reduced per (channel, fixed pixel chunk) in
-// registers and shared memory, then summed over chunks by at::sum: no atomics, so the result is
-// deterministic run to run.
+// float32/float64. For k = 3, 5, 7 (the network uses 5) the row-blocked kernels of
+// mcs_conv_cuda_rows.cuh run in both layouts. Other k: NCHW runs a tiled kernel (output tile +
+// halo staged in shared memory), channels_last a per-element kernel. Backward: the input
+// gradient is the same convolution with the mirrored filter; the weight gradient is reduced per
+// (channel, fixed chunk of pixels) in registers and shared memory, then summed over chunks by
+// at::sum: no atomics, so the result is deterministic run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "mcs_conv.h"
+#include "mcs_conv_cuda_rows.cuh"
 
 namespace sficonv {
 namespace {
@@ -28,6 +29,10 @@ constexpr int kTileW = 32;
 constexpr int kTileH = 8;
 constexpr int kMaxTiledK = 9;  // larger filters use the per-element kernel
 constexpr int kThreads = 256;
+constexpr int kRowBlock = 8;        // output rows per thread in the row-blocked kernels
+constexpr int kGradRowsPerBlock = 32;  // rows each weight-gradient block reduces
+constexpr int kMaxGrid = 65535;     // gridDim.y and gridDim.z limit
+constexpr int kClColumnsPerThread = 2;  // columns each channels_last weight-gradient thread sums
 
 template <typename scalar_t, typename acc_t>
 __global__ void taps_kernel(const scalar_t* __restrict__ weight, acc_t* __restrict__ taps,
@@ -192,6 +197,47 @@ at::Tensor compute_taps(const at::Tensor& weight, bool constrained, double eps, 
   return taps;
 }
 
+rows::RowGeometry row_geometry(const at::Tensor& x) {
+  rows::RowGeometry geo;
+  geo.channels = static_cast<int>(x.size(1));
+  geo.h = static_cast<int>(x.size(2));
+  geo.w = static_cast<int>(x.size(3));
+  geo.channels_last = is_channels_last(x);
+  geo.row_len = geo.channels_last ? x.size(3) * x.size(1) : x.size(3);
+  geo.step = geo.channels_last ? geo.channels : 1;
+  return geo;
+}
+
+int row_threads(int64_t row_len, int most) {
+  return static_cast<int>(std::min<int64_t>(most, (row_len + 31) / 32 * 32));
+}
+
+template <typename scalar_t>
+void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto geo = row_geometry(x);
+  const int64_t groups = geo.channels_last ? x.size(0) : x.size(0) * x.size(1);
+  const int threads = row_threads(geo.row_len, kThreads);
+  const int64_t blocks_x = (geo.row_len + threads - 1) / threads;
+  TORCH_CHECK(blocks_x <= INT32_MAX, "mcs_conv: image rows too long for the CUDA kernel");
+  const dim3 grid(static_cast<unsigned>(blocks_x),
+                  static_cast<unsigned>((geo.h + kRowBlock - 1) / kRowBlock),
+                  static_cast<unsigned>(std::min<int64_t>(groups, kMaxGrid)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* tp = taps.data_ptr<acc_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  switch (k) {
+    case 3: rows::conv_rows_kernel<scalar_t, acc_t, 3, kRowBlock>
+                <<<grid, threads, 0, stream>>>(xp, tp, yp, groups, geo); break;
+    case 5: rows::conv_rows_kernel<scalar_t, acc_t, 5, kRowBlock>
+                <<<grid, threads, 0, stream>>>(xp, tp, yp, groups, geo); break;
+    default: rows::conv_rows_kernel<scalar_t, acc_t, 7, kRowBlock>
+                 <<<grid, threads, 0, stream>>>(xp, tp, yp, groups, geo);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // y = depthwise correlation of x with `taps` ([C, k*k]); y has x's layout.
 template <typename scalar_t>
 void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k) {
@@ -199,6 +245,10 @@ void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int
   const int64_t n = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cl = is_channels_last(x);
+  if ((k == 3 || k == 5 || k == 7) && (h + kRowBlock - 1) / kRowBlock <= kMaxGrid) {
+    launch_conv_rows<scalar_t>(x, taps, y, k);
+    return;
+  }
   if (!cl && k <= kMaxTiledK) {
     const int64_t tiles = ((w + kTileW - 1) / kTileW) * ((h + kTileH - 1) / kTileH);
     TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
@@ -233,6 +283,81 @@ void launch_weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor& pa
           static_cast<int>(x.size(1)), static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
           k, is_channels_last(x), chunk_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int K>
+void launch_weight_grad_rows(const at::Tensor& g, const at::Tensor& x, at::Tensor& partials,
+                             const rows::RowGeometry& geo, dim3 grid, dim3 block,
+                             int row_chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (geo.channels_last) {
+    rows::weight_grad_cl_kernel<scalar_t, acc_t, K, kRowBlock>
+        <<<grid, block, block.x * block.y * sizeof(acc_t), stream>>>(
+            g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), geo,
+            kGradRowsPerBlock, row_chunks, kClColumnsPerThread);
+  } else {
+    rows::weight_grad_nchw_kernel<scalar_t, acc_t, K, kRowBlock><<<grid, block, 0, stream>>>(
+        g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(),
+        x.size(0) * x.size(1), geo, kGradRowsPerBlock);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dL/d(effective filter) as [C, k*k] in the accumulation dtype, from per-block partial sums
+// (fixed blocks, so a fixed reduction order: deterministic).
+template <typename scalar_t>
+at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const auto geo = row_geometry(x);
+  const int64_t n = x.size(0), channels = x.size(1);
+  const int64_t row_chunks = (geo.h + kGradRowsPerBlock - 1) / kGradRowsPerBlock;
+  const bool fixed_k = k == 3 || k == 5 || k == 7;
+  // channels_last: 32 channel lanes per warp; with fewer channels most lanes would idle, and
+  // the per-pixel kernel below reads nearly contiguous memory anyway.
+  const bool rows_cl = geo.channels_last && channels >= 16 && n * row_chunks <= kMaxGrid;
+  const bool rows_nchw = !geo.channels_last && row_chunks <= kMaxGrid;
+  if (fixed_k && (rows_cl || rows_nchw)) {
+    dim3 grid, block;
+    at::Tensor partials;
+    if (rows_cl) {
+      block = dim3(32, 8);
+      const int64_t column_chunks =
+          (geo.w + block.y * kClColumnsPerThread - 1) / (block.y * kClColumnsPerThread);
+      grid = dim3(static_cast<unsigned>((channels + 31) / 32),
+                  static_cast<unsigned>(column_chunks), static_cast<unsigned>(n * row_chunks));
+      TORCH_CHECK(column_chunks <= kMaxGrid, "mcs_conv: image too wide for the CUDA kernel");
+      partials = at::empty({n * row_chunks * column_chunks, channels, k * k}, acc_options);
+    } else {
+      block = dim3(row_threads(geo.w, 128));
+      grid = dim3(static_cast<unsigned>((geo.w + block.x - 1) / block.x),
+                  static_cast<unsigned>(row_chunks),
+                  static_cast<unsigned>(std::min<int64_t>(n * channels, kMaxGrid)));
+      partials = at::empty({n, channels, int64_t(grid.x) * grid.y, k * k}, acc_options);
+    }
+    switch (k) {
+      case 3: launch_weight_grad_rows<scalar_t, 3>(g, x, partials, geo, grid, block,
+                                                   static_cast<int>(row_chunks)); break;
+      case 5: launch_weight_grad_rows<scalar_t, 5>(g, x, partials, geo, grid, block,
+                                                   static_cast<int>(row_chunks)); break;
+      default: launch_weight_grad_rows<scalar_t, 7>(g, x, partials, geo, grid, block,
+                                                    static_cast<int>(row_chunks));
+    }
+    return rows_cl ? at::sum(partials, {0}) : at::sum(partials, {0, 2});
+  }
+  // Any k or layout: blocks of (channel, fixed pixel chunk), independent of the device.
+  const int64_t n_pixels = n * x.size(2) * x.size(3);
+  const int64_t chunk_len = std::max<int64_t>(4096, (n_pixels + 1023) / 1024);
+  const int64_t chunks = (n_pixels + chunk_len - 1) / chunk_len;
+  auto partials = at::empty({channels, chunks, k * k}, acc_options);
+  switch (k) {
+    case 3: launch_weight_grad<scalar_t, 3>(g, x, partials, chunks, chunk_len, k); break;
+    case 5: launch_weight_grad<scalar_t, 5>(g, x, partials, chunks, chunk_len, k); break;
+    case 7: launch_weight_grad<scalar_t, 7>(g, x, partials, chunks, chunk_len, k); break;
+    default: launch_weight_grad<scalar_t, 0>(g, x, partials, chunks, chunk_len, k);
+  }
+  return at::sum(partials, {1});
 }
 
 void check_cuda(const at::Tensor& x) {
@@ -280,27 +405,13 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
         if (need_x) {
           const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
           launch_conv<scalar_t>(args.grad_out, flipped, args.grad_x, k);
         }
         if (!need_weight) return;
-        // Fixed chunking (independent of the device) keeps the reduction order fixed.
-        const int64_t n_pixels = x.size(0) * x.size(2) * x.size(3);
-        const int64_t chunk_len = std::max<int64_t>(4096, (n_pixels + 1023) / 1024);
-        const int64_t chunks = (n_pixels + chunk_len - 1) / chunk_len;
-        auto partials = at::empty({x.size(1), chunks, k * k},
-                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-        const auto& g = args.grad_out;
-        const auto& xc = args.x;
-        switch (k) {
-          case 3: launch_weight_grad<scalar_t, 3>(g, xc, partials, chunks, chunk_len, k); break;
-          case 5: launch_weight_grad<scalar_t, 5>(g, xc, partials, chunks, chunk_len, k); break;
-          case 7: launch_weight_grad<scalar_t, 7>(g, xc, partials, chunks, chunk_len, k); break;
-          default: launch_weight_grad<scalar_t, 0>(g, xc, partials, chunks, chunk_len, k);
-        }
-        args.grad_weight = constraint_backward(at::sum(partials, {1}), weight, constrained, eps);
+        const auto grad_eff = effective_filter_grad<scalar_t>(args.grad_out, args.x, k);
+        args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
       });
   return {args.grad_x, args.grad_weight};
 }

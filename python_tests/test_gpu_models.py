@@ -41,3 +41,46 @@ def test_cuda_fuse_for_inference():
     x = torch.randn(2, 3, 128, 128, device="cuda")
     with torch.no_grad():
         assert rel_err(fused(x), fast(x)) < 2e-3
+
+
+@cuda
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_cuda_graph_inference_replays_and_refuses_other_shapes(amp):
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.cuda().eval()
+    eager = models.fuse_for_inference(fast)
+    graphed = models.fuse_for_inference(fast, cuda_graph=True)
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        for _ in range(3):  # capture, then replays on fresh inputs
+            x = torch.randn(3, 3, 96, 64, device="cuda")
+            with torch.no_grad():
+                want = eager(x)
+            got = graphed(x)
+            x.zero_()  # the output must not alias anything the caller can change
+            assert rel_err(got.float(), want.float()) < (1e-5 if amp is None else 1e-2)
+        with pytest.raises(ValueError, match="captured for input"):
+            graphed(torch.randn(2, 3, 96, 64, device="cuda"))
+    with pytest.raises(ValueError, match="captured for input"):
+        graphed(torch.randn(3, 3, 96, 64, device="cuda"))  # autocast differs
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        graphed(torch.randn(3, 3, 96, 64))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", sorted(CASES))
+def test_cuda_fast_model_gradients_match_reference(dtype):
+    # The fused first layer (Triton) and the MCSConv kernels inside a full train step.
+    amp, tol = CASES[dtype]
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref, fast = make_pair(26, dtype=torch.float32)
+    ref, fast = ref.cuda().train(), fast.cuda().train()
+    x = torch.randn(4, 3, 64, 72, device="cuda")
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        ref(x).float().square().sum().backward()
+        fast(x).float().square().sum().backward()
+    published = ref.rgb_extract_feature.layer1[0].SFIC1.conv
+    want = torch.cat([published.s2s.weight.grad, published.f2f.weight.grad]).float()
+    got = fast.layer1[0].SFIC1.conv.weight.grad.float()
+    assert rel_err(got, want) < 5 * tol
+    assert rel_err(fast.fc.weight.grad.float(), ref.fc.weight.grad.float()) < 5 * tol

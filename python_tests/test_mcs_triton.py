@@ -20,7 +20,7 @@ def grads(backend, x, weight, g, constrained):
 
 @needs_triton
 @pytest.mark.parametrize("shape,k", [((2, 3, 7, 37), 5), ((1, 2, 17, 5), 3), ((1, 1, 1, 1), 5),
-                                     ((1, 2, 9, 9), 7)])
+                                     ((1, 2, 9, 9), 7), ((1, 40, 5, 6), 3)])
 @pytest.mark.parametrize("constrained", [True, False])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_triton_float32_matches_torch(shape, k, constrained, layout):

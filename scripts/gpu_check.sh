@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build, GPU tests, benchmarks, results.
 #   scripts/gpu_check.sh [OUTDIR]      (default OUTDIR: gpu_results)
-# Writes into OUTDIR (8 files): env.txt, build.log, tests.log, bench.log, mcs_cuda.json,
-# models_cuda_bfloat16.json, models_cuda_float32.json, summary.txt.
-# Sized to finish in about 8 minutes on one H100; every step has its own time limit.
+# Writes into OUTDIR (8 files): summary.txt (machine, versions, results), build.log, tests.log,
+# bench.log, mcs_cuda.json, first_layer_cuda.json, models_cuda_bfloat16.json (eager variants)
+# and models_cuda_compiled.json (torch.compile variants; each file is rewritten after every
+# measurement, so a run cut short keeps what it measured).
+# Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
+# them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
+# later ones instead of overrunning the whole check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-gpu_results}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 status=0
 note() { echo "$*" | tee -a "$OUTDIR/summary.txt"; }
+# Seconds a step may take: its own cap, or what is left of the budget if that is less.
+limit() { local left=$((BUDGET - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 : > "$OUTDIR/summary.txt"
 
 {
@@ -20,32 +27,43 @@ note() { echo "$*" | tee -a "$OUTDIR/summary.txt"; }
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
   nvcc --version 2>&1 | tail -1
-} > "$OUTDIR/env.txt" 2>&1
+} >> "$OUTDIR/summary.txt" 2>&1
 
 note "== build (CUDA kernels for sm_90 only, to keep the build short)"
-start=$SECONDS
 if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16} \
-    timeout 300 "$PY" -m pip install -e . --no-build-isolation --no-deps > "$OUTDIR/build.log" 2>&1; then
+    timeout "$(limit 180)" "$PY" -m pip install -e . --no-build-isolation --no-deps \
+    > "$OUTDIR/build.log" 2>&1; then
   note "BUILD FAILED (see build.log)"; status=1
 fi
-note "build took $((SECONDS - start)) s"
+note "build done at ${SECONDS} s"
 "$PY" -m sficonv_ext.info 2>&1 | tee -a "$OUTDIR/summary.txt"
 
 note "== GPU tests"
-timeout 240 "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
-    python_tests/test_mcs_triton.py -q -x > "$OUTDIR/tests.log" 2>&1 || status=1
-tail -4 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
+# Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout "$(limit 170)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
+    python_tests/test_mcs_triton.py python_tests/test_first_layer.py -q -p no:cacheprovider \
+    $XDIST -rfE > "$OUTDIR/tests.log" 2>&1 || status=1
+grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
+tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
+note "tests done at ${SECONDS} s"
 
 note "== MCSConv kernel benchmark"
-timeout 120 "$PY" benchmarks/bench_mcs.py --device cuda --json "$OUTDIR/mcs_cuda.json" \
+timeout "$(limit 60)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 --warmup 10 \
+    --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
+note "== first-layer benchmark"
+timeout "$(limit 40)" "$PY" benchmarks/bench_first_layer.py --device cuda \
+    --json "$OUTDIR/first_layer_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
+note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
+timeout "$(limit 120)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
+    --iters 10 --warmup 3 --rounds 2 --json "$OUTDIR/models_cuda_bfloat16.json" \
+    --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
-note "== model benchmarks"
-for dtype in bfloat16 float32; do
-  timeout 120 "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype "$dtype" \
-      --iters 10 --warmup 3 --json "$OUTDIR/models_cuda_${dtype}.json" \
-      >> "$OUTDIR/bench.log" 2>&1 || status=1
-done
-grep -E "^ +[0-9]+x|^MCSConv|^SFIConv|^variant|^reference|^fast" "$OUTDIR/bench.log" \
+timeout "$(limit 400)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
+    --iters 10 --warmup 3 --rounds 1 --json "$OUTDIR/models_cuda_compiled.json" \
+    --variants reference-amp-cl fast-compiled reference-compiled \
+    >> "$OUTDIR/bench.log" 2>&1 || status=1
+grep -vE "^(W[0-9]|  warnings|$)" "$OUTDIR/bench.log" | grep -E "^ *[0-9]+x|^ *(bfloat16|float32)|^(MCSConv|First|SFIConv|variant|reference|fast|plain|fused)|FAILED|built" \
     | tee -a "$OUTDIR/summary.txt"
-note "exit status $status"
+note "finished at ${SECONDS} s, exit status $status"
 exit $status

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import MCSConv2d, SFIConvNorm
+from .cuda_graph import CUDAGraphInference
 from .resnet import PlainBottleneck, SFIResNet
 
 
@@ -49,9 +50,13 @@ class FusedForInference(nn.Module):
         return self.network(x)
 
 
-def fuse_for_inference(model):
+def fuse_for_inference(model, cuda_graph=False):
     """Return an eval-only copy of ``model`` with BatchNorm folded into the convolutions and
-    weights in channels_last; same outputs as ``model.eval()`` within float32 rounding."""
+    weights in channels_last; same outputs as ``model.eval()`` within float32 rounding.
+
+    ``cuda_graph=True`` (model on a CUDA device): the copy captures its forward in a CUDA graph
+    on the first call and replays it afterwards; it then accepts only that call's input shape,
+    dtype and autocast setting (anything else raises ``ValueError``)."""
     if not isinstance(model, SFIResNet):
         raise TypeError(f"fuse_for_inference expects an SFIResNet from sficonv_ext.models, "
                         f"got {type(model).__name__}")
@@ -71,4 +76,11 @@ def fuse_for_inference(model):
     for p in net.parameters():
         p.requires_grad_(False)
     net = net.to(memory_format=torch.channels_last)
-    return FusedForInference(net).eval()
+    fused = FusedForInference(net).eval()
+    if cuda_graph:
+        device = next(net.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on "
+                             f"{device}")
+        fused.network = CUDAGraphInference(net).eval()
+    return fused

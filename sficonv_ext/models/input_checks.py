@@ -29,6 +29,9 @@ def check_input(model, x):
     dtype (unless autocast is on) with ``H, W >= MIN_INPUT_SIZE``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of shape [N, 3, H, W], got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"expected a dense (strided) tensor, got layout {x.layout}; convert it "
+                         f"with .to_dense()")
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input [N, 3, H, W], got shape {tuple(x.shape)}")
     if x.shape[1] != 3:
@@ -49,3 +52,10 @@ def check_input(model, x):
     if x.device != model.conv1.weight.device:
         raise ValueError(f"input is on {x.device} but the model is on "
                          f"{model.conv1.weight.device}")
+    if model.training:
+        final = _stem_and_stages(h)[-1] * _stem_and_stages(w)[-1]
+        if x.shape[0] * final < 2:
+            raise ValueError(
+                f"in training mode BatchNorm needs more than one value per channel, but a batch "
+                f"of {x.shape[0]} at {h}x{w} leaves {x.shape[0] * final} at the last stage; use "
+                f"a batch of 2 or more, larger images, or model.eval()")

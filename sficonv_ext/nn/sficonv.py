@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..reference.layers import spatial_channels
+from ..ops.first_layer import first_sfi_conv
 from .mcs import MCSConv2d
 
 
@@ -106,6 +107,7 @@ class FirstSFIConv2d(nn.Module):
         self.bias = None
         self.mcs = MCSConv2d(in_channels, mcs_kernel_size, learnable=mcs_learnable,
                              init=mcs_init, eps=mcs_eps)
+        self.backend = "auto"  # see sficonv_ext.ops.first_sfi_conv; not saved
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -116,12 +118,11 @@ class FirstSFIConv2d(nn.Module):
     def forward(self, x):
         if self.stride == 2:
             x = F.avg_pool2d(x, 2)
-        s = self.out_spatial
-        pad = self.kernel_size // 2
-        b_s, b_f = (None, None) if self.bias is None else (self.bias[:s], self.bias[s:])
-        y_s = F.conv2d(x, self.weight[:s], b_s, padding=pad)
-        y_f = F.conv2d(self.mcs(x), self.weight[s:], b_f, padding=pad)
-        return torch.cat([y_s, y_f], dim=1)
+        # One op: the fused Triton kernel on CUDA channels_last input with a 1x1 weight, the
+        # composition (MCSConv op, two convolutions, cat) elsewhere.
+        return first_sfi_conv(x, self.weight, self.mcs.weight, self.out_spatial, bias=self.bias,
+                              constrained=self.mcs.learnable, eps=self.mcs.eps,
+                              mcs_backend=self.mcs.backend, backend=self.backend)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -1,9 +1,12 @@
-"""Custom ops: MCSConv kernels in C++ (CPU), CUDA and Triton, with a pure-PyTorch fallback."""
+"""Custom ops: MCSConv kernels in C++ (CPU), CUDA and Triton, with a pure-PyTorch fallback;
+the fused first SFIConv layer in Triton."""
 from . import _extension
 from .backends import backends
+from .first_layer import FIRST_LAYER_BACKENDS, first_sfi_conv
 from .mcs_conv import BACKENDS, mcs_conv, resolve_backend
 
 if _extension.has_cpp_kernels():
     from . import mcs_cpp  # noqa: F401  (fake kernels and autograd for the C++ ops)
 
-__all__ = ["mcs_conv", "backends", "BACKENDS", "resolve_backend"]
+__all__ = ["mcs_conv", "first_sfi_conv", "backends", "BACKENDS", "FIRST_LAYER_BACKENDS",
+           "resolve_backend"]

@@ -11,11 +11,12 @@ _triton_error = None
 
 
 def triton_ops():
-    """The Triton op module, imported on first use (None if Triton cannot be imported)."""
+    """The Triton op module, imported on first use (None if Triton cannot be imported). The
+    fused first-layer op is registered alongside."""
     global _triton_module, _triton_error
     if _triton_module is None and _triton_error is None:
         try:
-            from . import mcs_triton
+            from . import first_layer_triton, mcs_triton  # noqa: F401  (registers the ops)
             _triton_module = mcs_triton
         except Exception as error:  # no triton, or a triton that does not match torch
             _triton_error = f"{type(error).__name__}: {error}"

@@ -6,6 +6,9 @@ applied inside the kernel (the channel's off-centre sum is reduced in registers)
 gradient is written as per-tile partial sums and reduced by ``torch.sum``: no atomics, so it is
 deterministic. Accumulation is in float32 (float64 inputs are not supported here).
 
+Inputs whose channels are innermost (channels_last) go to the patch kernels of
+``mcs_triton_cl`` instead, whose loads are contiguous along the channels.
+
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported), which
 is how CI checks them.
 """
@@ -16,6 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import mcs_triton_cl
 from .mcs_autograd import register_mcs_autograd
 from .mcs_torch import constraint_backward
 
@@ -113,12 +117,42 @@ def _on_device(tensor):
     return contextlib.nullcontext()
 
 
+def _channels_innermost(t):
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
 def _launch_conv(x, weight, out, constrained, eps, flip):
     k = weight.shape[-1]
+    common = dict(K=k, KK_POW2=triton.next_power_of_2(k * k), CONSTRAINED=constrained, FLIP=flip)
+    if _channels_innermost(x):
+        blocks = mcs_triton_cl.conv_blocks(x.shape[1])
+        wrap_triton(mcs_triton_cl.mcs_conv_cl_kernel)[mcs_triton_cl.patch_grid(x, blocks)](
+            x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
+            float(eps), BLOCK_R=blocks[0], BLOCK_Q=blocks[1], BLOCK_C=blocks[2], **common)
+        return
     wrap_triton(_mcs_conv_kernel)[_grid(x)](
         x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
-        float(eps), K=k, KK_POW2=triton.next_power_of_2(k * k), CONSTRAINED=constrained,
-        FLIP=flip, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+        float(eps), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, **common)
+
+
+def _effective_filter_grad(grad_out, x, k):
+    """dL/d(effective filter) as [C, k*k] float32, from per-tile partial sums."""
+    n, c, h, w = x.shape
+    if _channels_innermost(x):
+        blocks = mcs_triton_cl.weight_grad_blocks(c)
+        grid = mcs_triton_cl.patch_grid(x, blocks)
+        partials = torch.empty((grid[0], k * k, c), dtype=torch.float32, device=x.device)
+        wrap_triton(mcs_triton_cl.mcs_weight_grad_cl_kernel)[grid](
+            grad_out, x, partials, c, h, w, *grad_out.stride(), *x.stride(), K=k,
+            BLOCK_R=blocks[0], BLOCK_Q=blocks[1], BLOCK_C=blocks[2])
+        return partials.sum(dim=0).t()
+    tiles_h, tiles_w = triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W)
+    partials = torch.empty((n, c, tiles_h, tiles_w, k * k), dtype=torch.float32,
+                           device=x.device)
+    wrap_triton(_mcs_weight_grad_kernel)[_grid(x)](
+        grad_out, x, partials, c, h, w, *grad_out.stride(), *x.stride(), tiles_h, tiles_w,
+        K=k, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+    return partials.sum(dim=(0, 2, 3))
 
 
 @triton_op("sficonv_ext::mcs_conv_triton_forward", mutates_args=())
@@ -153,15 +187,7 @@ def _triton_backward(grad_out, x, weight_c, grad_x, grad_w, constrained, eps, ne
     if need_x:
         _launch_conv(grad_out, weight_c, grad_x, constrained, eps, flip=True)
     if need_weight:
-        n, c, h, w = x.shape
-        k = weight_c.shape[-1]
-        tiles_h, tiles_w = triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W)
-        partials = torch.empty((n, c, tiles_h, tiles_w, k * k), dtype=torch.float32,
-                               device=x.device)
-        wrap_triton(_mcs_weight_grad_kernel)[_grid(x)](
-            grad_out, x, partials, c, h, w, *grad_out.stride(), *x.stride(), tiles_h, tiles_w,
-            K=k, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
-        grad_eff = partials.sum(dim=(0, 2, 3))
+        grad_eff = _effective_filter_grad(grad_out, x, weight_c.shape[-1])
         grad_w = constraint_backward(grad_eff, weight_c, constrained, eps)
     return grad_x, grad_w
 

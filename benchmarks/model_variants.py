@@ -1,0 +1,118 @@
+"""The models bench_models.py compares, each with the settings it runs under.
+
+Every variant holds the same weights (loaded from one published-layout reference). A variant
+says its model, whether it trains, its autocast dtype and whether it is compiled:
+
+- ``reference``: the published code as published: eager, float32, NCHW (the baseline).
+- ``reference-amp-cl``: the published code with channels_last weights and inputs and autocast
+  in the run's dtype (on a float32 run: channels_last alone).
+- ``reference-compiled``: ``torch.compile`` of ``reference-amp-cl``.
+- ``fast`` / ``fast-nchw`` / ``fast-compiled``: the fused SFIConv-ResNet (channels_last by
+  default), under autocast in the run's dtype.
+- ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
+  SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
+  shapes, the speed an SFIConv network should approach.
+- ``fused-inference``: ``fuse_for_inference(fast)`` (inference only);
+  ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only).
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sficonv_ext import models, reference
+from sficonv_ext.nn import FirstSFIConv2d
+
+VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-nchw",
+            "fast-compiled", "plain", "plain-compiled", "fused-inference",
+            "fused-inference-cudagraph")
+DEFAULT_VARIANTS = {
+    "cpu": ("reference", "reference-amp-cl", "fast", "fast-nchw", "plain", "fused-inference"),
+    "cuda": ("reference", "reference-amp-cl", "fast", "plain", "fused-inference",
+             "fused-inference-cudagraph"),
+}
+
+
+class PlainFirstConv(nn.Module):
+    """FirstSFIConv2d without its MCSConv: one convolution with the same weight shape."""
+
+    def __init__(self, first):
+        super().__init__()
+        self.weight, self.stride = first.weight, first.stride
+        self.padding = first.kernel_size // 2
+
+    def forward(self, x):
+        if self.stride == 2:
+            x = F.avg_pool2d(x, 2)
+        return F.conv2d(x, self.weight, padding=self.padding)
+
+
+def plain_twin(fast_model):
+    """A copy of ``fast_model`` that is an ordinary CNN of the same layer shapes."""
+    plain = copy.deepcopy(fast_model)
+    for module in list(plain.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, FirstSFIConv2d):
+                setattr(module, name, PlainFirstConv(child))
+    return plain
+
+
+@dataclass
+class Variant:
+    name: str
+    model: nn.Module
+    trainable: bool
+    amp_dtype: torch.dtype = None   # None: no autocast
+    channels_last_input: bool = False
+
+
+def build_variants(names, depth, device, amp_dtype):
+    """name -> Variant, in the order given, or name -> error text for one that could not be
+    built. ``amp_dtype`` is the run's autocast dtype (None for a float32 run); the
+    ``reference`` baseline always runs in float32."""
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    torch.manual_seed(0)
+    ref = reference.PublishedTrainingWrapper(depth).to(device)
+    state = ref.state_dict()
+    build = getattr(models, f"sfi_resnet{depth}")
+
+    def fast(channels_last=True):
+        model = build(channels_last=channels_last).to(device)
+        model.load_state_dict(state)
+        return model
+
+    def reference_cl():
+        model = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+        return model
+
+    makers = {
+        "reference": lambda: Variant("reference", ref, True),
+        "reference-amp-cl": lambda: Variant("reference-amp-cl", reference_cl(), True, amp_dtype,
+                                            True),
+        "reference-compiled": lambda: Variant("reference-compiled",
+                                              torch.compile(reference_cl()), True, amp_dtype,
+                                              True),
+        "fast": lambda: Variant("fast", fast(), True, amp_dtype),
+        "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
+        "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
+                                         amp_dtype),
+        "plain": lambda: Variant("plain", plain_twin(fast()), True, amp_dtype),
+        "plain-compiled": lambda: Variant("plain-compiled", torch.compile(plain_twin(fast())),
+                                          True, amp_dtype),
+        "fused-inference": lambda: Variant("fused-inference",
+                                           models.fuse_for_inference(fast()), False, amp_dtype),
+        "fused-inference-cudagraph": lambda: Variant(
+            "fused-inference-cudagraph", models.fuse_for_inference(fast(), cuda_graph=True),
+            False, amp_dtype),
+    }
+    built = {}
+    for name in names:
+        try:
+            built[name] = makers[name]()
+        except Exception as error:  # noqa: BLE001  (reported by the benchmark, not fatal)
+            built[name] = f"{type(error).__name__}: {error}"[:300]
+    return built

@@ -1,0 +1,209 @@
+// Row-blocked MCSConv CUDA kernels for filter sizes known at compile time (K = 3, 5, 7).
+//
+// A "row" is one image row as it lies in memory: in NCHW, W values of one (n, c) plane with
+// horizontal neighbours 1 apart; in channels_last, W*C values of one image with horizontal
+// neighbours C apart and channel e % C at position e. Consecutive threads take consecutive
+// positions, so every load of a warp is contiguous in both layouts. Each thread produces R
+// output rows of its column and loads each of the R+K-1 input rows it needs once per column
+// tap, into registers: (R+K-1)*K loads for R outputs instead of K*K each.
+#pragma once
+
+#include <cstdint>
+
+namespace sficonv {
+namespace rows {
+
+// Where a row-layout view of an [N, C, H, W] tensor starts and steps.
+struct RowGeometry {
+  int64_t row_len;  // values per row: W (NCHW) or W*C (channels_last)
+  int step;         // distance between horizontal neighbours: 1 or C
+  int channels, h, w;
+  bool channels_last;
+
+  __device__ int channel(int64_t group, int64_t e) const {
+    return channels_last ? static_cast<int>(e % channels) : static_cast<int>(group % channels);
+  }
+  __device__ int column(int64_t e) const {
+    return channels_last ? static_cast<int>(e / channels) : static_cast<int>(e);
+  }
+};
+
+// grid: x over row positions, y over blocks of R output rows, z over groups (planes in NCHW,
+// images in channels_last; looped when there are more than gridDim.z).
+template <typename scalar_t, typename acc_t, int K, int R>
+__global__ void conv_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                                 scalar_t* __restrict__ y, int64_t groups, RowGeometry geo) {
+  constexpr int pad = K / 2;
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= geo.row_len) return;
+  const int i0 = blockIdx.y * R;
+  const int j = geo.column(e);
+  bool col_ok[K];
+#pragma unroll
+  for (int b = 0; b < K; ++b) col_ok[b] = j + b - pad >= 0 && j + b - pad < geo.w;
+  for (int64_t group = blockIdx.z; group < groups; group += gridDim.z) {
+    const int64_t base = group * geo.h * geo.row_len + e;
+    const acc_t* tp = taps + static_cast<int64_t>(geo.channel(group, e)) * K * K;
+    acc_t tap[K * K];
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) tap[t] = tp[t];
+    acc_t acc[R];
+#pragma unroll
+    for (int o = 0; o < R; ++o) acc[o] = acc_t(0);
+#pragma unroll
+    for (int rr = 0; rr < R + K - 1; ++rr) {
+      const int r = i0 + rr - pad;
+      if (r < 0 || r >= geo.h) continue;
+      const scalar_t* src = x + base + static_cast<int64_t>(r) * geo.row_len;
+      acc_t v[K];
+#pragma unroll
+      for (int b = 0; b < K; ++b)
+        v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(geo.step)])
+                         : acc_t(0);
+#pragma unroll
+      for (int o = 0; o < R; ++o) {
+        const int a = rr - o;  // filter row that input row rr meets for output row o
+        if (a < 0 || a >= K) continue;
+#pragma unroll
+        for (int b = 0; b < K; ++b) acc[o] += tap[a * K + b] * v[b];
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+      if (i0 + o < geo.h)
+        y[base + static_cast<int64_t>(i0 + o) * geo.row_len] = static_cast<scalar_t>(acc[o]);
+  }
+}
+
+// Adds to acc[a*K+b] the products g(i, j) * x(i + a - pad, j + b - pad) of one column over
+// the output rows [row_begin, row_end), R rows at a time. `g` and `x` point at the column's
+// position in row 0 of its plane or image.
+template <typename scalar_t, typename acc_t, int K, int R>
+__device__ void accumulate_column(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                  const RowGeometry& geo, int j, int row_begin, int row_end,
+                                  acc_t* acc) {
+  constexpr int pad = K / 2;
+  bool col_ok[K];
+#pragma unroll
+  for (int b = 0; b < K; ++b) col_ok[b] = j + b - pad >= 0 && j + b - pad < geo.w;
+  for (int i0 = row_begin; i0 < row_end; i0 += R) {
+    acc_t gv[R];
+#pragma unroll
+    for (int o = 0; o < R; ++o)
+      gv[o] = i0 + o < row_end ? static_cast<acc_t>(g[static_cast<int64_t>(i0 + o) * geo.row_len])
+                               : acc_t(0);
+#pragma unroll
+    for (int rr = 0; rr < R + K - 1; ++rr) {
+      const int r = i0 + rr - pad;
+      if (r < 0 || r >= geo.h) continue;
+      const scalar_t* src = x + static_cast<int64_t>(r) * geo.row_len;
+      acc_t v[K];
+#pragma unroll
+      for (int b = 0; b < K; ++b)
+        v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(geo.step)])
+                         : acc_t(0);
+#pragma unroll
+      for (int o = 0; o < R; ++o) {
+        const int a = rr - o;
+        if (a < 0 || a >= K) continue;
+#pragma unroll
+        for (int b = 0; b < K; ++b) acc[a * K + b] += gv[o] * v[b];
+      }
+    }
+  }
+}
+
+// Sum of v over the block's threads in a fixed order (deterministic); valid in thread 0.
+// blockDim.x * blockDim.y must be a multiple of 32 and at most 32 * 32.
+template <typename acc_t>
+__device__ acc_t block_sum_fixed(acc_t v, acc_t* scratch) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int warps = blockDim.x * blockDim.y / 32;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (tid % 32 == 0) scratch[tid / 32] = v;
+  __syncthreads();
+  acc_t total = 0;
+  if (tid == 0)
+    for (int i = 0; i < warps; ++i) total += scratch[i];
+  __syncthreads();
+  return total;
+}
+
+// NCHW weight-gradient partials. Block (column chunk, row chunk, plane): every thread shares
+// the plane's channel, so the block reduces its K*K sums and writes one partial per tap to
+// partials[plane][chunk][t], chunk = blockIdx.y * gridDim.x + blockIdx.x.
+template <typename scalar_t, typename acc_t, int K, int R>
+__global__ void weight_grad_nchw_kernel(const scalar_t* __restrict__ g,
+                                        const scalar_t* __restrict__ x,
+                                        acc_t* __restrict__ partials, int64_t planes,
+                                        RowGeometry geo, int rows_per_block) {
+  __shared__ acc_t scratch[32];
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const int row_begin = blockIdx.y * rows_per_block;
+  const int row_end = min(geo.h, row_begin + rows_per_block);
+  const int64_t chunks = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
+    acc_t acc[K * K];
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) acc[t] = acc_t(0);
+    if (j < geo.w) {
+      const int64_t base = plane * geo.h * geo.row_len + j;
+      accumulate_column<scalar_t, acc_t, K, R>(g + base, x + base, geo, j, row_begin, row_end,
+                                               acc);
+    }
+    acc_t* out = partials + (plane * chunks + chunk) * K * K;
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) {
+      const acc_t total = block_sum_fixed(acc[t], scratch);
+      if (threadIdx.x == 0) out[t] = total;
+    }
+  }
+}
+
+// channels_last weight-gradient partials. threadIdx.x runs over 32 neighbouring channels (one
+// contiguous load per warp), threadIdx.y over columns. Block (channel chunk, column chunk,
+// image x row chunk) sums over its columns in a fixed order and writes
+// partials[spatial_block][c][t], spatial_block = blockIdx.z * gridDim.y + blockIdx.y.
+template <typename scalar_t, typename acc_t, int K, int R>
+__global__ void weight_grad_cl_kernel(const scalar_t* __restrict__ g,
+                                      const scalar_t* __restrict__ x,
+                                      acc_t* __restrict__ partials, RowGeometry geo,
+                                      int rows_per_block, int row_chunks,
+                                      int columns_per_thread) {
+  extern __shared__ __align__(16) unsigned char scratch_raw[];
+  acc_t* scratch = reinterpret_cast<acc_t*>(scratch_raw);  // [blockDim.y][blockDim.x]
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t n = blockIdx.z / row_chunks;
+  const int row_begin = static_cast<int>(blockIdx.z % row_chunks) * rows_per_block;
+  const int row_end = min(geo.h, row_begin + rows_per_block);
+  acc_t acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = acc_t(0);
+  if (c < geo.channels) {
+    const int j_first = (blockIdx.y * columns_per_thread) * blockDim.y + threadIdx.y;
+    for (int m = 0; m < columns_per_thread; ++m) {
+      const int j = j_first + m * blockDim.y;
+      if (j >= geo.w) break;
+      const int64_t base = n * geo.h * geo.row_len + static_cast<int64_t>(j) * geo.channels + c;
+      accumulate_column<scalar_t, acc_t, K, R>(g + base, x + base, geo, j, row_begin, row_end,
+                                               acc);
+    }
+  }
+  const int64_t block = static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y;
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) {
+    scratch[threadIdx.y * blockDim.x + threadIdx.x] = acc[t];
+    __syncthreads();
+    if (threadIdx.y == 0 && c < geo.channels) {
+      acc_t total = 0;
+      for (int q = 0; q < static_cast<int>(blockDim.y); ++q)
+        total += scratch[q * blockDim.x + threadIdx.x];
+      partials[(block * geo.channels + c) * K * K + t] = total;
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace rows
+}  // namespace sficonv

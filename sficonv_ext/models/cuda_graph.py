@@ -1,0 +1,61 @@
+"""Inference replayed from a CUDA graph: one launch for the whole network, for one fixed input
+shape, dtype and autocast setting (captured on the first call)."""
+import torch
+import torch.nn as nn
+
+
+class CUDAGraphInference(nn.Module):
+    """Wraps an eval-only CUDA ``network``. The first call captures ``network(x)`` for x's
+    shape, dtype and the autocast state in force; later calls copy x into the captured input
+    and replay. A call that differs in any of those raises ``ValueError`` instead of replaying
+    a graph recorded for other sizes. Outputs are fresh tensors (the graph's own output buffer
+    is overwritten by the next replay)."""
+
+    WARMUP_CALLS = 3  # before capture: lazy initialisation, kernel compilation, autotuning
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+        self._graph = None
+        self._key = None
+        self._static_input = None
+        self._static_output = None
+
+    @staticmethod
+    def _signature(x):
+        amp = torch.is_autocast_enabled("cuda")
+        return (tuple(x.shape), x.dtype, x.device, amp,
+                torch.get_autocast_dtype("cuda") if amp else None)
+
+    def _capture(self, x):
+        self._static_input = x.detach().clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_CALLS):
+                self.network(self._static_input)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_output = self.network(self._static_input)
+
+    @torch.no_grad()
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_cuda:
+            raise ValueError("a CUDA-graph model takes a CUDA tensor, got "
+                             f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
+        key = self._signature(x)
+        if self._graph is None:
+            self.network(x)  # validates the input with the network's own clear errors
+            self._capture(x)
+            self._key = key
+        elif key != self._key:
+            shape, dtype, _, amp, amp_dtype = self._key
+            raise ValueError(
+                f"this CUDA-graph model was captured for input {list(shape)} {dtype} "
+                f"(autocast {amp_dtype if amp else 'off'}); got {list(x.shape)} {x.dtype} "
+                f"(autocast {key[4] if key[3] else 'off'}). Build another with "
+                "fuse_for_inference(model, cuda_graph=True) for each input shape")
+        self._static_input.copy_(x)
+        self._graph.replay()
+        return self._static_output.clone()

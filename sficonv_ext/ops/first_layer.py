@@ -1,0 +1,78 @@
+"""``first_sfi_conv``: the FirstSFIConv layer as one op, ``[s2s(x) | f2f(MCS(x))]``.
+
+Two paths compute it:
+- ``"triton"``: the fused kernel of :mod:`.first_layer_triton` (1x1 pointwise weight, CUDA or
+  Triton's CPU interpreter): MCS(x) never leaves the chip and the output is written once.
+- ``"composed"``: MCSConv op, two ``F.conv2d`` and ``torch.cat`` (any kernel size, any device).
+``"auto"`` takes the fused kernel for CUDA tensors in channels_last with a 1x1 weight (the
+layout the fast models run in), else the composition.
+"""
+import torch
+import torch.nn.functional as F
+
+from .mcs_conv import mcs_conv, triton_ops
+
+FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FUSED_MAX_CHANNELS = 128  # per-program register tile: pixels x padded input channels
+
+
+def _is_channels_last(x):
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def fused_first_layer_available(x, weight):
+    """Whether the fused Triton kernel can run this call."""
+    return (triton_ops() is not None and weight.shape[-1] == 1 and weight.shape[-2] == 1
+            and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
+
+
+def _validate(x, weight, mcs_weight, split, bias, backend):
+    if backend not in FIRST_LAYER_BACKENDS:
+        raise ValueError(f"backend must be one of {FIRST_LAYER_BACKENDS}, got {backend!r}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"first_sfi_conv: x and weight must be 4-D, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1] or mcs_weight.shape[0] != x.shape[1]:
+        raise ValueError(f"first_sfi_conv: x has {x.shape[1]} channels, weight expects "
+                         f"{weight.shape[1]} and the MCS filter {mcs_weight.shape[0]}")
+    if not 0 < split < weight.shape[0]:
+        raise ValueError(f"first_sfi_conv: split must be in (0, {weight.shape[0]}), got {split}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"first_sfi_conv: bias must be [{weight.shape[0]}], got "
+                         f"{tuple(bias.shape)}")
+    tensors = [t for t in (x, weight, mcs_weight, bias) if t is not None]
+    if len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f"first_sfi_conv: x and the weights must share a dtype, got "
+                        f"{[t.dtype for t in tensors]}")
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"first_sfi_conv: x and the weights must be on one device, got "
+                         f"{[str(t.device) for t in tensors]}")
+
+
+def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False, eps=1e-6,
+                   mcs_backend="auto", backend="auto"):
+    """``[conv(x, weight[:split]) | conv(MCS(x), weight[split:])]``, stride 1, padding k//2.
+
+    ``weight``: ``[C_out, C_in, k, k]``; ``mcs_weight``: ``[C_in, 1, k_mcs, k_mcs]`` (raw when
+    ``constrained``); ``bias``: optional ``[C_out]``. Under autocast every input is cast to the
+    autocast dtype. ``mcs_backend`` picks the MCSConv kernel of the composed path.
+    """
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, mcs_weight = (t.to(dtype) for t in (x, weight, mcs_weight))
+        bias = bias.to(dtype) if bias is not None else None
+    _validate(x, weight, mcs_weight, split, bias, backend)
+    fused = fused_first_layer_available(x, weight)
+    if backend == "triton" and not fused:
+        raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at most "
+                         f"{_FUSED_MAX_CHANNELS} input channels and float32/float16/bfloat16")
+    if backend == "triton" or (backend == "auto" and fused and x.is_cuda and _is_channels_last(x)):
+        return torch.ops.sficonv_ext.first_sfi_conv_triton(x, weight, mcs_weight, bias, split,
+                                                           constrained, float(eps))
+    pad = weight.shape[-1] // 2
+    b_s, b_f = (None, None) if bias is None else (bias[:split], bias[split:])
+    y_s = F.conv2d(x, weight[:split], b_s, padding=pad)
+    m = mcs_conv(x, mcs_weight, constrained=constrained, eps=eps, backend=mcs_backend)
+    y_f = F.conv2d(m, weight[split:], b_f, padding=pad)
+    return torch.cat([y_s, y_f], dim=1)
