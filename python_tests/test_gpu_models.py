@@ -1,4 +1,6 @@
 """Fast model vs reference on CUDA (skipped without a GPU): per-dtype tolerances."""
+import copy
+
 import pytest
 import torch
 
@@ -84,3 +86,21 @@ def test_cuda_fast_model_gradients_match_reference(dtype):
     got = fast.layer1[0].SFIC1.conv.weight.grad.float()
     assert rel_err(got, want) < 5 * tol
     assert rel_err(fast.fc.weight.grad.float(), ref.fc.weight.grad.float()) < 5 * tol
+
+
+@cuda
+def test_cuda_fast_model_compiles_fullgraph_with_fused_ops():
+    # fullgraph=True fails on any graph break: the Triton ops (first layer, epilogues, MCSConv)
+    # must all trace. aot_eager keeps the test short; the benchmark runs inductor.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.cuda().train()
+    twin = copy.deepcopy(fast)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want, got = fast(x), compiled(x)
+    assert rel_err(got.float(), want.float()) < 5e-2
+    got.float().square().sum().backward()
+    assert all(p.grad is not None for p in twin.parameters() if p.requires_grad)

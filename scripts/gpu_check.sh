@@ -2,7 +2,7 @@
 # One command for a machine with an NVIDIA GPU: build, GPU tests, benchmarks, results.
 #   scripts/gpu_check.sh [OUTDIR]      (default OUTDIR: gpu_results)
 # Writes into OUTDIR (8 files): summary.txt (machine, versions, results), build.log, tests.log,
-# bench.log, mcs_cuda.json, first_layer_cuda.json, models_cuda_bfloat16.json (eager variants)
+# bench.log, mcs_cuda.json, fused_layers_cuda.json, models_cuda_bfloat16.json (eager variants)
 # and models_cuda_compiled.json (torch.compile variants; each file is rewritten after every
 # measurement, so a run cut short keeps what it measured).
 # Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
@@ -42,7 +42,7 @@ note "== GPU tests"
 # Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 timeout "$(limit 170)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
-    python_tests/test_mcs_triton.py python_tests/test_first_layer.py -q -p no:cacheprovider \
+    python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py -q -p no:cacheprovider \
     $XDIST -rfE > "$OUTDIR/tests.log" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
 tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
@@ -51,19 +51,20 @@ note "tests done at ${SECONDS} s"
 note "== MCSConv kernel benchmark"
 timeout "$(limit 60)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 --warmup 10 \
     --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
-note "== first-layer benchmark"
-timeout "$(limit 40)" "$PY" benchmarks/bench_first_layer.py --device cuda \
-    --json "$OUTDIR/first_layer_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
+note "== fused-layer benchmark (first layer, BatchNorm+add+ReLU epilogue)"
+timeout "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \
+    --json "$OUTDIR/fused_layers_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
 timeout "$(limit 120)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 2 --json "$OUTDIR/models_cuda_bfloat16.json" \
-    --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
+    --variants reference reference-amp-cl fast fast-unfused plain fused-inference \
+    fused-inference-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
 timeout "$(limit 400)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 1 --json "$OUTDIR/models_cuda_compiled.json" \
     --variants reference-amp-cl fast-compiled reference-compiled \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
-grep -vE "^(W[0-9]|  warnings|$)" "$OUTDIR/bench.log" | grep -E "^ *[0-9]+x|^ *(bfloat16|float32)|^(MCSConv|First|SFIConv|variant|reference|fast|plain|fused)|FAILED|built" \
+grep -vE "^(W[0-9]|  warnings|$)" "$OUTDIR/bench.log" | grep -E "^ *[0-9]+x|^ *(bfloat16|float32)|^(MCSConv|Fused|SFIConv|variant|reference|fast|plain|fused)|^ +(first|bn)|FAILED|built" \
     | tee -a "$OUTDIR/summary.txt"
 note "finished at ${SECONDS} s, exit status $status"
 exit $status

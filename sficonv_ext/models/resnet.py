@@ -9,13 +9,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import FirstSFIConv2d, SFIConv2d, SFIConvNorm
+from ..ops.norm_act import NORM_ACT_BACKENDS, batch_norm_act
 from ..reference.resnet import DEPTHS, EXPANSION
 from .input_checks import check_input
 
 
-def _add_relu(main, residual):
-    # In place on the BatchNorm output (BatchNorm's backward does not need its output).
-    return F.relu(main.add_(residual), inplace=True)
+def set_norm_backend(model, backend):
+    """Pick the BatchNorm(+add)(+ReLU) epilogue path of every layer of ``model``: "auto",
+    "torch" or "triton" (see :func:`sficonv_ext.ops.batch_norm_act`). Returns ``model``."""
+    if backend not in NORM_ACT_BACKENDS:
+        raise ValueError(f"backend must be one of {NORM_ACT_BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if hasattr(module, "norm_backend"):
+            module.norm_backend = backend
+    return model
 
 
 class SFIBottleneck(nn.Module):
@@ -48,10 +55,10 @@ class SFIBottleneck(nn.Module):
     def forward(self, x):
         h = self.SFIC1(x)
         residual = h if self.first else x
-        h = self.SFIC3(self.SFIC2(h))
         if self.downsample is not None:
             residual = self.downsample(residual)
-        return _add_relu(h, residual)
+        # SFIC3's BatchNorm, the residual add and the block's ReLU: one epilogue.
+        return self.SFIC3(self.SFIC2(h), residual=residual, relu=True)
 
 
 class PlainBottleneck(nn.Module):
@@ -66,11 +73,12 @@ class PlainBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
+        self.norm_backend = "auto"  # see set_norm_backend; not saved
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        return _add_relu(self.bn3(self.conv3(out)), x)
+        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend)
+        out = batch_norm_act(self.conv2(out), self.bn2, backend=self.norm_backend)
+        return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend)
 
 
 class SFIResNet(nn.Module):
@@ -106,6 +114,7 @@ class SFIResNet(nn.Module):
             SFIBottleneck(1024, 512, 2, downsample=True, last=True),
             *[PlainBottleneck(2048, 512) for _ in range(1, blocks[3])])
         self.fc = nn.Linear(512 * EXPANSION, num_classes)
+        self.norm_backend = "auto"  # see set_norm_backend; not saved
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -126,7 +135,7 @@ class SFIResNet(nn.Module):
         check_input(self, x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        x = self.maxpool(batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 

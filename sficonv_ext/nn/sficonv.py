@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..reference.layers import spatial_channels
 from ..ops.first_layer import first_sfi_conv
+from ..ops.norm_act import batch_norm_act
 from .mcs import MCSConv2d
 
 
@@ -140,7 +141,11 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
 
 
 class SFIConvNorm(nn.Module):
-    """A fused SFIConv layer with its BatchNorm and optional ReLU (published ``...BR``/``...B``)."""
+    """A fused SFIConv layer with its BatchNorm and optional ReLU (published ``...BR``/``...B``).
+
+    ``forward(x, residual)`` also adds a residual before the ReLU (a bottleneck's last layer):
+    BatchNorm, add and ReLU run as one epilogue (see :func:`sficonv_ext.ops.batch_norm_act`;
+    ``norm_backend`` picks its path and is not saved)."""
 
     def __init__(self, conv, relu):
         super().__init__()
@@ -148,7 +153,8 @@ class SFIConvNorm(nn.Module):
         split = getattr(conv, "out_spatial", None)
         self.bn = SplitBatchNorm2d(conv.out_channels, spatial=split)
         self.relu = relu
+        self.norm_backend = "auto"
 
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        return F.relu(y, inplace=True) if self.relu else y
+    def forward(self, x, residual=None, relu=None):
+        return batch_norm_act(self.conv(x), self.bn, residual,
+                              self.relu if relu is None else relu, backend=self.norm_backend)

@@ -4,9 +4,10 @@ from . import _extension
 from .backends import backends
 from .first_layer import FIRST_LAYER_BACKENDS, first_sfi_conv
 from .mcs_conv import BACKENDS, mcs_conv, resolve_backend
+from .norm_act import NORM_ACT_BACKENDS, batch_norm_act
 
 if _extension.has_cpp_kernels():
     from . import mcs_cpp  # noqa: F401  (fake kernels and autograd for the C++ ops)
 
-__all__ = ["mcs_conv", "first_sfi_conv", "backends", "BACKENDS", "FIRST_LAYER_BACKENDS",
-           "resolve_backend"]
+__all__ = ["mcs_conv", "first_sfi_conv", "batch_norm_act", "backends", "BACKENDS",
+           "FIRST_LAYER_BACKENDS", "NORM_ACT_BACKENDS", "resolve_backend"]

@@ -16,7 +16,7 @@ def triton_ops():
     global _triton_module, _triton_error
     if _triton_module is None and _triton_error is None:
         try:
-            from . import first_layer_triton, mcs_triton  # noqa: F401  (registers the ops)
+            from . import first_layer_triton, mcs_triton, norm_act_triton  # noqa: F401  (ops)
             _triton_module = mcs_triton
         except Exception as error:  # no triton, or a triton that does not match torch
             _triton_error = f"{type(error).__name__}: {error}"

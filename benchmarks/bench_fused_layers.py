@@ -1,0 +1,130 @@
+"""Layer-level benchmark of the fused ops against the PyTorch compositions they replace, forward
+and forward+backward, in the fast model's layout (channels_last):
+- the first SFIConv layer: fused Triton op vs MCSConv op + two cuDNN 1x1 convolutions + cat;
+- the training epilogue BatchNorm + residual add + ReLU: Triton vs nn.BatchNorm2d + add_ + relu_.
+Prints a table and writes JSON.
+
+    python benchmarks/bench_fused_layers.py     # CUDA, batch 64 at 256x256: layer1's shapes
+"""
+import argparse
+import json
+import os
+
+import torch
+
+import torch.nn as nn
+
+from sficonv_ext import ops
+
+from bench_mcs import timer
+from bench_models import machine_info
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="64x64x64x64", help="NxC_inxHxW of the first layer's input")
+    p.add_argument("--norm-shape", default="64x256x64x64",
+                   help="NxCxHxW of the epilogue (default: layer1's block output)")
+    p.add_argument("--out-channels", type=int, default=64)
+    p.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=DTYPES)
+    p.add_argument("--learnable", action="store_true", help="learnable MCS filter (default: "
+                   "the published frozen one)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def first_layer_rows(args, device, measure):
+    n, cin, h, w = (int(v) for v in args.shape.split("x"))
+    cout, split = args.out_channels, args.out_channels // 2
+    paths = ["composed"] + (["triton"] if ops.backends()["triton_ops"] else [])
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        x = torch.randn(n, cin, h, w, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        weight = torch.randn(cout, cin, 1, 1, device=device, dtype=dtype, requires_grad=True)
+        mcs_weight = (torch.rand(cin, 1, 5, 5, device=device) + 0.5).to(dtype)
+        mcs_weight.requires_grad_(args.learnable)
+        g = torch.randn(n, cout, h, w, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        xr = x.detach().clone().requires_grad_()
+        times = {}
+        for path in paths:
+            def forward(path=path):
+                return ops.first_sfi_conv(x, weight, mcs_weight, split, backend=path,
+                                          constrained=args.learnable)
+
+            def train(path=path):
+                ops.first_sfi_conv(xr, weight, mcs_weight, split, backend=path,
+                                   constrained=args.learnable).backward(g)
+            with torch.no_grad():
+                fwd = measure(forward, args.warmup, args.iters)
+            times[path] = {"forward": fwd,
+                           "forward_backward": measure(train, args.warmup, args.iters)}
+        rows += _rows("first layer " + args.shape, dtype_name, times, "composed")
+    return rows
+
+
+def norm_act_rows(args, device, measure):
+    shape = tuple(int(v) for v in args.norm_shape.split("x"))
+    paths = ["torch"] + (["triton"] if ops.backends()["triton_ops"] else [])
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        x, residual, g = (torch.randn(shape, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last) for _ in range(3))
+        bn = nn.BatchNorm2d(shape[1]).to(device).train()
+        xr, rr = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+        times = {}
+        for path in paths:
+            def forward(path=path):
+                # The torch path adds in place into BatchNorm's fresh output: x stays intact.
+                return ops.batch_norm_act(x, bn, residual, True, backend=path)
+
+            def train(path=path):
+                ops.batch_norm_act(xr, bn, rr, True, backend=path).backward(g)
+            with torch.no_grad():
+                fwd = measure(forward, args.warmup, args.iters)
+            times[path] = {"forward": fwd,
+                           "forward_backward": measure(train, args.warmup, args.iters)}
+        rows += _rows("bn+add+relu " + args.norm_shape, dtype_name, times, "torch")
+    return rows
+
+
+def _rows(layer, dtype_name, times, baseline):
+    return [{"layer": layer, "dtype": dtype_name, "path": path, "phase": phase,
+             "ms": seconds * 1e3, "speedup": times[baseline][phase] / seconds}
+            for path in times for phase, seconds in times[path].items()]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    measure = timer(device)
+    rows = first_layer_rows(args, device, measure) + norm_act_rows(args, device, measure)
+    print(f"Fused layers vs their PyTorch compositions, channels_last, MCS "
+          f"{'learnable' if args.learnable else 'frozen'}, device {device} "
+          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
+    header = (f"{'layer':>26} {'dtype':>9} {'path':>9} {'phase':>17} {'ms':>9} "
+              f"{'x baseline':>11}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['layer']:>26} {r['dtype']:>9} {r['path']:>9} {r['phase']:>17} "
+              f"{r['ms']:9.3f} {r['speedup']:11.2f}")
+    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"fused_layers_{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": "bench_fused_layers", "settings": vars(args),
+                   "machine": machine_info(device), "rows": rows}, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
