@@ -344,7 +344,10 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
       default: launch_weight_grad_rows<scalar_t, 7>(g, x, partials, geo, grid, block,
                                                     static_cast<int>(row_chunks));
     }
-    return rows_cl ? at::sum(partials, {0}) : at::sum(partials, {0, 2});
+    // Explicit IntArrayRef: a braced list is ambiguous among at::sum's overloads in some torch
+    // versions (2.11).
+    if (rows_cl) return at::sum(partials, at::IntArrayRef{0});
+    return at::sum(partials, at::IntArrayRef{0, 2});
   }
   // Any k or layout: blocks of (channel, fixed pixel chunk), independent of the device.
   const int64_t n_pixels = n * x.size(2) * x.size(3);
@@ -357,7 +360,7 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
     case 7: launch_weight_grad<scalar_t, 7>(g, x, partials, chunks, chunk_len, k); break;
     default: launch_weight_grad<scalar_t, 0>(g, x, partials, chunks, chunk_len, k);
   }
-  return at::sum(partials, {1});
+  return at::sum(partials, at::IntArrayRef{1});
 }
 
 void check_cuda(const at::Tensor& x) {

@@ -16,6 +16,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # The composed path's cuDNN convolutions would otherwise round float32 to TF32 (1e-3).
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def run(backend, x, weight, mcs_weight, bias, split, constrained, grad):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None
               for t in (x, weight, mcs_weight, bias)]

@@ -62,8 +62,9 @@ def test_cuda_graph_inference_replays_and_refuses_other_shapes(amp):
             assert rel_err(got.float(), want.float()) < (1e-5 if amp is None else 1e-2)
         with pytest.raises(ValueError, match="captured for input"):
             graphed(torch.randn(2, 3, 96, 64, device="cuda"))
-    with pytest.raises(ValueError, match="captured for input"):
-        graphed(torch.randn(3, 3, 96, 64, device="cuda"))  # autocast differs
+    if amp is not None:
+        with pytest.raises(ValueError, match="captured for input"):
+            graphed(torch.randn(3, 3, 96, 64, device="cuda"))  # autocast now off
     with pytest.raises(ValueError, match="CUDA tensor"):
         graphed(torch.randn(3, 3, 96, 64))
 
@@ -81,7 +82,7 @@ def test_cuda_fast_model_gradients_match_reference(dtype):
     with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
         ref(x).float().square().sum().backward()
         fast(x).float().square().sum().backward()
-    published = ref.rgb_extract_feature.layer1[0].SFIC1.conv
+    published = ref.rgb_extract_feature[4][0].SFIC1.conv  # children: 4 is layer1
     want = torch.cat([published.s2s.weight.grad, published.f2f.weight.grad]).float()
     got = fast.layer1[0].SFIC1.conv.weight.grad.float()
     assert rel_err(got, want) < 5 * tol

@@ -135,6 +135,13 @@ def test_gpu_triton_epilogue_matches_batchnorm(dtype, shape):
     bn_ref = copy.deepcopy(bn).double()
     x, r, g = case(shape, dtype, True)
     got = run(bn, x, r, True, g, "triton")
-    want = run(bn_ref, x.double(), r.double(), True, g.double(), "torch")
-    for a, e in zip(got, want):
+    # Among millions of values some pre-activations sit within rounding of 0, where float32 and
+    # float64 may take different sides of the ReLU. So the reference takes the ReLU's mask from
+    # the kernel's own output: the forward is compared with the ReLU, the gradients through the
+    # same mask, and the BatchNorm and add maths are what is checked.
+    want_y = run(copy.deepcopy(bn_ref), x.double(), r.double(), True, g.double(), "torch")[0]
+    assert rel_err(got[0].double(), want_y) < GPU_TOLERANCES[dtype]
+    mask = (got[0] > 0).double()
+    want = run(bn_ref, x.double(), r.double(), False, g.double() * mask, "torch")
+    for a, e in zip(got[1:], want[1:]):
         assert rel_err(a.double(), e.double()) < GPU_TOLERANCES[dtype]

@@ -7,13 +7,15 @@
 # measurement, so a run cut short keeps what it measured).
 # Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
 # them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
-# later ones instead of overrunning the whole check.
+# later ones instead of overrunning the whole check. Order: build, the kernel and eager model
+# benchmarks (a minute), the GPU tests (about two), then the compiled models with what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-gpu_results}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import the package from here
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 status=0
 note() { echo "$*" | tee -a "$OUTDIR/summary.txt"; }
@@ -38,16 +40,6 @@ fi
 note "build done at ${SECONDS} s"
 "$PY" -m sficonv_ext.info 2>&1 | tee -a "$OUTDIR/summary.txt"
 
-note "== GPU tests"
-# Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout "$(limit 170)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
-    python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py -q -p no:cacheprovider \
-    $XDIST -rfE > "$OUTDIR/tests.log" 2>&1 || status=1
-grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
-tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
-note "tests done at ${SECONDS} s"
-
 note "== MCSConv kernel benchmark"
 timeout "$(limit 60)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 --warmup 10 \
     --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
@@ -60,6 +52,16 @@ timeout "$(limit 120)" "$PY" benchmarks/bench_models.py --device cuda --batch 64
     --variants reference reference-amp-cl fast fast-unfused plain fused-inference \
     fused-inference-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
+note "== GPU tests"
+# Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+timeout "$(limit 170)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
+    python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py -q -p no:cacheprovider \
+    $XDIST -rfE > "$OUTDIR/tests.log" 2>&1 || status=1
+grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
+tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
+note "tests done at ${SECONDS} s"
+
 timeout "$(limit 400)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 1 --json "$OUTDIR/models_cuda_compiled.json" \
     --variants reference-amp-cl fast-compiled reference-compiled \

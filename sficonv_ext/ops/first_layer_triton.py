@@ -47,7 +47,8 @@ def _first_layer_kernel(x_ptr, mw_ptr, w_ptr, b_ptr, y_ptr, H, W,
         tt = tl.arange(0, KK_POW2)[:, None]
         taps = tl.load(mw_row + tt, mask=(tt < kk) & (tt != centre) & cmask, other=0.0)
         s = tl.sum(taps.to(tl.float32), axis=0)[None, :]
-        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps))
+        # float32 whatever eps arrives as (inductor passes Python floats as float64)
+        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
     x_base = x_ptr + n * sxn + chans * sxc
     m = tl.zeros((BLOCK_R * BLOCK_Q, CIN_P), dtype=tl.float32)
     for a in tl.static_range(K):

@@ -72,7 +72,8 @@ def resolve_backend(backend, x, weight=None):
         if x.is_cuda:
             if _extension.has_cuda_kernels():
                 return "cuda"
-            return "triton" if triton_ops() is not None else "torch"
+            triton_fits = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return "triton" if triton_fits and triton_ops() is not None else "torch"
         return _cpu_auto(x, weight)
     if backend == "cpp":
         if x.is_cuda:

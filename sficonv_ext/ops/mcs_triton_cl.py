@@ -44,7 +44,8 @@ def mcs_conv_cl_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
         t = tl.arange(0, KK_POW2)[:, None]
         taps = tl.load(w_row + t, mask=(t < kk) & (t != centre) & cmask, other=0.0)
         s = tl.sum(taps.to(tl.float32), axis=0)[None, :]
-        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps))
+        # float32 whatever eps arrives as (inductor passes Python floats as float64)
+        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
     acc = tl.zeros((BLOCK_R * BLOCK_Q, BLOCK_C), dtype=tl.float32)
     x_base = x_ptr + n * sxn + chans * sxc
     for a in tl.static_range(K):
