@@ -52,20 +52,13 @@ def first_layer_rows(args, device, measure):
         mcs_weight.requires_grad_(args.learnable)
         g = torch.randn(n, cout, h, w, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
-        xr = x.detach().clone().requires_grad_()
-        times = {}
-        for path in paths:
-            def forward(path=path):
-                return ops.first_sfi_conv(x, weight, mcs_weight, split, backend=path,
-                                          constrained=args.learnable)
+        inputs, trainable = (x, weight, mcs_weight), (x.detach().clone().requires_grad_(),
+                                                      weight, mcs_weight)
 
-            def train(path=path):
-                ops.first_sfi_conv(xr, weight, mcs_weight, split, backend=path,
-                                   constrained=args.learnable).backward(g)
-            with torch.no_grad():
-                fwd = measure(forward, args.warmup, args.iters)
-            times[path] = {"forward": fwd,
-                           "forward_backward": measure(train, args.warmup, args.iters)}
+        def call(path, x, weight, mcs_weight):
+            return ops.first_sfi_conv(x, weight, mcs_weight, split, backend=path,
+                                      constrained=args.learnable)
+        times = time_paths(paths, call, inputs, trainable, g, args, measure)
         rows += _rows("first layer " + args.shape, dtype_name, times, "composed")
     return rows
 
@@ -79,21 +72,28 @@ def norm_act_rows(args, device, measure):
         x, residual, g = (torch.randn(shape, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last) for _ in range(3))
         bn = nn.BatchNorm2d(shape[1]).to(device).train()
-        xr, rr = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
-        times = {}
-        for path in paths:
-            def forward(path=path):
-                # The torch path adds in place into BatchNorm's fresh output: x stays intact.
-                return ops.batch_norm_act(x, bn, residual, True, backend=path)
+        trainable = (x.detach().clone().requires_grad_(),
+                     residual.detach().clone().requires_grad_())
 
-            def train(path=path):
-                ops.batch_norm_act(xr, bn, rr, True, backend=path).backward(g)
-            with torch.no_grad():
-                fwd = measure(forward, args.warmup, args.iters)
-            times[path] = {"forward": fwd,
-                           "forward_backward": measure(train, args.warmup, args.iters)}
+        def call(path, x, residual):
+            # The torch path adds in place into BatchNorm's fresh output: x stays intact.
+            return ops.batch_norm_act(x, bn, residual, True, backend=path)
+        times = time_paths(paths, call, (x, residual), trainable, g, args, measure)
         rows += _rows("bn+add+relu " + args.norm_shape, dtype_name, times, "torch")
     return rows
+
+
+def time_paths(paths, call, inputs, trainable_inputs, grad, args, measure):
+    """{path: {"forward": s, "forward_backward": s}} for ``call(path, *inputs)``; the
+    forward+backward step runs on ``trainable_inputs`` (leaves that want gradients)."""
+    times = {}
+    for path in paths:
+        with torch.no_grad():
+            forward = measure(lambda: call(path, *inputs), args.warmup, args.iters)
+        train = measure(lambda: call(path, *trainable_inputs).backward(grad), args.warmup,
+                        args.iters)
+        times[path] = {"forward": forward, "forward_backward": train}
+    return times
 
 
 def _rows(layer, dtype_name, times, baseline):

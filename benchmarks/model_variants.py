@@ -8,9 +8,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   in the run's dtype (on a float32 run: channels_last alone).
 - ``reference-compiled``: ``torch.compile`` of ``reference-amp-cl``.
 - ``fast`` / ``fast-nchw`` / ``fast-compiled``: the fused SFIConv-ResNet (channels_last by
-  default), under autocast in the run's dtype. ``fast-unfused``: the same with its Triton
-  fusions off (PyTorch BatchNorm + add + ReLU, the first layer composed), to show what they
-  bring.
+  default), under autocast in the run's dtype. ``fast-triton``: the same with every Triton
+  fusion forced (BatchNorm + add + ReLU epilogues, fused first layer), which ``"auto"`` leaves
+  off where an H100 measured them slower, to track what they bring.
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from sficonv_ext import models, reference
 from sficonv_ext.nn import FirstSFIConv2d
 
-VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-unfused",
+VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
             "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
             "fused-inference-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-nchw", "plain", "fused-inference"),
-    "cuda": ("reference", "reference-amp-cl", "fast", "fast-unfused", "plain", "fused-inference",
+    "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudagraph"),
 }
 
@@ -62,12 +62,12 @@ def plain_twin(fast_model):
     return plain
 
 
-def unfused(model):
-    """``model`` with its Triton fusions switched off (PyTorch paths everywhere)."""
-    models.set_norm_backend(model, "torch")
+def all_triton(model):
+    """``model`` with every Triton fusion forced on (CUDA only)."""
+    models.set_norm_backend(model, "triton")
     for module in model.modules():
         if isinstance(module, FirstSFIConv2d):
-            module.backend = "composed"
+            module.backend = "triton"
     return model
 
 
@@ -109,7 +109,7 @@ def build_variants(names, depth, device, amp_dtype):
                                               torch.compile(reference_cl()), True, amp_dtype,
                                               True),
         "fast": lambda: Variant("fast", fast(), True, amp_dtype),
-        "fast-unfused": lambda: Variant("fast-unfused", unfused(fast()), True, amp_dtype),
+        "fast-triton": lambda: Variant("fast-triton", all_triton(fast()), True, amp_dtype),
         "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
         "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
                                          amp_dtype),

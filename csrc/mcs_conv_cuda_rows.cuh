@@ -28,6 +28,17 @@ struct RowGeometry {
   }
 };
 
+// The K horizontal neighbours of one row position (zero outside the image), as acc_t.
+// Always inlined, so v and col_ok stay in registers.
+template <typename scalar_t, typename acc_t, int K>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ src, int step,
+                                         const bool (&col_ok)[K], acc_t (&v)[K]) {
+  constexpr int pad = K / 2;
+#pragma unroll
+  for (int b = 0; b < K; ++b)
+    v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(step)]) : acc_t(0);
+}
+
 // grid: x over row positions, y over blocks of R output rows, z over groups (planes in NCHW,
 // images in channels_last; looped when there are more than gridDim.z).
 template <typename scalar_t, typename acc_t, int K, int R>
@@ -54,12 +65,9 @@ __global__ void conv_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __
     for (int rr = 0; rr < R + K - 1; ++rr) {
       const int r = i0 + rr - pad;
       if (r < 0 || r >= geo.h) continue;
-      const scalar_t* src = x + base + static_cast<int64_t>(r) * geo.row_len;
       acc_t v[K];
-#pragma unroll
-      for (int b = 0; b < K; ++b)
-        v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(geo.step)])
-                         : acc_t(0);
+      load_row<scalar_t, acc_t, K>(x + base + static_cast<int64_t>(r) * geo.row_len, geo.step,
+                                   col_ok, v);
 #pragma unroll
       for (int o = 0; o < R; ++o) {
         const int a = rr - o;  // filter row that input row rr meets for output row o
@@ -96,12 +104,9 @@ __device__ void accumulate_column(const scalar_t* __restrict__ g, const scalar_t
     for (int rr = 0; rr < R + K - 1; ++rr) {
       const int r = i0 + rr - pad;
       if (r < 0 || r >= geo.h) continue;
-      const scalar_t* src = x + static_cast<int64_t>(r) * geo.row_len;
       acc_t v[K];
-#pragma unroll
-      for (int b = 0; b < K; ++b)
-        v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(geo.step)])
-                         : acc_t(0);
+      load_row<scalar_t, acc_t, K>(x + static_cast<int64_t>(r) * geo.row_len, geo.step, col_ok,
+                                   v);
 #pragma unroll
       for (int o = 0; o < R; ++o) {
         const int a = rr - o;

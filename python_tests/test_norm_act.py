@@ -104,6 +104,7 @@ def test_batch_norm_act_rejects_bad_arguments():
 def test_fast_model_with_every_fused_path_forced():
     # Every BatchNorm epilogue and the first layer through Triton (the CPU interpreter here),
     # one float32 training step against the same model in float64 on the PyTorch paths.
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, not TF32, on a GPU
     _, fast = make_pair(26, dtype=torch.float64)
     fast = fast.to(DEVICE).train()
     fused = copy.deepcopy(fast).float()

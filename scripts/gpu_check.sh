@@ -49,7 +49,7 @@ timeout "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
 timeout "$(limit 120)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 2 --json "$OUTDIR/models_cuda_bfloat16.json" \
-    --variants reference reference-amp-cl fast fast-unfused plain fused-inference \
+    --variants reference reference-amp-cl fast fast-triton plain fused-inference \
     fused-inference-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
 note "== GPU tests"

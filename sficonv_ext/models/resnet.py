@@ -76,9 +76,12 @@ class PlainBottleneck(nn.Module):
         self.norm_backend = "auto"  # see set_norm_backend; not saved
 
     def forward(self, x):
-        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend)
-        out = batch_norm_act(self.conv2(out), self.bn2, backend=self.norm_backend)
-        return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend)
+        # Each convolution's output is a temporary: add and ReLU may work in place on it.
+        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend, inplace_ok=True)
+        out = batch_norm_act(self.conv2(out), self.bn2, backend=self.norm_backend,
+                             inplace_ok=True)
+        return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend,
+                              inplace_ok=True)
 
 
 class SFIResNet(nn.Module):
@@ -135,7 +138,8 @@ class SFIResNet(nn.Module):
         check_input(self, x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend))
+        x = self.maxpool(batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend,
+                                        inplace_ok=True))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 

@@ -156,5 +156,7 @@ class SFIConvNorm(nn.Module):
         self.norm_backend = "auto"
 
     def forward(self, x, residual=None, relu=None):
+        # The convolution's output is this layer's own temporary: add and ReLU in place on it.
         return batch_norm_act(self.conv(x), self.bn, residual,
-                              self.relu if relu is None else relu, backend=self.norm_backend)
+                              self.relu if relu is None else relu, backend=self.norm_backend,
+                              inplace_ok=True)

@@ -32,10 +32,15 @@ def has_cpp_kernels():
     return _C is not None
 
 
+# Decided once, at import: torch.compile cannot trace the dispatcher query inside a compiled
+# function (an H100 run of test_gpu_compile_fullgraph failed in Dynamo on the call site).
+_HAS_CUDA_KERNELS = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "sficonv_ext::mcs_conv_forward", "CUDA")
+
+
 def has_cuda_kernels():
     """True when the extension was compiled with its CUDA kernels."""
-    return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "sficonv_ext::mcs_conv_forward", "CUDA")
+    return _HAS_CUDA_KERNELS
 
 
 def build_info():

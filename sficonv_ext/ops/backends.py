@@ -31,4 +31,7 @@ def backends():
     }
     if cuda_device:
         result["auto_cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))
+        result["auto_cuda_channels_last"] = resolve_backend(
+            "auto", torch.empty(1, 2, 2, 2, device="cuda").contiguous(
+                memory_format=torch.channels_last))
     return result

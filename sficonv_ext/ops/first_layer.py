@@ -4,8 +4,12 @@ Two paths compute it:
 - ``"triton"``: the fused kernel of :mod:`.first_layer_triton` (1x1 pointwise weight, CUDA or
   Triton's CPU interpreter): MCS(x) never leaves the chip and the output is written once.
 - ``"composed"``: MCSConv op, two ``F.conv2d`` and ``torch.cat`` (any kernel size, any device).
-``"auto"`` takes the fused kernel for CUDA tensors in channels_last with a 1x1 weight (the
-layout the fast models run in), else the composition.
+``"auto"`` takes the fused kernel only where it measured faster on an H100
+(benchmarks/results/fused_layers_cuda.json, [64, 64, 64, 64] channels_last): inference (no
+gradient wanted) in bfloat16/float16, 1.07x the composition. In training its backward (a
+composition that recomputes MCS(x)) made forward+backward 0.69x, and in float32 the exact
+(IEEE) matrix product Triton must use to match cuDNN made the forward 0.09x: there, and on the
+CPU, ``"auto"`` composes.
 """
 import torch
 import torch.nn.functional as F
@@ -25,6 +29,13 @@ def fused_first_layer_available(x, weight):
     """Whether the fused Triton kernel can run this call."""
     return (triton_ops() is not None and weight.shape[-1] == 1 and weight.shape[-2] == 1
             and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
+
+
+def _auto_fuses(x, weight, mcs_weight):
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                              or mcs_weight.requires_grad)
+    return (x.is_cuda and _is_channels_last(x) and not wants_grad
+            and x.dtype in (torch.float16, torch.bfloat16))
 
 
 def _validate(x, weight, mcs_weight, split, bias, backend):
@@ -67,7 +78,7 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     if backend == "triton" and not fused:
         raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at most "
                          f"{_FUSED_MAX_CHANNELS} input channels and float32/float16/bfloat16")
-    if backend == "triton" or (backend == "auto" and fused and x.is_cuda and _is_channels_last(x)):
+    if backend == "triton" or (backend == "auto" and fused and _auto_fuses(x, weight, mcs_weight)):
         return torch.ops.sficonv_ext.first_sfi_conv_triton(x, weight, mcs_weight, bias, split,
                                                            constrained, float(eps))
     pad = weight.shape[-1] // 2

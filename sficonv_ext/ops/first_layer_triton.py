@@ -16,6 +16,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .mcs_triton import _on_device, mcs_conv_triton_backward, mcs_conv_triton_forward
+from .mcs_triton_cl import patch_coordinates, depthwise_patch
 
 
 @triton.jit
@@ -26,46 +27,14 @@ def _first_layer_kernel(x_ptr, mw_ptr, w_ptr, b_ptr, y_ptr, H, W,
                         K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
                         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: large batches pass 2**31 elements
-    tiles_q = tl.cdiv(W, BLOCK_Q)
-    tiles = tl.cdiv(H, BLOCK_R) * tiles_q
-    n = pid // tiles
-    t = pid % tiles
-    p = tl.arange(0, BLOCK_R * BLOCK_Q)[:, None]
-    rows = (t // tiles_q) * BLOCK_R + p // BLOCK_Q
-    cols = (t % tiles_q) * BLOCK_Q + p % BLOCK_Q
-    chans = tl.arange(0, CIN_P)[None, :]
+    # A one-dimensional grid, so the channel block is always the first: all CIN_P channels.
+    n, rows, cols, chans = patch_coordinates(tl.program_id(0), CIN, H, W, BLOCK_R, BLOCK_Q,
+                                              CIN_P)
     cmask = chans < CIN
-    kk: tl.constexpr = K * K
-    centre: tl.constexpr = kk // 2
-    pad: tl.constexpr = K // 2
-
-    # MCSConv of the patch, float32, as mcs_triton_cl.mcs_conv_cl_kernel computes it.
-    mw_row = mw_ptr + chans * kk
-    scale = tl.full((1, CIN_P), 1.0, tl.float32)
-    if CONSTRAINED:
-        tt = tl.arange(0, KK_POW2)[:, None]
-        taps = tl.load(mw_row + tt, mask=(tt < kk) & (tt != centre) & cmask, other=0.0)
-        s = tl.sum(taps.to(tl.float32), axis=0)[None, :]
-        # float32 whatever eps arrives as (inductor passes Python floats as float64)
-        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
+    # MCSConv of the patch, float32, exactly as the channels_last MCSConv kernel computes it.
     x_base = x_ptr + n * sxn + chans * sxc
-    m = tl.zeros((BLOCK_R * BLOCK_Q, CIN_P), dtype=tl.float32)
-    for a in tl.static_range(K):
-        r = rows + (a - pad)
-        row_ok = (r >= 0) & (r < H)
-        for b in tl.static_range(K):
-            tap = a * K + b
-            if CONSTRAINED and tap == centre:
-                wt = tl.full((1, CIN_P), -1.0, tl.float32)
-            else:
-                wt = tl.load(mw_row + tap, mask=cmask, other=0.0).to(tl.float32)
-                if CONSTRAINED:
-                    wt = wt / scale
-            q = cols + (b - pad)
-            inside = row_ok & (q >= 0) & (q < W) & cmask
-            xv = tl.load(x_base + r * sxh + q * sxw, mask=inside, other=0.0).to(tl.float32)
-            m += wt * xv
+    m = depthwise_patch(x_base, mw_ptr + chans * (K * K), rows, cols, cmask, H, W, sxh, sxw,
+                        eps, K, KK_POW2, CONSTRAINED, False, BLOCK_R * BLOCK_Q, CIN_P)
     inside_out = (rows < H) & (cols < W)
     xc = tl.load(x_base + rows * sxh + cols * sxw, mask=inside_out & cmask, other=0.0)
     # Rounded to the activation dtype first, as the unfused MCSConv output would be.

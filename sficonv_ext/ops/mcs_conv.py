@@ -54,6 +54,11 @@ def _validate(x, weight, eps, backend):
         raise ValueError(f"mcs_conv: eps must be positive, got {eps}")
 
 
+def _is_channels_last(x):
+    return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
+        and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _cpu_auto(x, weight):
     # Measured on a 2-core AVX-512 CPU, [8, 64, 64, 64] float32 (benchmarks/results/mcs_cpu.json):
     # the C++ kernels win everywhere except channels_last with a frozen filter, where oneDNN's
@@ -61,15 +66,18 @@ def _cpu_auto(x, weight):
     if not _extension.has_cpp_kernels():
         return "torch"
     frozen = weight is None or not weight.requires_grad
-    channels_last = x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
-        and x.is_contiguous(memory_format=torch.channels_last)
-    return "torch" if (frozen and channels_last) else "cpp"
+    return "torch" if (frozen and _is_channels_last(x)) else "cpp"
 
 
 def resolve_backend(backend, x, weight=None):
     """The backend that ``backend`` means for tensor ``x`` (raises if it is unavailable)."""
     if backend == "auto":
         if x.is_cuda:
+            # Measured on an H100 (benchmarks/results/mcs_cuda.json): on channels_last input
+            # cuDNN's depthwise kernels beat ours (0.4-0.9x for most phases); on NCHW the CUDA
+            # kernels win (1.4-2.8x).
+            if _is_channels_last(x):
+                return "torch"
             if _extension.has_cuda_kernels():
                 return "cuda"
             triton_fits = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
@@ -110,8 +118,9 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
     (channels_last stays channels_last); under autocast both inputs are cast to the autocast
     dtype. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
-    frozen filter on channels_last input, which measured faster; on a GPU the CUDA kernels when
-    built, else Triton, else PyTorch), "torch", "cpp", "cuda" or "triton".
+    frozen filter on channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
+    for channels_last input and the CUDA kernels for NCHW (else Triton, else PyTorch), as
+    measured on an H100), "torch", "cpp", "cuda" or "triton".
     """
     x, weight = _apply_autocast(x, weight)
     _validate(x, weight, eps, backend)

@@ -11,7 +11,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _patch_coordinates(pid, C, H, W, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
+def patch_coordinates(pid, C, H, W, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
                        BLOCK_C: tl.constexpr):
     # 64-bit from the start: n * stride and row * stride overflow 32 bits on large tensors.
     pid = pid.to(tl.int64)
@@ -27,18 +27,15 @@ def _patch_coordinates(pid, C, H, W, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexp
 
 
 @triton.jit
-def mcs_conv_cl_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
-                       sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
-                       K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
-                       FLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-    n, rows, cols, chans = _patch_coordinates(tl.program_id(0), C, H, W, BLOCK_R, BLOCK_Q,
-                                              BLOCK_C)
+def depthwise_patch(x_base, w_row, rows, cols, cmask, H, W, sxh, sxw, eps,
+                    K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
+                    FLIP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (constrained) depthwise k x k correlation of a [BLOCK_P pixels, BLOCK_C channels]
+    patch, float32. ``x_base`` points at each channel of the image, ``w_row`` at each channel's
+    k*k raw taps; ``rows``/``cols`` are [BLOCK_P, 1], ``cmask`` [1, BLOCK_C]."""
     kk: tl.constexpr = K * K
     centre: tl.constexpr = kk // 2
     pad: tl.constexpr = K // 2
-    cmask = chans < C  # [1, BLOCK_C]
-    w_row = w_ptr + chans * kk
     scale = tl.full((1, BLOCK_C), 1.0, tl.float32)
     if CONSTRAINED:
         t = tl.arange(0, KK_POW2)[:, None]
@@ -46,8 +43,7 @@ def mcs_conv_cl_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
         s = tl.sum(taps.to(tl.float32), axis=0)[None, :]
         # float32 whatever eps arrives as (inductor passes Python floats as float64)
         scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
-    acc = tl.zeros((BLOCK_R * BLOCK_Q, BLOCK_C), dtype=tl.float32)
-    x_base = x_ptr + n * sxn + chans * sxc
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for a in tl.static_range(K):
         r = rows + (a - pad)
         row_ok = (r >= 0) & (r < H)
@@ -65,6 +61,21 @@ def mcs_conv_cl_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
             inside = row_ok & (q >= 0) & (q < W) & cmask
             xv = tl.load(x_base + r * sxh + q * sxw, mask=inside, other=0.0).to(tl.float32)
             acc += wt * xv
+    return acc
+
+
+@triton.jit
+def mcs_conv_cl_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
+                       sxn, sxc, sxh, sxw, syn, syc, syh, syw, eps,
+                       K: tl.constexpr, KK_POW2: tl.constexpr, CONSTRAINED: tl.constexpr,
+                       FLIP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    n, rows, cols, chans = patch_coordinates(tl.program_id(0), C, H, W, BLOCK_R, BLOCK_Q,
+                                              BLOCK_C)
+    cmask = chans < C  # [1, BLOCK_C]
+    acc = depthwise_patch(x_ptr + n * sxn + chans * sxc, w_ptr + chans * (K * K), rows, cols,
+                          cmask, H, W, sxh, sxw, eps, K, KK_POW2, CONSTRAINED, FLIP,
+                          BLOCK_R * BLOCK_Q, BLOCK_C)
     out = (rows < H) & (cols < W) & cmask
     tl.store(y_ptr + n * syn + chans * syc + rows * syh + cols * syw,
              acc.to(y_ptr.dtype.element_ty), mask=out)
@@ -77,7 +88,7 @@ def mcs_weight_grad_cl_kernel(g_ptr, x_ptr, part_ptr, C, H, W,
                               BLOCK_C: tl.constexpr):
     """Per-patch partial sums of g * shifted x for every tap and channel, written to
     ``part[patch, tap, c]`` and reduced by torch.sum afterwards (deterministic, no atomics)."""
-    n, rows, cols, chans = _patch_coordinates(tl.program_id(0), C, H, W, BLOCK_R, BLOCK_Q,
+    n, rows, cols, chans = patch_coordinates(tl.program_id(0), C, H, W, BLOCK_R, BLOCK_Q,
                                               BLOCK_C)
     pad: tl.constexpr = K // 2
     cmask = chans < C
