@@ -316,19 +316,19 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
   const bool fixed_k = k == 3 || k == 5 || k == 7;
   // channels_last: 32 channel lanes per warp; with fewer channels most lanes would idle, and
   // the per-pixel kernel below reads nearly contiguous memory anyway.
-  const bool rows_cl = geo.channels_last && channels >= 16 && n * row_chunks <= kMaxGrid;
+  const int64_t cl_column_chunks =
+      (geo.w + 8 * kClColumnsPerThread - 1) / (8 * kClColumnsPerThread);
+  const bool rows_cl = geo.channels_last && channels >= 16 && n * row_chunks <= kMaxGrid &&
+                       cl_column_chunks <= kMaxGrid;
   const bool rows_nchw = !geo.channels_last && row_chunks <= kMaxGrid;
   if (fixed_k && (rows_cl || rows_nchw)) {
     dim3 grid, block;
     at::Tensor partials;
     if (rows_cl) {
-      block = dim3(32, 8);
-      const int64_t column_chunks =
-          (geo.w + block.y * kClColumnsPerThread - 1) / (block.y * kClColumnsPerThread);
+      block = dim3(32, 8);  // 8 = the column lanes cl_column_chunks counts with
       grid = dim3(static_cast<unsigned>((channels + 31) / 32),
-                  static_cast<unsigned>(column_chunks), static_cast<unsigned>(n * row_chunks));
-      TORCH_CHECK(column_chunks <= kMaxGrid, "mcs_conv: image too wide for the CUDA kernel");
-      partials = at::empty({n * row_chunks * column_chunks, channels, k * k}, acc_options);
+                  static_cast<unsigned>(cl_column_chunks), static_cast<unsigned>(n * row_chunks));
+      partials = at::empty({n * row_chunks * cl_column_chunks, channels, k * k}, acc_options);
     } else {
       block = dim3(row_threads(geo.w, 128));
       grid = dim3(static_cast<unsigned>((geo.w + block.x - 1) / block.x),

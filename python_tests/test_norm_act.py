@@ -94,8 +94,13 @@ def test_batch_norm_act_rejects_bad_arguments():
         ops.batch_norm_act(x, bn, backend="cuda")
     with pytest.raises(ValueError, match="residual shape"):
         ops.batch_norm_act(x, bn, torch.randn(2, 4, 5, 4))
-    with pytest.raises(ValueError, match="training-mode"):
-        ops.batch_norm_act(x.double(), bn.double().eval(), backend="triton")
+    with pytest.raises(ValueError, match="float32"):
+        ops.batch_norm_act(x.double(), copy.deepcopy(bn).double(), backend="triton")
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.batch_norm_act(torch.randn(1, 4, 1, 1), bn, backend="triton")
+    # Eval mode is an affine map: every backend runs it on the PyTorch path.
+    assert torch.equal(ops.batch_norm_act(x, bn.eval(), backend="triton"),
+                       ops.batch_norm_act(x, bn, backend="torch"))
     with pytest.raises(ValueError, match="backend must be"):
         models.set_norm_backend(models.sfi_resnet26(), "fast")
 

@@ -28,16 +28,27 @@ class CUDAGraphInference(nn.Module):
                 torch.get_autocast_dtype("cuda") if amp else None)
 
     def _capture(self, x):
-        self._static_input = x.detach().clone()
-        side = torch.cuda.Stream(device=x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARMUP_CALLS):
-                self.network(self._static_input)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._static_output = self.network(self._static_input)
+        """Warm up, then record ``network`` on x's device. The wrapper's state is set only once
+        the capture has succeeded, so a failed capture leaves it uncaptured, not half-made."""
+        static_input = x.detach().clone()
+        with torch.cuda.device(x.device):
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUP_CALLS):
+                    self.network(static_input)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            # An explicit capture stream on x's device: the default one is created on whichever
+            # device was current when it was first used.
+            with torch.cuda.graph(graph, stream=side):
+                static_output = self.network(static_input)
+        self._graph, self._static_input, self._static_output = graph, static_input, static_output
+
+    @staticmethod
+    def _describe(key):
+        shape, dtype, device, amp, amp_dtype = key
+        return f"{list(shape)} {dtype} on {device} (autocast {amp_dtype if amp else 'off'})"
 
     @torch.no_grad()
     def forward(self, x):
@@ -50,12 +61,10 @@ class CUDAGraphInference(nn.Module):
             self._capture(x)
             self._key = key
         elif key != self._key:
-            shape, dtype, _, amp, amp_dtype = self._key
             raise ValueError(
-                f"this CUDA-graph model was captured for input {list(shape)} {dtype} "
-                f"(autocast {amp_dtype if amp else 'off'}); got {list(x.shape)} {x.dtype} "
-                f"(autocast {key[4] if key[3] else 'off'}). Build another with "
-                "fuse_for_inference(model, cuda_graph=True) for each input shape")
+                f"this CUDA-graph model was captured for input {self._describe(self._key)}; got "
+                f"{self._describe(key)}. Build another with fuse_for_inference(model, "
+                "cuda_graph=True) for each input shape")
         self._static_input.copy_(x)
         self._graph.replay()
         return self._static_output.clone()

@@ -20,7 +20,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _triton_can_run(x, bn, residual):
-    return (triton_ops() is not None and bn.training and bn.affine and bn.track_running_stats
+    return (triton_ops() is not None and bn.affine and bn.track_running_stats
             and x.dtype in _TRITON_DTYPES and x.numel() > 0 and x.dim() == 4
             and (residual is None or residual.shape == x.shape))
 
@@ -59,15 +59,20 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} does not match "
                          f"{tuple(x.shape)}")
-    if backend != "triton":
+    # Evaluation is an affine map per channel (which fuse_for_inference folds away): the
+    # Triton kernels are for training, so eval mode takes the PyTorch path on any backend.
+    if backend != "triton" or not bn.training:
         return _torch_path(x, bn, residual, relu, inplace_ok)
     if not isinstance(bn, nn.BatchNorm2d):
         raise TypeError(f"batch_norm_act backend='triton' needs an nn.BatchNorm2d, got "
                         f"{type(bn).__name__}")
     if not _triton_can_run(x, bn, residual):
-        raise ValueError("batch_norm_act backend='triton' needs Triton, a training-mode affine "
-                         "BatchNorm with running statistics and a non-empty float32/float16/"
-                         "bfloat16 4-D input")
+        raise ValueError("batch_norm_act backend='triton' needs Triton, an affine BatchNorm "
+                         "with running statistics and a non-empty float32/float16/bfloat16 4-D "
+                         "input")
+    if x.numel() // x.shape[1] < 2:
+        raise ValueError(f"expected more than 1 value per channel when training, got input "
+                         f"size {tuple(x.shape)}")
     x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
