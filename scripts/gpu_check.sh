@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build, GPU tests, benchmarks, results.
 #   scripts/gpu_check.sh [OUTDIR]      (default OUTDIR: gpu_results)
-# Writes into OUTDIR (8 files): summary.txt (machine, versions, results), build.log, tests.log,
-# bench.log, mcs_cuda.json, fused_layers_cuda.json, models_cuda_bfloat16.json (eager variants)
-# and models_cuda_compiled.json (torch.compile variants; each file is rewritten after every
-# measurement, so a run cut short keeps what it measured).
+# Writes into OUTDIR exactly 8 files (the device tool brings back at most 8, so a run command
+# that adds a file of its own to $OUT loses one of these): summary.txt (machine, versions,
+# results), build.log, tests.log, bench.log, mcs_cuda.json, fused_layers_cuda.json,
+# models_cuda_bfloat16.json (eager variants) and models_cuda_compiled.json (torch.compile
+# variants). The model files are rewritten after every measurement, so a run cut short keeps
+# what it measured.
 # Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
 # them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
 # later ones instead of overrunning the whole check. Order: build, the kernel and eager model
