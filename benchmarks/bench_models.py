@@ -103,7 +103,8 @@ def make_steps(variant, x, target, args):
 
 
 def peak_step_memory(fn, device):
-    """Bytes a call of ``fn`` allocates above what was allocated before it (CUDA only)."""
+    """Bytes a call of ``fn`` allocates above what was allocated before it (CUDA only). A
+    CUDA-graph variant allocates its pool at capture, earlier: its figure leaves the pool out."""
     if device.type != "cuda":
         return None
     _sync(device)
