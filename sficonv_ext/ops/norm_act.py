@@ -6,8 +6,8 @@ Paths: ``"torch"`` is PyTorch's BatchNorm (cuDNN/oneDNN) with an in-place add an
 interpreter). ``"auto"`` takes the PyTorch path everywhere: measured on an H100 (bfloat16,
 [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the Triton epilogue is 1.17x
 faster forward but 0.63x forward+backward, and SFIConv-ResNet-26 trained 2.2x slower with it
-(benchmarks/results/models_cuda_bfloat16.json, "fast" against "fast-unfused"). It stays
-available, tested, for the work of making it pay.
+and the fused first layer on (benchmarks/results/models_cuda_bfloat16.json, "fast" against
+"fast-unfused"). It stays available, tested, for the work of making it pay.
 """
 import torch
 import torch.nn as nn
