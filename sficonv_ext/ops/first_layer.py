@@ -14,15 +14,11 @@ CPU, ``"auto"`` composes.
 import torch
 import torch.nn.functional as F
 
-from .mcs_conv import mcs_conv, triton_ops
+from .mcs_conv import channels_innermost, mcs_conv, triton_ops
 
 FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FUSED_MAX_CHANNELS = 128  # per-program register tile: pixels x padded input channels
-
-
-def _is_channels_last(x):
-    return x.shape[1] > 1 and x.stride(1) == 1
 
 
 def fused_first_layer_available(x, weight):
@@ -34,7 +30,7 @@ def fused_first_layer_available(x, weight):
 def _auto_fuses(x, weight, mcs_weight):
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                               or mcs_weight.requires_grad)
-    return (x.is_cuda and _is_channels_last(x) and not wants_grad
+    return (x.is_cuda and channels_innermost(x) and not wants_grad
             and x.dtype in (torch.float16, torch.bfloat16))
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .mcs_triton import _on_device, mcs_conv_triton_backward, mcs_conv_triton_forward
+from .mcs_triton import on_device, mcs_conv_triton_backward, mcs_conv_triton_forward
 from .mcs_triton_cl import patch_coordinates, depthwise_patch
 
 
@@ -85,7 +85,7 @@ def first_sfi_conv_triton(x: torch.Tensor, weight: torch.Tensor, mcs_weight: tor
     block_r, block_q = _patch(cin)
     k = mcs_weight.shape[-1]
     grid = (n * triton.cdiv(h, block_r) * triton.cdiv(w, block_q),)
-    with _on_device(x):
+    with on_device(x):
         wrap_triton(_first_layer_kernel)[grid](
             x, mcs_weight.contiguous(), weight.reshape(cout, cin).contiguous(),
             bias.contiguous() if bias is not None else weight, y, h, w, *x.stride(), *y.stride(), float(eps),

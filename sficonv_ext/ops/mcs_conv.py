@@ -54,6 +54,12 @@ def _validate(x, weight, eps, backend):
         raise ValueError(f"mcs_conv: eps must be positive, got {eps}")
 
 
+def channels_innermost(t):
+    """Whether t's channels are its innermost dimension (channels_last, or a view laid out so):
+    the layout the channels_last Triton kernels index."""
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
 def _is_channels_last(x):
     return x.dim() == 4 and x.shape[1] > 1 and not x.is_contiguous() \
         and x.is_contiguous(memory_format=torch.channels_last)

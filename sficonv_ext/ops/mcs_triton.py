@@ -21,6 +21,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import mcs_triton_cl
 from .mcs_autograd import register_mcs_autograd
+from .mcs_conv import channels_innermost
 from .mcs_torch import constraint_backward
 
 BLOCK_H = 16
@@ -111,21 +112,17 @@ def _grid(x):
     return (n * c, triton.cdiv(h, BLOCK_H), triton.cdiv(w, BLOCK_W))
 
 
-def _on_device(tensor):
+def on_device(tensor):
     # A Triton launch uses the current device and its stream, not the tensor's: make them agree.
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
 
 
-def _channels_innermost(t):
-    return t.shape[1] > 1 and t.stride(1) == 1
-
-
 def _launch_conv(x, weight, out, constrained, eps, flip):
     k = weight.shape[-1]
     common = dict(K=k, KK_POW2=triton.next_power_of_2(k * k), CONSTRAINED=constrained, FLIP=flip)
-    if _channels_innermost(x):
+    if channels_innermost(x):
         blocks = mcs_triton_cl.conv_blocks(x.shape[1])
         wrap_triton(mcs_triton_cl.mcs_conv_cl_kernel)[mcs_triton_cl.patch_grid(x, blocks)](
             x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
@@ -139,7 +136,7 @@ def _launch_conv(x, weight, out, constrained, eps, flip):
 def _effective_filter_grad(grad_out, x, k):
     """dL/d(effective filter) as [C, k*k] float32, from per-tile partial sums."""
     n, c, h, w = x.shape
-    if _channels_innermost(x):
+    if channels_innermost(x):
         blocks = mcs_triton_cl.weight_grad_blocks(c)
         grid = mcs_triton_cl.patch_grid(x, blocks)
         partials = torch.empty((grid[0], k * k, c), dtype=torch.float32, device=x.device)
@@ -162,7 +159,7 @@ def mcs_conv_triton_forward(x: torch.Tensor, weight: torch.Tensor, constrained: 
     _check_dtype(x)
     y = torch.empty_like(x)  # keeps x's layout (preserve_format)
     if y.numel():
-        with _on_device(x):
+        with on_device(x):
             _launch_conv(x, weight.contiguous(), y, constrained, eps, flip=False)
     return y
 
@@ -178,7 +175,7 @@ def mcs_conv_triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: to
     grad_w = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
     if x.numel() == 0:
         return grad_x, grad_w
-    with _on_device(x):
+    with on_device(x):
         return _triton_backward(grad_out, x, weight_c, grad_x, grad_w, constrained, eps, need_x,
                                 need_weight)
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .mcs_triton import _on_device
+from .mcs_triton import on_device
 
 BLOCK_M = 128
 BLOCK_C = 32
@@ -127,7 +127,7 @@ def norm_act_train_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     blocks = triton.cdiv(m, BLOCK_M)
     block_mean = torch.empty((blocks, c), dtype=torch.float32, device=x.device)
     block_m2 = torch.empty((blocks, c), dtype=torch.float32, device=x.device)
-    with _on_device(x):
+    with on_device(x):
         wrap_triton(_stats_kernel)[_grid(m, c)](_rows(x), block_mean, block_m2, m, c,
                                                 BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
     counts = torch.full((blocks, 1), float(BLOCK_M), dtype=torch.float32, device=x.device)
@@ -137,7 +137,7 @@ def norm_act_train_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     var = m2 / m
     scale = weight.float() * torch.rsqrt(var + eps)
     shift = bias.float() - mean * scale
-    with _on_device(x):
+    with on_device(x):
         wrap_triton(_apply_kernel)[_grid(m, c)](
             _rows(x), _rows(residual) if residual is not None else _rows(x), scale, shift,
             _rows(y), m, c, HAS_RESIDUAL=residual is not None, RELU=relu,
@@ -158,7 +158,7 @@ def norm_act_train_backward(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tens
     blocks = triton.cdiv(m, BLOCK_M)
     sum_dz = torch.empty((blocks, c), dtype=torch.float32, device=x.device)
     sum_dzx = torch.empty((blocks, c), dtype=torch.float32, device=x.device)
-    with _on_device(x):
+    with on_device(x):
         wrap_triton(_grad_sums_kernel)[_grid(m, c)](
             _rows(grad_y), _rows(y), _rows(x), mean, invstd, sum_dz, sum_dzx, m, c, RELU=relu,
             BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C)
@@ -167,7 +167,7 @@ def norm_act_train_backward(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tens
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
     grad_res = (torch.empty_like(x, memory_format=torch.channels_last) if has_residual
                 else x.new_empty(0))
-    with _on_device(x):
+    with on_device(x):
         wrap_triton(_grad_apply_kernel)[_grid(m, c)](
             _rows(grad_y), _rows(y), _rows(x), mean, invstd, weight, grad_bias / m,
             grad_weight / m, _rows(grad_x), _rows(grad_res) if has_residual else _rows(grad_x),
