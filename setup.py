@@ -87,6 +87,13 @@ def _extensions():
     cpu_arch = os.environ.get("SFICONV_CPU_ARCH", "native")
     if cpu_arch:
         cxx.append(f"-march={cpu_arch}")
+    # at::parallel_for is an inline `#pragma omp parallel` in an OpenMP build of torch: without
+    # -fopenmp the pragma is ignored and every CPU kernel runs on one thread. The extension
+    # then uses the libgomp that torch already loaded (same soname), not a second runtime.
+    link = []
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
@@ -95,10 +102,10 @@ def _extensions():
         ext = CUDAExtension(
             "sficonv_ext._C", cpp + cuda, include_dirs=include_dirs,
             define_macros=[("SFICONV_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=link)
     else:
         ext = CppExtension("sficonv_ext._C", cpp, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -10,7 +10,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
 - ``fast`` / ``fast-nchw`` / ``fast-compiled``: the fused SFIConv-ResNet (channels_last by
   default), under autocast in the run's dtype. ``fast-triton``: the same with every Triton
   fusion forced (BatchNorm + add + ReLU epilogues, fused first layer), which ``"auto"`` leaves
-  off where an H100 measured them slower, to track what they bring.
+  off where an H100 measured them slower, to track what they bring. ``fast-cpp-epilogue``:
+  the same with the C++ BatchNorm + add + ReLU epilogue forced (CPU only; ``"auto"`` leaves it
+  off, see ``sficonv_ext/ops/norm_act.py``).
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
@@ -28,11 +30,12 @@ from sficonv_ext import models, reference
 from sficonv_ext.nn import FirstSFIConv2d
 
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
-            "fast-nchw",
+            "fast-cpp-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
             "fused-inference-cudagraph")
 DEFAULT_VARIANTS = {
-    "cpu": ("reference", "reference-amp-cl", "fast", "fast-nchw", "plain", "fused-inference"),
+    "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
+            "fused-inference"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudagraph"),
 }
@@ -110,6 +113,9 @@ def build_variants(names, depth, device, amp_dtype):
                                               True),
         "fast": lambda: Variant("fast", fast(), True, amp_dtype),
         "fast-triton": lambda: Variant("fast-triton", all_triton(fast()), True, amp_dtype),
+        "fast-cpp-epilogue": lambda: Variant("fast-cpp-epilogue",
+                                             models.set_norm_backend(fast(), "cpp"), True,
+                                             amp_dtype),
         "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
         "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
                                          amp_dtype),

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "mcs_conv.h"
+#include "norm_act.h"
 
 // setup.py writes the CUDA architectures it compiled for into this header.
 #if __has_include("generated/build_config.h")
@@ -44,12 +45,20 @@ TORCH_LIBRARY(sficonv_ext, m) {
   m.def(
       "mcs_conv_backward(Tensor grad_out, Tensor x, Tensor weight, bool constrained, float eps, "
       "bool need_x, bool need_weight) -> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_forward(Tensor x, Tensor weight, Tensor bias, Tensor? residual, bool relu, "
+      "float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
+      "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 
 TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {
   m.impl("mcs_conv_forward", &mcs_conv_forward_cpu);
   m.impl("mcs_conv_backward", &mcs_conv_backward_cpu);
+  m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
 }
 
 #ifdef SFICONV_WITH_CUDA

@@ -159,12 +159,24 @@ def test_nan_propagates(channels_last):
 
 
 @cpp
-def test_weight_gradient_is_deterministic():
-    x = torch.randn(4, 8, 33, 35).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weight_gradient_is_deterministic(channels_last):
+    # Bitwise the same on repeats and whatever the thread count (the kernels run under
+    # at::parallel_for, OpenMP: the partial sums are fixed per plane/chunk and reduced in order).
+    x = torch.randn(4, 8, 33, 35)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(8, 1, 5, 5)
     g = torch.randn_like(x)
-    outs = [torch.ops.sficonv_ext.mcs_conv_backward(g, x, weight, True, 1e-6, True, True)
-            for _ in range(3)]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads), max(2, threads)):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.sficonv_ext.mcs_conv_backward(g, x, weight, True, 1e-6, True,
+                                                                True))
+    finally:
+        torch.set_num_threads(threads)
     for gx, gw in outs[1:]:
         assert torch.equal(gx, outs[0][0]) and torch.equal(gw, outs[0][1])
 

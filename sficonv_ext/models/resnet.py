@@ -16,7 +16,7 @@ from .input_checks import check_input
 
 def set_norm_backend(model, backend):
     """Pick the BatchNorm(+add)(+ReLU) epilogue path of every layer of ``model``: "auto",
-    "torch" or "triton" (see :func:`sficonv_ext.ops.batch_norm_act`). Returns ``model``."""
+    "torch", "cpp" or "triton" (see :func:`sficonv_ext.ops.batch_norm_act`). Returns ``model``."""
     if backend not in NORM_ACT_BACKENDS:
         raise ValueError(f"backend must be one of {NORM_ACT_BACKENDS}, got {backend!r}")
     for module in model.modules():

@@ -2,27 +2,53 @@
 step of the SFIConv networks (the epilogue of every SFIConv layer and bottleneck).
 
 Paths: ``"torch"`` is PyTorch's BatchNorm (cuDNN/oneDNN) with an in-place add and ReLU;
-``"triton"`` the fused kernels of :mod:`.norm_act_triton` (training mode, CUDA or Triton's CPU
-interpreter). ``"auto"`` takes the PyTorch path everywhere: measured on an H100 (bfloat16,
-[64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the Triton epilogue is 1.17x
-faster forward but 0.63x forward+backward, and SFIConv-ResNet-26 trained 2.2x slower with it
-and the fused first layer on (benchmarks/results/models_cuda_bfloat16.json, "fast" against
-"fast-unfused"). It stays available, tested, for the work of making it pay.
+``"cpp"`` the fused C++ kernels of csrc/norm_act_cpu.cpp (training mode, CPU); ``"triton"`` the
+fused kernels of :mod:`.norm_act_triton` (training mode, CUDA or Triton's CPU interpreter).
+Evaluation mode takes the PyTorch path on every backend (an affine map per channel, which
+``fuse_for_inference`` folds away).
+
+``"auto"`` takes the PyTorch path everywhere, as measured:
+- CPU (2-core AVX-512, float32, the layer shapes of SFIConv-ResNet-26 at batch 8, 256x256): per
+  layer the C++ epilogue runs at 0.9-2.3x the speed of BatchNorm + add + ReLU forward and
+  0.85-1.5x backward (fastest on NCHW and small maps), but the whole train step gained nothing
+  (0.491 s against 0.490 s with glibc's mmap off) or lost 5-10% (default glibc: its other
+  allocation pattern made glibc hand out more freshly mapped, page-faulting blocks).
+  Convolutions are 73% of that step.
+- CUDA: on an H100 (bfloat16, [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the
+  Triton epilogue is 1.17x faster forward but 0.63x forward+backward, and SFIConv-ResNet-26
+  trained 2.2x slower with it and the fused first layer on
+  (benchmarks/results/models_cuda_bfloat16.json).
+Both fused paths stay available, tested, for the work of making them pay.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _extension
 from .mcs_conv import triton_ops
 
-NORM_ACT_BACKENDS = ("auto", "torch", "triton")
+NORM_ACT_BACKENDS = ("auto", "torch", "cpp", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _triton_can_run(x, bn, residual):
     return (triton_ops() is not None and bn.affine and bn.track_running_stats
             and x.dtype in _TRITON_DTYPES and x.numel() > 0 and x.dim() == 4
             and (residual is None or residual.shape == x.shape))
+
+
+def _cpp_can_run(x, bn):
+    return (_extension.has_cpp_kernels() and x.device.type == "cpu" and bn.affine
+            and x.dtype in _CPP_DTYPES and x.numel() > 0 and x.dim() == 4
+            and bn.weight.device == x.device)
+
+
+def _resolve(backend, x, bn):
+    """The path one call takes: "torch", "cpp" or "triton" (see the module notes on "auto")."""
+    if not bn.training or backend == "auto":
+        return "torch"
+    return backend
 
 
 def _torch_path(x, bn, residual, relu, inplace_ok):
@@ -40,6 +66,8 @@ def _torch_path(x, bn, residual, relu, inplace_ok):
 
 @torch.no_grad()
 def _update_running_stats(bn, mean, var, count):
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
     bn.num_batches_tracked.add_(1)
     factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
@@ -59,24 +87,33 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} does not match "
                          f"{tuple(x.shape)}")
-    # Evaluation is an affine map per channel (which fuse_for_inference folds away): the
-    # Triton kernels are for training, so eval mode takes the PyTorch path on any backend.
-    if backend != "triton" or not bn.training:
+    path = _resolve(backend, x, bn)
+    if path == "torch":
         return _torch_path(x, bn, residual, relu, inplace_ok)
     if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"batch_norm_act backend='triton' needs an nn.BatchNorm2d, got "
+        raise TypeError(f"batch_norm_act backend={backend!r} needs an nn.BatchNorm2d, got "
                         f"{type(bn).__name__}")
-    if not _triton_can_run(x, bn, residual):
+    if path == "cpp" and not _cpp_can_run(x, bn):
+        if not _extension.has_cpp_kernels():
+            raise RuntimeError(_extension.missing_extension_message("cpp"))
+        raise ValueError("batch_norm_act backend='cpp' needs CPU tensors, an affine BatchNorm "
+                         "and a non-empty floating 4-D input")
+    if path == "triton" and not _triton_can_run(x, bn, residual):
         raise ValueError("batch_norm_act backend='triton' needs Triton, an affine BatchNorm "
                          "with running statistics and a non-empty float32/float16/bfloat16 4-D "
                          "input")
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
-    x = x.contiguous(memory_format=torch.channels_last)
     if residual is not None:
-        residual = residual.to(x.dtype).contiguous(memory_format=torch.channels_last)
-    y, mean, var = torch.ops.sficonv_ext.norm_act_train_forward(x, bn.weight, bn.bias, residual,
-                                                                relu, float(bn.eps))
+        residual = residual.to(x.dtype)
+    if path == "cpp":
+        op = torch.ops.sficonv_ext.batch_norm_act_forward
+    else:
+        op = torch.ops.sficonv_ext.norm_act_train_forward
+        x = x.contiguous(memory_format=torch.channels_last)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+    y, mean, var = op(x, bn.weight, bn.bias, residual, relu, float(bn.eps))
     _update_running_stats(bn, mean.detach(), var.detach(), x.numel() // x.shape[1])
     return y

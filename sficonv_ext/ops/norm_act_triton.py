@@ -15,6 +15,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .mcs_triton import on_device
+from .norm_act_autograd import register_norm_act_autograd
 
 BLOCK_M = 128
 BLOCK_C = 32
@@ -175,20 +176,4 @@ def norm_act_train_backward(grad_y: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return grad_x, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), grad_res
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, relu, eps = inputs
-    y, mean, var = output
-    ctx.save_for_backward(x, y, weight, mean, var)
-    ctx.has_residual, ctx.relu, ctx.eps = residual is not None, relu, eps
-
-
-def _backward(ctx, grad_y, _grad_mean, _grad_var):
-    # The batch statistics are returned for the running averages only: no gradient flows back
-    # through them (they are used under no_grad).
-    x, y, weight, mean, var = ctx.saved_tensors
-    grad_x, grad_w, grad_b, grad_res = norm_act_train_backward(
-        grad_y, x, y, weight, mean, var, ctx.has_residual, ctx.relu, ctx.eps)
-    return grad_x, grad_w, grad_b, (grad_res if ctx.has_residual else None), None, None
-
-
-norm_act_train_forward.register_autograd(_backward, setup_context=_setup_context)
+register_norm_act_autograd(norm_act_train_forward.register_autograd, norm_act_train_backward)

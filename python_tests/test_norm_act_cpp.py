@@ -1,0 +1,206 @@
+"""The C++ BatchNorm + residual add + ReLU epilogue (``batch_norm_act(..., backend="cpp")``,
+csrc/norm_act_cpu.cpp) against PyTorch's BatchNorm in float64: outputs, every gradient, running
+statistics, both layouts and strided inputs, opcheck, gradcheck, thread-count determinism and
+bad input."""
+import copy
+
+import pytest
+import torch
+
+from sficonv_ext import models, ops
+from sficonv_ext.ops import _extension
+
+from conftest import make_pair, rel_err
+
+pytestmark = pytest.mark.skipif(not _extension.has_cpp_kernels(),
+                                reason="the C++ extension is not built")
+OP = "sficonv_ext::batch_norm_act_forward"
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3,
+              torch.bfloat16: 3e-2}
+
+
+def make_bn(c, momentum=0.1, dtype=torch.float64):
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def layout(t, kind):
+    """t laid out as kind: "nchw", "channels_last", or "strided" (a non-contiguous view)."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def run(bn, x, residual, relu, grad, backend):
+    """Output, the gradients of x, weight, bias (and residual), and the running statistics
+    after one training call."""
+    x = x.detach().clone().requires_grad_()
+    residual = residual.detach().clone().requires_grad_() if residual is not None else None
+    y = ops.batch_norm_act(x, bn, residual, relu, backend=backend)
+    inputs = [x, bn.weight, bn.bias] + ([residual] if residual is not None else [])
+    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
+    return [y, *grads, bn.running_mean.clone(), bn.running_var.clone(),
+            bn.num_batches_tracked.clone()]
+
+
+def inputs(shape, dtype, residual, kind):
+    x = layout((torch.randn(shape, dtype=torch.float64) * 2 + 0.7).to(dtype), kind)
+    r = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind) if residual else None
+    return x, r, layout(torch.randn(shape, dtype=torch.float64), kind)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (3, 3, 4, 3), (1, 64, 13, 11), (2, 1, 1, 67),
+                                   (4, 17, 1, 1)])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (True, False),
+                                           (False, False)])
+def test_cpp_epilogue_matches_batchnorm_float64(shape, kind, residual, relu):
+    bn = make_bn(shape[1])
+    x, r, g = inputs(shape, torch.float64, residual, kind)
+    got = run(copy.deepcopy(bn), x, r, relu, g, "cpp")
+    want = run(bn, x, r, relu, g, "torch")
+    for a, e in zip(got, want):
+        assert rel_err(a, e.to(a.dtype)) < 1e-10
+    y = got[0]
+    if kind == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cpp_running_statistics_over_several_steps(momentum):
+    bn = make_bn(6, momentum)
+    bn_ref = copy.deepcopy(bn)
+    for _ in range(3):
+        x = torch.randn(3, 6, 5, 4, dtype=torch.float64) * 3 + 1
+        ops.batch_norm_act(x, bn, backend="cpp")
+        ops.batch_norm_act(x, bn_ref, backend="torch")
+    for a, e in zip(bn.buffers(), bn_ref.buffers()):
+        assert rel_err(a.double(), e.double()) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_cpp_epilogue_lower_precision(dtype, kind):
+    shape = (4, 32, 9, 11)
+    bn = make_bn(shape[1], dtype=torch.float32)
+    x, r, g = inputs(shape, dtype, True, kind)
+    got = run(copy.deepcopy(bn), x, r, True, g, "cpp")
+    assert got[0].dtype == dtype
+    # Values within rounding of 0 may fall on either side of the ReLU in another precision:
+    # the reference takes its mask from the kernel's output (as the GPU tests do).
+    bn64 = copy.deepcopy(bn).double()
+    want_y = run(copy.deepcopy(bn64), x.double(), r.double(), True, g, "torch")[0]
+    assert rel_err(got[0].double(), want_y) < TOLERANCES[dtype]
+    mask = (got[0] > 0).double()
+    want = run(bn64, x.double(), r.double(), False, g * mask, "torch")
+    for a, e in zip(got[1:], want[1:]):
+        assert rel_err(a.double(), e.double()) < TOLERANCES[dtype]
+
+
+def test_cpp_gradcheck():
+    x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, "channels_last")
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    forward = torch.ops.sficonv_ext.batch_norm_act_forward
+    for relu in (True, False):
+        args = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+        assert torch.autograd.gradcheck(lambda *a: forward(*a, relu, 1e-5)[0], args)
+
+
+def test_cpp_opcheck():
+    x, r, g = inputs((2, 6, 3, 5), torch.float32, True, "channels_last")
+    bn = make_bn(6, dtype=torch.float32)
+    w, b = bn.weight.detach().requires_grad_(), bn.bias.detach().requires_grad_()
+    for residual in (r, None):
+        torch.library.opcheck(torch.ops.sficonv_ext.batch_norm_act_forward.default,
+                              (x.detach().requires_grad_(), w, b, residual, True, 1e-5))
+    y, mean, var = torch.ops.sficonv_ext.batch_norm_act_forward(x, w.detach(), b.detach(), r,
+                                                                True, 1e-5)
+    for has_residual in (True, False):
+        torch.library.opcheck(torch.ops.sficonv_ext.batch_norm_act_backward.default,
+                              (g.float(), x, y, w.detach(), mean, var, has_residual, True, 1e-5))
+
+
+def test_cpp_compiles_without_graph_breaks():
+    bn = make_bn(5, dtype=torch.float32)
+    x, r, _ = inputs((2, 5, 6, 7), torch.float32, True, "channels_last")
+
+    def step(x, r):
+        return ops.batch_norm_act(x, bn, r, backend="cpp").sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    want = step(x, r)
+    assert torch.allclose(compiled(x, r), want, rtol=1e-6)
+
+
+def test_cpp_is_deterministic_across_thread_counts():
+    x, r, g = inputs((4, 24, 33, 31), torch.float32, True, "channels_last")
+    bn = make_bn(24, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(copy.deepcopy(bn), x, r, True, g, "cpp")
+        torch.set_num_threads(max(2, threads))
+        many = run(copy.deepcopy(bn), x, r, True, g, "cpp")
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(one, many):
+        assert torch.equal(a, e)
+
+
+def test_cpp_nan_propagates_like_batchnorm():
+    bn = make_bn(3)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    x[1, 2, 3, 0] = float("nan")
+    got = ops.batch_norm_act(x, copy.deepcopy(bn), relu=False, backend="cpp")
+    want = ops.batch_norm_act(x, bn, relu=False, backend="torch")
+    assert torch.equal(got.isnan(), want.isnan()) and got[:, 2].isnan().all()
+    assert torch.allclose(got[:, :2], want[:, :2], rtol=1e-12)
+
+
+def test_cpp_rejects_bad_input():
+    bn = make_bn(4)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    forward = torch.ops.sficonv_ext.batch_norm_act_forward
+    with pytest.raises(RuntimeError, match=r"weight must be \[4\]"):
+        forward(x, torch.ones(3, dtype=x.dtype), torch.zeros(4, dtype=x.dtype), None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="residual is Float but x is Double"):
+        forward(x, bn.weight, bn.bias, x.float(), True, 1e-5)
+    with pytest.raises(RuntimeError, match="4-D"):
+        forward(x[0], bn.weight, bn.bias, None, True, 1e-5)
+    with pytest.raises(RuntimeError, match="floating"):
+        forward(x.long(), bn.weight, bn.bias, None, True, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.batch_norm_act(torch.randn(1, 4, 1, 1, dtype=torch.float64), bn, backend="cpp")
+    with pytest.raises(ValueError, match="CPU tensors"):
+        ops.batch_norm_act(x.to("meta"), copy.deepcopy(bn).to("meta"), backend="cpp")
+    with pytest.raises(TypeError, match="nn.BatchNorm2d"):
+        ops.batch_norm_act(x, torch.nn.Identity(), backend="cpp")
+
+
+def test_fast_model_trains_identically_with_the_cpp_epilogue():
+    # One float64 training step of SFIConv-ResNet-26 with every epilogue through the C++ op,
+    # against the same model on the PyTorch path: outputs, gradients and buffers.
+    _, fast = make_pair(26, dtype=torch.float64)
+    fast = fast.train()
+    fused = models.set_norm_backend(copy.deepcopy(fast), "cpp")
+    x = torch.randn(3, 3, 35, 33, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    out_ref, out = fast(x), fused(x)
+    assert rel_err(out, out_ref) < 1e-10
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p_ref), (_, p) in zip(fast.named_parameters(), fused.named_parameters()):
+        if p_ref.grad is not None:
+            assert rel_err(p.grad, p_ref.grad) < 1e-9, name
+    for (name, b_ref), (_, b) in zip(fast.named_buffers(), fused.named_buffers()):
+        assert rel_err(b.double(), b_ref.double()) < 1e-12, name
