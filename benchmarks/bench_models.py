@@ -23,6 +23,7 @@ import torch
 
 import sficonv_ext
 from sficonv_ext import reference
+from sficonv_ext.cpu_allocator import keep_large_blocks_on_heap
 
 from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
@@ -48,9 +49,19 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
                    help="what to compare (default: the eager variants for the device; see "
                         "model_variants.py); the first is the baseline of the 'x ref' columns")
+    p.add_argument("--malloc", default="default", choices=["default", "no-mmap"],
+                   help="'no-mmap': sficonv_ext.cpu_allocator.keep_large_blocks_on_heap() before "
+                        "anything is built (glibc: large activations reused from the heap "
+                        "instead of mapped and page-faulted in again on every step)")
     p.add_argument("--json", default=None, help="where to write the JSON result "
                    "(default: benchmarks/results/models_<device>.json)")
     return p.parse_args(argv)
+
+
+def set_malloc(mode):
+    """Apply the --malloc choice; exits where it cannot be applied."""
+    if mode == "no-mmap" and not keep_large_blocks_on_heap():
+        raise SystemExit("--malloc no-mmap needs glibc's mallopt, which this C library lacks")
 
 
 def _sync(device):
@@ -207,6 +218,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch sees no CUDA device")
     amp_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
+    set_malloc(args.malloc)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 2, (args.batch,), device=device)
@@ -237,7 +249,8 @@ def main(argv=None):
     rows, result = save(medians, memory, errors, complete=True)
     print(f"\nSFIConv-ResNet-{args.depth}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
-          f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps")
+          f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps, "
+          f"malloc {args.malloc}")
     print_table(rows, args.batch)
     print(f"\nwrote {out}")
     if errors or build_errors:

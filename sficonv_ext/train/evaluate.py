@@ -2,6 +2,7 @@
 import os
 
 from . import distributed
+from .cpu_memory import apply_cpu_malloc
 from .data import drop_missing
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message, metrics_of
@@ -31,6 +32,9 @@ def _evaluate(cfg, ctx):
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, log_name="eval.log")
     log = reporter.log
+    note = apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)
+    if note:
+        log(note)
     samples = evaluation_set(cfg["data"], cfg, ctx, log)
     samples, missing = drop_missing(samples, cfg["strict"], log)
     model, path = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,

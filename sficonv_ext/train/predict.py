@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from .cpu_memory import apply_cpu_malloc
 from .data import Sample, images_under
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message
@@ -42,6 +43,7 @@ def predict(cfg, inputs):
         raise UserError("predict needs at least one image or folder")
     ctx = Context(device=resolve_device(cfg["device"]))
     log = Reporter(True).log
+    apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)  # silent: stdout may be piped
     paths = expand_inputs(inputs, cfg["strict"], log)
     if not paths:
         raise UserError(f"no images found in {', '.join(inputs)}")

@@ -12,6 +12,7 @@ from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .architectures import build_model
 from .config import BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, convert
+from .cpu_memory import apply_cpu_malloc
 from .data import class_counts
 from .errors import DataError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
@@ -253,6 +254,9 @@ def _train(cfg, ctx, resume_state, resume_path):
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, tensorboard=True)
     log = reporter.log
+    note = apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)
+    if note:
+        log(note)
     if ctx.is_main:
         import yaml
         saved = {k: v for k, v in cfg.items() if k not in NOT_SAVED}
