@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from sficonv_ext import models, reference  # noqa: E402
+from sficonv_ext import models, ops, reference  # noqa: E402
 
 
 def rel_err(a, b):
@@ -38,3 +38,26 @@ def make_pair(depth, dtype=torch.float64, layout="wrapper"):
     fast = getattr(models, f"sfi_resnet{depth}")().to(dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast
+
+
+def make_bn(c, momentum=0.1, dtype=torch.float32, device="cpu"):
+    """A training-mode BatchNorm2d with random affine terms and running statistics."""
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.1, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def epilogue_step(bn, x, residual, relu, grad, backend):
+    """``ops.batch_norm_act`` once in training mode: its output, the gradients of x, weight,
+    bias (and residual) for ``grad``, and the running statistics afterwards."""
+    x = x.detach().clone().requires_grad_()
+    residual = residual.detach().clone().requires_grad_() if residual is not None else None
+    y = ops.batch_norm_act(x, bn, residual, relu, backend=backend)
+    inputs = [x, bn.weight, bn.bias] + ([residual] if residual is not None else [])
+    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
+    return [y, *grads, bn.running_mean.clone(), bn.running_var.clone(),
+            bn.num_batches_tracked.clone()]

@@ -9,6 +9,8 @@ import torch
 
 from sficonv_ext import models, ops
 
+from conftest import epilogue_step as run
+from conftest import make_bn as conftest_make_bn
 from conftest import make_pair, rel_err
 
 needs_triton = pytest.mark.skipif(not ops.backends()["triton_ops"],
@@ -18,23 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_bn(c, momentum=0.1, device=DEVICE):
-    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(device)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-0.1, 0.1)
-        bn.running_var.uniform_(0.5, 2.0)
-    return bn
-
-
-def run(bn, x, residual, relu, grad, backend):
-    x = x.detach().clone().requires_grad_()
-    residual = residual.detach().clone().requires_grad_() if residual is not None else None
-    y = ops.batch_norm_act(x, bn, residual, relu, backend=backend)
-    inputs = [x, bn.weight, bn.bias] + ([residual] if residual is not None else [])
-    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
-    return [y, *grads, bn.running_mean.clone(), bn.running_var.clone(),
-            bn.num_batches_tracked.clone()]
+    return conftest_make_bn(c, momentum, device=device)
 
 
 def case(shape, dtype, residual, device=DEVICE):

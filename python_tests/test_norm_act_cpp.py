@@ -10,6 +10,8 @@ import torch
 from sficonv_ext import models, ops
 from sficonv_ext.ops import _extension
 
+from conftest import epilogue_step as run
+from conftest import make_bn as conftest_make_bn
 from conftest import make_pair, rel_err
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp_kernels(),
@@ -20,13 +22,7 @@ TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3,
 
 
 def make_bn(c, momentum=0.1, dtype=torch.float64):
-    bn = torch.nn.BatchNorm2d(c, momentum=momentum).to(dtype)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-0.1, 0.1)
-        bn.running_var.uniform_(0.5, 2.0)
-    return bn
+    return conftest_make_bn(c, momentum, dtype=dtype)
 
 
 def layout(t, kind):
@@ -38,18 +34,6 @@ def layout(t, kind):
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
-
-
-def run(bn, x, residual, relu, grad, backend):
-    """Output, the gradients of x, weight, bias (and residual), and the running statistics
-    after one training call."""
-    x = x.detach().clone().requires_grad_()
-    residual = residual.detach().clone().requires_grad_() if residual is not None else None
-    y = ops.batch_norm_act(x, bn, residual, relu, backend=backend)
-    inputs = [x, bn.weight, bn.bias] + ([residual] if residual is not None else [])
-    grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
-    return [y, *grads, bn.running_mean.clone(), bn.running_var.clone(),
-            bn.num_batches_tracked.clone()]
 
 
 def inputs(shape, dtype, residual, kind):
