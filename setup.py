@@ -65,6 +65,25 @@ def _locate_cuda_home():
             return
 
 
+def _compiler_takes_openmp():
+    """Whether the C++ compiler builds and links a program with -fopenmp (a machine may lack
+    libgomp's development files even where torch ships its own runtime)."""
+    import subprocess
+    import tempfile
+    compiler = os.environ.get("CXX", "c++")
+    source = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.cpp")
+        with open(path, "w") as f:
+            f.write(source)
+        try:
+            done = subprocess.run([compiler, "-fopenmp", path, "-o", os.path.join(tmp, "probe")],
+                                  capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return done.returncode == 0
+
+
 def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -92,8 +111,12 @@ def _extensions():
     # then uses the libgomp that torch already loaded (same soname), not a second runtime.
     link = []
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
-        cxx.append("-fopenmp")
-        link.append("-fopenmp")
+        if _compiler_takes_openmp():
+            cxx.append("-fopenmp")
+            link.append("-fopenmp")
+        else:
+            print("sficonv_ext: the C++ compiler does not build with -fopenmp; the CPU kernels "
+                  "will run on one thread", file=sys.stderr)
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -32,6 +32,11 @@ namespace sficonv {
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
   std::string info = "cpu=1";
+#ifdef _OPENMP
+  info += ";openmp=1";  // at::parallel_for runs threads (see setup.py)
+#else
+  info += ";openmp=0";
+#endif
 #ifdef SFICONV_WITH_CUDA
   info += ";cuda=1;cuda_archs=" + std::string(SFICONV_CUDA_ARCHS);
 #else

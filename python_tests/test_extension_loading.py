@@ -59,3 +59,18 @@ def test_info_command_prints_backends():
     assert result.returncode == 0, result.stderr
     for key in ("cpp", "cuda", "cuda_archs", "triton", "auto_cpu"):
         assert key in result.stdout
+
+
+def test_cpu_kernels_are_built_with_openmp():
+    # at::parallel_for is an inline OpenMP pragma: a build without -fopenmp silently runs every
+    # C++ CPU kernel on one thread (as this project's kernels did until it was noticed).
+    import pytest
+    import torch
+
+    from sficonv_ext.ops import _extension, backends
+    if not _extension.has_cpp_kernels():
+        pytest.skip("the C++ extension is not built")
+    if not (torch.backends.openmp.is_available() and sys.platform.startswith("linux")):
+        pytest.skip("torch without OpenMP, or not Linux: setup.py builds without -fopenmp")
+    assert backends()["cpp_openmp"], ("sficonv_ext._C was built without OpenMP: rebuild with a "
+                                      "compiler that takes -fopenmp")

@@ -18,6 +18,9 @@ def backends():
     result = {
         "torch": torch.__version__,
         "cpp": _extension.has_cpp_kernels(),
+        # Built without OpenMP, the C++ kernels' at::parallel_for runs on one thread.
+        "cpp_openmp": info.get("openmp") == "1",
+        "cpu_threads": torch.get_num_threads(),
         "cuda": _extension.has_cuda_kernels(),
         "cuda_archs": info.get("cuda_archs", "") if _extension.has_cuda_kernels() else "",
         "extension_error": _extension.LOAD_ERROR,
