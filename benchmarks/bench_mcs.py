@@ -73,23 +73,38 @@ def backends_for(device):
         names.append("cpp")
     if device.type == "cuda":
         if info["cuda"]:
-            names.append("cuda")
+            # "cuda-fused-bwd": the opt-in one-pass NCHW backward (SFICONV_CUDA_FUSED_BACKWARD).
+            names += ["cuda", "cuda-fused-bwd"]
         if info["triton_ops"]:
             names.append("triton")
     return names
 
 
-def bench_case(shape, dtype, layout, k, device, backend, measure, args):
+def bench_case(shape, dtype, layout, k, device, backend, measure, args,
+               phases=("forward", "backward_x", "backward_xw")):
+    if backend == "cuda-fused-bwd":
+        # Only its NCHW input+weight backward differs from "cuda".
+        if layout != "nchw":
+            return {}
+        os.environ["SFICONV_CUDA_FUSED_BACKWARD"] = "1"
+        try:
+            return bench_case(shape, dtype, layout, k, device, "cuda", measure, args,
+                              phases=("backward_xw",))
+        finally:
+            del os.environ["SFICONV_CUDA_FUSED_BACKWARD"]
     x = torch.randn(shape, device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(shape[1], 1, k, k, device=device) + 0.5).to(dtype)
     g = torch.randn_like(x)
     out = {}
-    with torch.no_grad():
-        out["forward"] = measure(lambda: ops.mcs_conv(x, w, backend=backend), args.warmup,
-                                 args.iters)
+    if "forward" in phases:
+        with torch.no_grad():
+            out["forward"] = measure(lambda: ops.mcs_conv(x, w, backend=backend), args.warmup,
+                                     args.iters)
     for name, need_w in (("backward_x", False), ("backward_xw", True)):
+        if name not in phases:
+            continue
         xr = x.clone().requires_grad_()
         wr = w.clone().requires_grad_(need_w)
         y = ops.mcs_conv(xr, wr, backend=backend)
@@ -128,14 +143,14 @@ def main(argv=None):
                                  "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
                                  "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
                                  "speedup_vs_torch": results["torch"][phase] / seconds})
-    header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>7} {'phase':>12} "
+    header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>12} "
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
     print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
           f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['shape']:>14} {r['dtype']:>8} {r['layout']:>13} {r['backend']:>7} "
+        print(f"{r['shape']:>14} {r['dtype']:>8} {r['layout']:>13} {r['backend']:>14} "
               f"{r['phase']:>12} "
               f"{r['ms']:9.3f} {r['GB/s']:8.1f} {r['pct_copy_bw']:6.1f} "
               f"{r['speedup_vs_torch']:8.2f}")

@@ -18,6 +18,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_rows.cuh"
@@ -363,6 +365,57 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
   return at::sum(partials, at::IntArrayRef{1});
 }
 
+// The one-pass NCHW backward (rows::backward_fused_nchw_kernel) is opt-in until a GPU run has
+// checked and timed it: SFICONV_CUDA_FUSED_BACKWARD=1 turns it on.
+bool fused_backward_requested() {
+  const char* value = std::getenv("SFICONV_CUDA_FUSED_BACKWARD");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+bool can_fuse_backward(const at::Tensor& x, int k) {
+  const auto geo = row_geometry(x);
+  return !geo.channels_last && (k == 3 || k == 5 || k == 7) &&
+         (geo.h + kGradRowsPerBlock - 1) / kGradRowsPerBlock <= kMaxGrid;
+}
+
+template <typename scalar_t, int K>
+void launch_backward_fused(const at::Tensor& g, const at::Tensor& x, const at::Tensor& flipped,
+                           at::Tensor& grad_x, at::Tensor& partials,
+                           const rows::RowGeometry& geo, dim3 grid, dim3 block) {
+  using acc_t = at::opmath_type<scalar_t>;
+  rows::backward_fused_nchw_kernel<scalar_t, acc_t, K, kRowBlock>
+      <<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), flipped.data_ptr<acc_t>(),
+          grad_x.data_ptr<scalar_t>(), partials.data_ptr<acc_t>(), x.size(0) * x.size(1), geo,
+          kGradRowsPerBlock);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Both gradients of an NCHW input in one pass (k = 3, 5, 7): fills grad_x and returns
+// dL/d(effective filter) as [C, k*k], reduced from fixed per-block partials (deterministic).
+template <typename scalar_t>
+at::Tensor fused_backward_nchw(const at::Tensor& g, const at::Tensor& x,
+                               const at::Tensor& flipped, at::Tensor& grad_x, int k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto geo = row_geometry(x);
+  const int64_t planes = x.size(0) * x.size(1);
+  const dim3 block(row_threads(geo.w, 128));
+  const dim3 grid(static_cast<unsigned>((geo.w + block.x - 1) / block.x),
+                  static_cast<unsigned>((geo.h + kGradRowsPerBlock - 1) / kGradRowsPerBlock),
+                  static_cast<unsigned>(std::min<int64_t>(planes, kMaxGrid)));
+  auto partials = at::empty({x.size(0), x.size(1), int64_t(grid.x) * grid.y, k * k},
+                            x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  switch (k) {
+    case 3: launch_backward_fused<scalar_t, 3>(g, x, flipped, grad_x, partials, geo, grid, block);
+            break;
+    case 5: launch_backward_fused<scalar_t, 5>(g, x, flipped, grad_x, partials, geo, grid, block);
+            break;
+    default: launch_backward_fused<scalar_t, 7>(g, x, flipped, grad_x, partials, geo, grid,
+                                                block);
+  }
+  return at::sum(partials, at::IntArrayRef{0, 2});
+}
+
 void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
 }
@@ -408,6 +461,13 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
+        if (need_x && need_weight && fused_backward_requested() && can_fuse_backward(args.x, k)) {
+          const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
+          const auto grad_eff =
+              fused_backward_nchw<scalar_t>(args.grad_out, args.x, flipped, args.grad_x, k);
+          args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
+          return;
+        }
         if (need_x) {
           const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
           launch_conv<scalar_t>(args.grad_out, flipped, args.grad_x, k);

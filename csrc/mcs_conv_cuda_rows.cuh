@@ -6,9 +6,20 @@
 // positions, so every load of a warp is contiguous in both layouts. Each thread produces R
 // output rows of its column and loads each of the R+K-1 input rows it needs once per column
 // tap, into registers: (R+K-1)*K loads for R outputs instead of K*K each.
+//
+// The file is plain CUDA C++ with one macro, SFI_DYNAMIC_SHARED, so that
+// python_tests/cuda_host/ can compile it as host C++ (cuda_host_emulation.h) and check every
+// kernel's indexing against a reference on the CPU, where CI has no GPU.
 #pragma once
 
 #include <cstdint>
+
+#ifndef SFI_DYNAMIC_SHARED
+// The block's dynamic shared memory as `type* name` (size given at launch).
+#define SFI_DYNAMIC_SHARED(type, name)                        \
+  extern __shared__ __align__(16) unsigned char name##_raw[]; \
+  type* name = reinterpret_cast<type*>(name##_raw)
+#endif
 
 namespace sficonv {
 namespace rows {
@@ -134,35 +145,122 @@ __device__ acc_t block_sum_fixed(acc_t v, acc_t* scratch) {
   return total;
 }
 
+// One block of the NCHW gradient kernels: the thread's column j, the block's rows
+// [row_begin, row_end), and its slot among the partial sums, partials[plane][chunk][t] with
+// chunk = blockIdx.y * gridDim.x + blockIdx.x.
+struct NchwGradBlock {
+  int j, row_begin, row_end;
+  int64_t chunks, chunk;
+
+  __device__ NchwGradBlock(int h, int rows_per_block)
+      : j(blockIdx.x * blockDim.x + threadIdx.x),
+        row_begin(blockIdx.y * rows_per_block),
+        row_end(min(h, row_begin + rows_per_block)),
+        chunks(static_cast<int64_t>(gridDim.x) * gridDim.y),
+        chunk(static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) {}
+
+  // Sums each of the K*K per-thread values over the block (fixed order) into the plane's slot.
+  template <typename acc_t, int KK>
+  __device__ void store_sums(const acc_t (&acc)[KK], acc_t* __restrict__ partials,
+                             int64_t plane, acc_t* scratch) const {
+    acc_t* out = partials + (plane * chunks + chunk) * KK;
+#pragma unroll
+    for (int t = 0; t < KK; ++t) {
+      const acc_t total = block_sum_fixed(acc[t], scratch);
+      if (threadIdx.x == 0) out[t] = total;
+    }
+  }
+};
+
 // NCHW weight-gradient partials. Block (column chunk, row chunk, plane): every thread shares
-// the plane's channel, so the block reduces its K*K sums and writes one partial per tap to
-// partials[plane][chunk][t], chunk = blockIdx.y * gridDim.x + blockIdx.x.
+// the plane's channel, so the block reduces its K*K sums and writes one partial per tap (see
+// NchwGradBlock).
 template <typename scalar_t, typename acc_t, int K, int R>
 __global__ void weight_grad_nchw_kernel(const scalar_t* __restrict__ g,
                                         const scalar_t* __restrict__ x,
                                         acc_t* __restrict__ partials, int64_t planes,
                                         RowGeometry geo, int rows_per_block) {
   __shared__ acc_t scratch[32];
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  const int row_begin = blockIdx.y * rows_per_block;
-  const int row_end = min(geo.h, row_begin + rows_per_block);
-  const int64_t chunks = static_cast<int64_t>(gridDim.x) * gridDim.y;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  const NchwGradBlock blk(geo.h, rows_per_block);
   for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
     acc_t acc[K * K];
 #pragma unroll
     for (int t = 0; t < K * K; ++t) acc[t] = acc_t(0);
+    if (blk.j < geo.w) {
+      const int64_t base = plane * geo.h * geo.row_len + blk.j;
+      accumulate_column<scalar_t, acc_t, K, R>(g + base, x + base, geo, blk.j, blk.row_begin,
+                                               blk.row_end, acc);
+    }
+    blk.store_sums(acc, partials, plane, scratch);
+  }
+}
+
+// NCHW input and weight gradients in one pass over grad_out (g) and x: blocks as in
+// weight_grad_nchw_kernel. Each thread walks its column over the block's rows, R at a time,
+// loading the R+K-1 rows of g and of x around them once: it writes the R input-gradient values
+// (g correlated with the mirrored taps `flipped`) and adds the R x K*K weight products, which
+// the block reduces into partials[plane][chunk][t]. The two separate kernels read g twice.
+// Opt-in (SFICONV_CUDA_FUSED_BACKWARD=1) until a GPU run has checked and timed it.
+template <typename scalar_t, typename acc_t, int K, int R>
+__global__ void backward_fused_nchw_kernel(const scalar_t* __restrict__ g,
+                                           const scalar_t* __restrict__ x,
+                                           const acc_t* __restrict__ flipped,
+                                           scalar_t* __restrict__ grad_x,
+                                           acc_t* __restrict__ partials, int64_t planes,
+                                           RowGeometry geo, int rows_per_block) {
+  constexpr int pad = K / 2;
+  __shared__ acc_t scratch[32];
+  const NchwGradBlock blk(geo.h, rows_per_block);
+  const int j = blk.j, row_end = blk.row_end;
+  bool col_ok[K];
+#pragma unroll
+  for (int b = 0; b < K; ++b) col_ok[b] = j + b - pad >= 0 && j + b - pad < geo.w;
+  for (int64_t plane = blockIdx.z; plane < planes; plane += gridDim.z) {
+    acc_t wacc[K * K];
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) wacc[t] = acc_t(0);
     if (j < geo.w) {
       const int64_t base = plane * geo.h * geo.row_len + j;
-      accumulate_column<scalar_t, acc_t, K, R>(g + base, x + base, geo, j, row_begin, row_end,
-                                               acc);
-    }
-    acc_t* out = partials + (plane * chunks + chunk) * K * K;
+      const acc_t* tp = flipped + (plane % geo.channels) * K * K;
+      acc_t tap[K * K];
 #pragma unroll
-    for (int t = 0; t < K * K; ++t) {
-      const acc_t total = block_sum_fixed(acc[t], scratch);
-      if (threadIdx.x == 0) out[t] = total;
+      for (int t = 0; t < K * K; ++t) tap[t] = tp[t];
+      for (int i0 = blk.row_begin; i0 < row_end; i0 += R) {
+        acc_t gacc[R], gc[R];
+#pragma unroll
+        for (int o = 0; o < R; ++o) {
+          gacc[o] = acc_t(0);
+          gc[o] = i0 + o < row_end
+                      ? static_cast<acc_t>(g[base + static_cast<int64_t>(i0 + o) * geo.row_len])
+                      : acc_t(0);
+        }
+#pragma unroll
+        for (int rr = 0; rr < R + K - 1; ++rr) {
+          const int r = i0 + rr - pad;
+          if (r < 0 || r >= geo.h) continue;
+          const int64_t row = base + static_cast<int64_t>(r) * geo.row_len;
+          acc_t gv[K], xv[K];
+          load_row<scalar_t, acc_t, K>(g + row, geo.step, col_ok, gv);
+          load_row<scalar_t, acc_t, K>(x + row, geo.step, col_ok, xv);
+#pragma unroll
+          for (int o = 0; o < R; ++o) {
+            const int a = rr - o;  // filter row linking row r with output row i0 + o
+            if (a < 0 || a >= K) continue;
+#pragma unroll
+            for (int b = 0; b < K; ++b) {
+              gacc[o] += tap[a * K + b] * gv[b];
+              wacc[a * K + b] += gc[o] * xv[b];
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 0; o < R; ++o)
+          if (i0 + o < row_end)
+            grad_x[base + static_cast<int64_t>(i0 + o) * geo.row_len] =
+                static_cast<scalar_t>(gacc[o]);
+      }
     }
+    blk.store_sums(wacc, partials, plane, scratch);
   }
 }
 
@@ -176,8 +274,7 @@ __global__ void weight_grad_cl_kernel(const scalar_t* __restrict__ g,
                                       acc_t* __restrict__ partials, RowGeometry geo,
                                       int rows_per_block, int row_chunks,
                                       int columns_per_thread) {
-  extern __shared__ __align__(16) unsigned char scratch_raw[];
-  acc_t* scratch = reinterpret_cast<acc_t*>(scratch_raw);  // [blockDim.y][blockDim.x]
+  SFI_DYNAMIC_SHARED(acc_t, scratch);  // [blockDim.y][blockDim.x]
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int64_t n = blockIdx.z / row_chunks;
   const int row_begin = static_cast<int>(blockIdx.z % row_chunks) * rows_per_block;

@@ -95,3 +95,31 @@ def test_gpu_compile_fullgraph():
 def test_mixed_devices_error():
     with pytest.raises(ValueError, match="cuda"):
         ops.mcs_conv(torch.randn(1, 2, 5, 5, device="cuda"), torch.randn(2, 1, 3, 3))
+
+
+FUSED_TOLERANCES = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2,
+                    torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", sorted(FUSED_TOLERANCES, key=str))
+@pytest.mark.parametrize("shape,k", [((3, 64, 67, 61), 5), ((2, 3, 1, 45), 3), ((1, 5, 33, 7), 7),
+                                     ((2, 16, 70, 129), 5), ((4, 2, 5, 200), 3)])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_gpu_fused_nchw_backward_matches_definition(monkeypatch, dtype, shape, k, constrained):
+    # The opt-in one-pass NCHW backward (SFICONV_CUDA_FUSED_BACKWARD=1): both gradients against
+    # the float64 definition, and bitwise against itself on a repeat (fixed-order partials).
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    monkeypatch.setenv("SFICONV_CUDA_FUSED_BACKWARD", "1")
+    n, c, h, w = shape
+    x = torch.randn(n, c, h, w, device="cuda")
+    weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
+    g = torch.randn(n, c, h, w, device="cuda")
+    got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
+    again = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
+    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
+                 constrained)
+    tol = FUSED_TOLERANCES[dtype]
+    assert rel_err(got[1].double(), want[1]) < tol
+    assert rel_err(got[2].double(), want[2]) < 4 * tol
+    assert torch.equal(got[1], again[1]) and torch.equal(got[2], again[2])
