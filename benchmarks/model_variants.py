@@ -17,6 +17,7 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
 - ``fused-inference``: ``fuse_for_inference(fast)`` (inference only);
+  ``fused-inference-compiled`` the same under ``torch.compile``;
   ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only).
 """
 import copy
@@ -32,7 +33,7 @@ from sficonv_ext.nn import FirstSFIConv2d
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
             "fast-cpp-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
-            "fused-inference-cudagraph")
+            "fused-inference-compiled", "fused-inference-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
             "fused-inference"),
@@ -124,6 +125,9 @@ def build_variants(names, depth, device, amp_dtype):
                                           True, amp_dtype),
         "fused-inference": lambda: Variant("fused-inference",
                                            models.fuse_for_inference(fast()), False, amp_dtype),
+        "fused-inference-compiled": lambda: Variant(
+            "fused-inference-compiled", torch.compile(models.fuse_for_inference(fast())), False,
+            amp_dtype),
         "fused-inference-cudagraph": lambda: Variant(
             "fused-inference-cudagraph", models.fuse_for_inference(fast(), cuda_graph=True),
             False, amp_dtype),

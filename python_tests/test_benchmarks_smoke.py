@@ -1,0 +1,46 @@
+"""The benchmark scripts run end to end on tiny settings and write complete JSON results (their
+timings are not checked: speed is for the benchmark tables, not for tests)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def _run(script, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=BENCH,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_models_writes_every_variant(tmp_path):
+    out = tmp_path / "models.json"
+    variants = ["reference", "fast", "fast-cpp-epilogue", "plain", "fused-inference"]
+    text = _run("bench_models.py", "--device", "cpu", "--batch", "2", "--size", "64",
+                "--warmup", "0", "--iters", "1", "--rounds", "1", "--malloc", "no-mmap",
+                "--variants", *variants, "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["settings"]["malloc"] == "no-mmap"
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == variants
+    for name, row in rows.items():
+        assert row["infer_images_per_s"] > 0, name
+        assert (row.get("train_images_per_s", 0) > 0) == (name != "fused-inference"), name
+    assert "fused-inference" in text
+
+
+def test_bench_mcs_writes_every_backend(tmp_path):
+    out = tmp_path / "mcs.json"
+    _run("bench_mcs.py", "--device", "cpu", "--shapes", "2x4x9x11", "--iters", "1",
+         "--warmup", "0", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    backends = {r["backend"] for r in rows}
+    assert "torch" in backends
+    assert {(r["layout"], r["phase"]) for r in rows} == {
+        (layout, phase) for layout in ("nchw", "channels_last")
+        for phase in ("forward", "backward_x", "backward_xw")}
+    assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
