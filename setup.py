@@ -68,16 +68,17 @@ def _locate_cuda_home():
 def _compiler_takes_openmp():
     """Whether the C++ compiler builds and links a program with -fopenmp (a machine may lack
     libgomp's development files even where torch ships its own runtime)."""
+    import shlex
     import subprocess
     import tempfile
-    compiler = os.environ.get("CXX", "c++")
+    compiler = shlex.split(os.environ.get("CXX", "c++"))  # may be a wrapper: "ccache g++"
     source = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "probe.cpp")
         with open(path, "w") as f:
             f.write(source)
         try:
-            done = subprocess.run([compiler, "-fopenmp", path, "-o", os.path.join(tmp, "probe")],
+            done = subprocess.run(compiler + ["-fopenmp", path, "-o", os.path.join(tmp, "probe")],
                                   capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return False

@@ -10,6 +10,7 @@ and writes JSON.
     python benchmarks/bench_mcs.py --device cuda      # [64,64,64,64] and [32,64,128,128]
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -80,18 +81,42 @@ def backends_for(device):
     return names
 
 
+FUSED_BACKWARD_ENV = "SFICONV_CUDA_FUSED_BACKWARD"
+
+
+@contextlib.contextmanager
+def fused_cuda_backward(enabled):
+    """The CUDA kernels' one-pass NCHW backward on or off while measuring (whatever the caller's
+    environment says), restored afterwards."""
+    previous = os.environ.get(FUSED_BACKWARD_ENV)
+    if enabled:
+        os.environ[FUSED_BACKWARD_ENV] = "1"
+    else:
+        os.environ.pop(FUSED_BACKWARD_ENV, None)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(FUSED_BACKWARD_ENV, None)
+        else:
+            os.environ[FUSED_BACKWARD_ENV] = previous
+
+
 def bench_case(shape, dtype, layout, k, device, backend, measure, args,
                phases=("forward", "backward_x", "backward_xw")):
-    if backend == "cuda-fused-bwd":
-        # Only its NCHW input+weight backward differs from "cuda".
-        if layout != "nchw":
-            return {}
-        os.environ["SFICONV_CUDA_FUSED_BACKWARD"] = "1"
-        try:
-            return bench_case(shape, dtype, layout, k, device, "cuda", measure, args,
-                              phases=("backward_xw",))
-        finally:
-            del os.environ["SFICONV_CUDA_FUSED_BACKWARD"]
+    if backend in ("cuda", "cuda-fused-bwd"):
+        fused = backend == "cuda-fused-bwd"
+        if fused:
+            # Only its NCHW input+weight backward, for the filter sizes it has, differs.
+            if layout != "nchw" or k not in (3, 5, 7):
+                return {}
+            phases = ("backward_xw",)
+        with fused_cuda_backward(fused):
+            return _measure_case(shape, dtype, layout, k, device, "cuda", measure, args, phases)
+    return _measure_case(shape, dtype, layout, k, device, backend, measure, args, phases)
+
+
+def _measure_case(shape, dtype, layout, k, device, backend, measure, args, phases):
     x = torch.randn(shape, device=device, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)

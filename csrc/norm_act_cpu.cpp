@@ -59,12 +59,12 @@ struct Chunking {
   }
 };
 
-// The gradient reaching BatchNorm's output: grad_y, zeroed where the ReLU output was not
-// positive (torch's threshold_backward; a NaN output passes no gradient either).
+// The gradient reaching BatchNorm's output: grad_y, zeroed where the ReLU output is <= 0. As in
+// torch's threshold_backward, a NaN output is not <= 0 and passes its gradient on.
 template <typename acc_t, typename scalar_t, bool RELU>
 inline acc_t masked(scalar_t g, scalar_t y) {
   if (!RELU) return static_cast<acc_t>(g);
-  return static_cast<acc_t>(y) > acc_t(0) ? static_cast<acc_t>(g) : acc_t(0);
+  return static_cast<acc_t>(y) <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(g);
 }
 
 // ---- channels_last: one pixel row of C values per call; per-channel arrays run alongside.

@@ -151,6 +151,21 @@ def test_cpp_nan_propagates_like_batchnorm():
     assert torch.allclose(got[:, :2], want[:, :2], rtol=1e-12)
 
 
+@pytest.mark.parametrize("backend_kind", ["nchw", "channels_last"])
+def test_cpp_relu_passes_gradient_through_nan_like_torch(backend_kind):
+    # torch's ReLU backward zeroes the gradient only where the output is <= 0: a NaN output
+    # (here from a NaN residual, after the statistics) passes its gradient on.
+    bn = make_bn(3)
+    x, r, g = inputs((2, 3, 4, 5), torch.float64, True, backend_kind)
+    r = r.clone()
+    r[0, 1, 2, 3] = float("nan")
+    got = run(copy.deepcopy(bn), x, r, True, g, "cpp")
+    want = run(bn, x, r, True, g, "torch")
+    assert got[0][0, 1, 2, 3].isnan() and got[4][0, 1, 2, 3] == g[0, 1, 2, 3]
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e.to(a.dtype), rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
 def test_cpp_rejects_bad_input():
     bn = make_bn(4)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)

@@ -8,9 +8,13 @@ published network's half-width branches stay below the limit: on the 2-core test
 model trained 24% faster with this setting and the published one no faster
 (benchmarks/results/models_cpu_no_mmap.json against models_cpu.json).
 
-It is not applied on import: it changes how every large block of the whole process is served
-and keeps up to 1 GiB of freed memory reserved for reuse. The ``sficonv`` command applies it to
-its own CPU runs (``--cpu-malloc reuse``, the default there).
+The cost is memory: freed blocks stay in the process for reuse, so its resident size stays near
+its peak (a freed block below a live one is never returned; ``M_TRIM_THRESHOLD`` = 1 GiB only
+bounds what is returned from the top of the heap). A 2 GiB tensor freed under a small live one
+left 2.5 GB resident against 0.5 GB with glibc's defaults. It is therefore not applied on
+import: it changes how every large block of the whole process is served. The ``sficonv``
+command applies it to its own CPU runs (``--cpu-malloc reuse``, the default there), whose peak
+is reached again on every step anyway.
 """
 import ctypes
 import ctypes.util
@@ -21,9 +25,10 @@ _applied = False
 
 
 def keep_large_blocks_on_heap():
-    """Serve large blocks from the heap and keep up to 1 GiB of freed memory for reuse (glibc's
-    ``M_MMAP_MAX = 0`` and ``M_TRIM_THRESHOLD = 1 GiB``), for the whole process. Returns True
-    when the setting is in force, False where the C library is not glibc."""
+    """Serve large blocks from the heap and keep freed memory for reuse (glibc's
+    ``M_MMAP_MAX = 0`` and ``M_TRIM_THRESHOLD = 1 GiB``), for the whole process: its resident
+    size then stays near its peak. Returns True when the setting is in force, False where the C
+    library is not glibc."""
     global _applied
     if _applied:
         return True

@@ -70,7 +70,7 @@ def _grad_sums_kernel(g_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, sum_dz_ptr, sum
     dz = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
-        dz = tl.where(y > 0, dz, 0.0)
+        dz = tl.where(y <= 0, 0.0, dz)  # as threshold_backward: a NaN output passes grad
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cols < C, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cols < C, other=0.0)
@@ -92,7 +92,7 @@ def _grad_apply_kernel(g_ptr, y_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, me
     dz = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(y_ptr + offsets, mask=mask, other=0.0)
-        dz = tl.where(y > 0, dz, 0.0)
+        dz = tl.where(y <= 0, 0.0, dz)  # as threshold_backward: a NaN output passes grad
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
