@@ -115,11 +115,7 @@ def test_gpu_fused_nchw_backward_matches_definition(monkeypatch, dtype, shape, k
     x = torch.randn(n, c, h, w, device="cuda")
     weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
     g = torch.randn(n, c, h, w, device="cuda")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
-        torch.cuda.synchronize()
-    # Its results are meant to equal the two-kernel path's bit for bit: check that it ran.
-    assert any("backward_fused_nchw_kernel" in e.key for e in prof.key_averages())
+    got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
     again = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
     want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
                  constrained)
@@ -127,3 +123,22 @@ def test_gpu_fused_nchw_backward_matches_definition(monkeypatch, dtype, shape, k
     assert rel_err(got[1].double(), want[1]) < tol
     assert rel_err(got[2].double(), want[2]) < 4 * tol
     assert torch.equal(got[1], again[1]) and torch.equal(got[2], again[2])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_gpu_fused_nchw_backward_runs_only_when_asked(monkeypatch, enabled):
+    # Its results are meant to equal the two-kernel path's bit for bit, so the test above cannot
+    # tell which ran: the CUDA profiler can.
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    if enabled:
+        monkeypatch.setenv("SFICONV_CUDA_FUSED_BACKWARD", "1")
+    else:
+        monkeypatch.delenv("SFICONV_CUDA_FUSED_BACKWARD", raising=False)
+    x = torch.randn(2, 8, 33, 35, device="cuda")
+    weight = torch.rand(8, 1, 5, 5, device="cuda") + 0.5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        grads("cuda", x, weight, torch.randn_like(x), True)
+        torch.cuda.synchronize()
+    ran = any("backward_fused_nchw_kernel" in e.key for e in prof.key_averages())
+    assert ran == enabled
