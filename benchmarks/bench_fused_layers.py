@@ -7,8 +7,6 @@ Prints a table and writes JSON.
     python benchmarks/bench_fused_layers.py     # CUDA, batch 64 at 256x256: layer1's shapes
 """
 import argparse
-import json
-import os
 
 import torch
 
@@ -17,7 +15,7 @@ import torch.nn as nn
 from sficonv_ext import ops
 
 from bench_mcs import timer
-from bench_models import machine_info
+from bench_models import machine_info, result_path, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,12 +115,9 @@ def main(argv=None):
     for r in rows:
         print(f"{r['layer']:>26} {r['dtype']:>9} {r['path']:>9} {r['phase']:>17} "
               f"{r['ms']:9.3f} {r['speedup']:11.2f}")
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"fused_layers_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"benchmark": "bench_fused_layers", "settings": vars(args),
-                   "machine": machine_info(device), "rows": rows}, f, indent=2)
+    out = result_path(args.json, f"fused_layers_{device.type}.json")
+    write_json(out, {"benchmark": "bench_fused_layers", "settings": vars(args),
+                     "machine": machine_info(device), "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -11,7 +11,6 @@ and writes JSON.
 """
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import time
@@ -20,7 +19,7 @@ import torch
 
 from sficonv_ext import ops
 
-from bench_models import machine_info
+from bench_models import machine_info, result_path, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {"cpu": ["8x64x64x64"], "cuda": ["64x64x64x64", "32x64x128x128"]}
@@ -179,13 +178,9 @@ def main(argv=None):
               f"{r['phase']:>12} "
               f"{r['ms']:9.3f} {r['GB/s']:8.1f} {r['pct_copy_bw']:6.1f} "
               f"{r['speedup_vs_torch']:8.2f}")
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"mcs_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"benchmark": "bench_mcs", "settings": vars(args),
-                   "machine": machine_info(device), "backends": ops.backends(), "rows": rows},
-                  f, indent=2)
+    out = result_path(args.json, f"mcs_{device.type}.json")
+    write_json(out, {"benchmark": "bench_mcs", "settings": vars(args),
+                     "machine": machine_info(device), "backends": ops.backends(), "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -176,6 +176,19 @@ def machine_info(device):
     return info
 
 
+def result_path(explicit, name):
+    """Where a benchmark writes its JSON: ``explicit`` (--json), else benchmarks/results/name.
+    The folder is created."""
+    out = explicit or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    return out
+
+
+def write_json(path, result):
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+
+
 def print_table(rows, batch):
     header = (f"{'variant':26} {'train img/s':>12} {'x ref':>7} {'infer img/s':>12} {'x ref':>7}"
               f" {'train peak MiB':>15}")
@@ -230,9 +243,7 @@ def main(argv=None):
             print(f"{name} could not be built: {variant}", flush=True)
         else:
             variants[name] = make_steps(variant, x, target, args)
-    out = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"models_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out = result_path(args.json, f"models_{device.type}.json")
 
     def save(medians, memory, errors, complete=False):
         rows = collect_rows(variants, medians, memory, errors, build_errors)
@@ -240,8 +251,7 @@ def main(argv=None):
                   "machine": machine_info(device),
                   "rows": [{**r, **{k.replace("_s", "_images_per_s"): args.batch / r[k]
                                     for k in ("train_s", "infer_s") if k in r}} for r in rows]}
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(out, result)
         return rows, result
 
     print(f"measuring {len(variants)} variants, {args.rounds} interleaved rounds ...", flush=True)
