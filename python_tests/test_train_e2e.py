@@ -32,7 +32,8 @@ def trained(tmp_path_factory):
     code = main(["train", *tiny_builtin(tmp), *FAST, "--epochs", "2", "--out", str(out),
                  "--export-published", "wrapper"])
     assert code == 0
-    return tmp, out
+    yield tmp, out
+    shutil.rmtree(tmp, ignore_errors=True)  # ~300 MB of checkpoints: free the disk for the rest
 
 
 def test_train_writes_a_complete_run(trained):

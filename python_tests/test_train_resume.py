@@ -3,6 +3,7 @@ ends exactly where an uninterrupted run ends, in deterministic mode."""
 import csv
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -72,7 +73,8 @@ def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
     result = run_module(_args(tmp, tmp / "run"))
     assert result.returncode == 0, result.stderr
-    return tmp, _outcome(tmp / "run")
+    yield tmp, _outcome(tmp / "run")
+    shutil.rmtree(tmp, ignore_errors=True)  # ~300 MB of checkpoints: free the disk for the rest
 
 
 def _assert_same(outcome, baseline):
@@ -123,3 +125,19 @@ def _write_killer(tmp_path):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     return script
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.atomic_save({"step": 1}, str(path))
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.UserError, match=r"could not write .*last\.pt.*No space left.*MiB free"):
+        ckpt.atomic_save({"step": 2}, str(path))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left
+    assert torch.load(path, weights_only=True) == {"step": 1}

@@ -9,6 +9,7 @@ one of the layouts the model accepts (own, published training wrapper ``best.pkl
 """
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -45,10 +46,21 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        # torch's zip writer turns a full disk into "unexpected pos ...": say what happened.
+        raise UserError(f"could not write {path}: {error}; {_free_space(folder)} free on that "
+                        f"disk (the previous {os.path.basename(path)}, if any, is kept)") from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(folder)
+
+
+def _free_space(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def rng_state():
