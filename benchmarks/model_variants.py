@@ -16,7 +16,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
-- ``fused-inference``: ``fuse_for_inference(fast)`` (inference only);
+- ``fused-inference``: ``fuse_for_inference(fast)`` (inference only; on the CPU its
+  convolutions run with add and ReLU as oneDNN post-ops on pre-reordered weights);
+  ``fused-inference-unpacked`` the same with plain ``F.conv2d`` calls (``onednn=False``);
   ``fused-inference-compiled`` the same under ``torch.compile``;
   ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only).
 """
@@ -33,10 +35,10 @@ from sficonv_ext.nn import FirstSFIConv2d
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
             "fast-cpp-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
-            "fused-inference-compiled", "fused-inference-cudagraph")
+            "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
-            "fused-inference"),
+            "fused-inference", "fused-inference-unpacked"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudagraph"),
 }
@@ -125,6 +127,9 @@ def build_variants(names, depth, device, amp_dtype):
                                           True, amp_dtype),
         "fused-inference": lambda: Variant("fused-inference",
                                            models.fuse_for_inference(fast()), False, amp_dtype),
+        "fused-inference-unpacked": lambda: Variant(
+            "fused-inference-unpacked", models.fuse_for_inference(fast(), onednn=False), False,
+            amp_dtype),
         "fused-inference-compiled": lambda: Variant(
             "fused-inference-compiled", torch.compile(models.fuse_for_inference(fast())), False,
             amp_dtype),

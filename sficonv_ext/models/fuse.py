@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ..nn import MCSConv2d, SFIConvNorm
 from .cuda_graph import CUDAGraphInference
+from .onednn_inference import onednn_fusion_available, use_onednn_layers
 from .resnet import PlainBottleneck, SFIResNet
 
 
@@ -29,6 +30,10 @@ def _bake_mcs(mcs):
     mcs.learnable = False
 
 
+def _on_cpu(net):
+    return all(p.device.type == "cpu" for p in net.parameters())
+
+
 class FusedForInference(nn.Module):
     """Eval-only SFIConv-ResNet with BatchNorm folded away, running in channels_last."""
 
@@ -50,9 +55,13 @@ class FusedForInference(nn.Module):
         return self.network(x)
 
 
-def fuse_for_inference(model, cuda_graph=False):
+def fuse_for_inference(model, cuda_graph=False, onednn=True):
     """Return an eval-only copy of ``model`` with BatchNorm folded into the convolutions and
     weights in channels_last; same outputs as ``model.eval()`` within float32 rounding.
+
+    ``onednn=True`` (a CPU model, where torch has oneDNN): the folded convolutions run with
+    their residual add and ReLU as one oneDNN call on a pre-reordered weight (see
+    ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
 
     ``cuda_graph=True`` (model on a CUDA device): the copy captures its forward in a CUDA graph
     on the first call and replays it afterwards; it then accepts only that call's input shape,
@@ -75,6 +84,8 @@ def fuse_for_inference(model, cuda_graph=False):
             _bake_mcs(module)
     for p in net.parameters():
         p.requires_grad_(False)
+    if onednn and _on_cpu(net) and onednn_fusion_available():
+        use_onednn_layers(net)
     net = net.to(memory_format=torch.channels_last)
     fused = FusedForInference(net).eval()
     if cuda_graph:
