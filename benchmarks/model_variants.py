@@ -19,7 +19,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
 - ``fused-inference``: ``fuse_for_inference(fast)`` (inference only; on the CPU its
   convolutions run with add and ReLU as oneDNN post-ops on pre-reordered weights);
   ``fused-inference-unpacked`` the same with plain ``F.conv2d`` calls (``onednn=False``);
-  ``fused-inference-compiled`` the same under ``torch.compile``;
+  ``fused-inference-compiled`` the same under ``torch.compile``; ``fused-inference-frozen``
+  under ``torch.compile`` with inductor's freezing (weights as constants: oneDNN prepacking and
+  convolution post-op fusion on the CPU);
   ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only).
 """
 import copy
@@ -35,7 +37,8 @@ from sficonv_ext.nn import FirstSFIConv2d
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
             "fast-cpp-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
-            "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-cudagraph")
+            "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-frozen",
+            "fused-inference-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
             "fused-inference", "fused-inference-unpacked"),
@@ -132,6 +135,10 @@ def build_variants(names, depth, device, amp_dtype):
             amp_dtype),
         "fused-inference-compiled": lambda: Variant(
             "fused-inference-compiled", torch.compile(models.fuse_for_inference(fast())), False,
+            amp_dtype),
+        "fused-inference-frozen": lambda: Variant(
+            "fused-inference-frozen",
+            torch.compile(models.fuse_for_inference(fast()), options={"freezing": True}), False,
             amp_dtype),
         "fused-inference-cudagraph": lambda: Variant(
             "fused-inference-cudagraph", models.fuse_for_inference(fast(), cuda_graph=True),

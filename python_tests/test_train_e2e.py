@@ -232,3 +232,27 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert state["progress"]["global_step"] == 4  # 16 images / batch 8 x 2 epochs
     model = models.sfi_resnet26()
     model.load_state_dict(state["model"])
+
+
+def test_eval_and_predict_with_fuse_score_like_the_unfused_model(trained, tmp_path):
+    tmp, out = trained
+    results = {}
+    for fuse in (False, True):
+        flag = ["--fuse"] if fuse else []
+        folder = tmp_path / f"eval{int(fuse)}"
+        assert main(["eval", "--checkpoint", str(out / "best.pt"), *tiny_builtin(tmp)[:6],
+                     "--out", str(folder), "--workers", "0", "--no-progress", *flag]) == 0
+        csv_path = tmp_path / f"scores{int(fuse)}.csv"
+        assert main(["predict", "--checkpoint", str(out), str(tmp / "cache"), "--out",
+                     str(csv_path), "--image-size", "32", "--workers", "0", "--no-progress",
+                     *flag]) == 0
+        with open(csv_path) as f:
+            rows = list(csv.DictReader(f))
+        results[fuse] = (read_json(folder / "metrics.json"), rows)
+    (plain_metrics, plain_rows), (fused_metrics, fused_rows) = results[False], results[True]
+    assert fused_metrics["n"] == plain_metrics["n"] == 5
+    assert fused_metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-4)
+    assert [r["path"] for r in fused_rows] == [r["path"] for r in plain_rows]
+    assert len(plain_rows) > 0
+    for a, b in zip(fused_rows, plain_rows):
+        assert float(a["score"]) == pytest.approx(float(b["score"]), abs=1e-5)

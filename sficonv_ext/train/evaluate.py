@@ -38,7 +38,7 @@ def _evaluate(cfg, ctx):
     samples = evaluation_set(cfg["data"], cfg, ctx, log)
     samples, missing = drop_missing(samples, cfg["strict"], log)
     model, path = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,
-                             cfg["channels_last"], cfg["compile"], log)
+                             cfg["channels_last"], cfg["compile"], log, fuse=cfg["fuse"])
     if not samples:
         log(f"no images to evaluate in {cfg['data']}: metrics.json will hold n = 0")
     # Published test transform: no resizing unless --image-size.

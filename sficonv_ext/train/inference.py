@@ -1,13 +1,16 @@
 """Loading a checkpoint for scoring, shared by ``sficonv eval`` and ``sficonv predict``."""
 import torch
 
+from .. import models
 from . import checkpoint as ckpt
 from .architectures import build_model
 from .errors import UserError
 
 
-def load_model(path, arch, device, channels_last=False, compile_model=False, log=print):
+def load_model(path, arch, device, channels_last=False, compile_model=False, log=print,
+               fuse=False):
     """Build the network a checkpoint needs and load it (ours, or a published ``best.pkl``).
+    ``fuse``: return ``models.fuse_for_inference`` of it (eval-only, BatchNorm folded).
 
     ``arch`` None: the checkpoint's own, or sfi_resnet26 for a published file (which does not
     record it). Returns ``(model in eval mode, resolved checkpoint path)``.
@@ -23,6 +26,9 @@ def load_model(path, arch, device, channels_last=False, compile_model=False, log
     model.to(device).eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if fuse:
+        model = models.fuse_for_inference(model)
+        log("scoring with fuse_for_inference (BatchNorm folded into the convolutions)")
     if compile_model:
         model = torch.compile(model)
     return model, path

@@ -48,7 +48,7 @@ def predict(cfg, inputs):
     if not paths:
         raise UserError(f"no images found in {', '.join(inputs)}")
     model, _ = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,
-                          cfg["channels_last"], cfg["compile"], log)
+                          cfg["channels_last"], cfg["compile"], log, fuse=cfg["fuse"])
     samples = [Sample(p, -1) for p in paths]
     scoring = ScoringSet(samples, EvalTransform(cfg["image_size"]), cfg["batch_size"], ctx,
                          cfg["workers"], cfg["strict"], size=cfg["image_size"])
