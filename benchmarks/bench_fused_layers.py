@@ -1,21 +1,25 @@
 """Layer-level benchmark of the fused ops against the PyTorch compositions they replace, forward
 and forward+backward, in the fast model's layout (channels_last):
-- the first SFIConv layer: fused Triton op vs MCSConv op + two cuDNN 1x1 convolutions + cat;
-- the training epilogue BatchNorm + residual add + ReLU: Triton vs nn.BatchNorm2d + add_ + relu_.
+- the first SFIConv layer: fused Triton op (CUDA) vs MCSConv op + two cuDNN/oneDNN 1x1
+  convolutions + cat, and one plain 1x1 convolution of the same weight shape (what the layer
+  costs in an ordinary CNN: the limit);
+- the training epilogue BatchNorm + residual add + ReLU: Triton (CUDA) or C++ (CPU) vs
+  nn.BatchNorm2d + add_ + relu_.
 Prints a table and writes JSON.
 
-    python benchmarks/bench_fused_layers.py     # CUDA, batch 64 at 256x256: layer1's shapes
+    python benchmarks/bench_fused_layers.py     # CUDA: batch 64 at 256x256 (layer1's shapes);
+                                                # CPU: batch 8, float32
 """
 import argparse
 
 import torch
-
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sficonv_ext import ops
 
 from bench_mcs import timer
-from bench_models import machine_info, result_path, write_json
+from bench_models import machine_info, result_path, set_malloc, write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,23 +27,42 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="64x64x64x64", help="NxC_inxHxW of the first layer's input")
-    p.add_argument("--norm-shape", default="64x256x64x64",
-                   help="NxCxHxW of the epilogue (default: layer1's block output)")
+    p.add_argument("--shape", default=None, help="NxC_inxHxW of the first layer's input "
+                   "(default: 64x64x64x64 on CUDA, 8x64x64x64 on the CPU)")
+    p.add_argument("--norm-shape", default=None,
+                   help="NxCxHxW of the epilogue (default: layer1's block output, "
+                   "64x256x64x64 on CUDA, 8x256x64x64 on the CPU)")
     p.add_argument("--out-channels", type=int, default=64)
-    p.add_argument("--dtypes", nargs="*", default=["bfloat16", "float32"], choices=DTYPES)
+    p.add_argument("--dtypes", nargs="*", default=None, choices=DTYPES,
+                   help="default: bfloat16 float32 on CUDA, float32 on the CPU")
     p.add_argument("--learnable", action="store_true", help="learnable MCS filter (default: "
                    "the published frozen one)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--malloc", default="default", choices=["default", "no-mmap"],
+                   help="CPU: no-mmap keeps large blocks on glibc's heap (as sficonv train "
+                   "does) so the timings are not page faults")
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    batch = 64 if args.device.startswith("cuda") else 8
+    args.shape = args.shape or f"{batch}x64x64x64"
+    args.norm_shape = args.norm_shape or f"{batch}x256x64x64"
+    args.dtypes = args.dtypes or (["bfloat16", "float32"] if batch == 64 else ["float32"])
+    return args
+
+
+def _triton_here(device):
+    return device.type == "cuda" and ops.backends()["triton_ops"]
+
+
+def _plain_conv(x, weight, mcs_weight):
+    return F.conv2d(x, weight)
 
 
 def first_layer_rows(args, device, measure):
     n, cin, h, w = (int(v) for v in args.shape.split("x"))
     cout, split = args.out_channels, args.out_channels // 2
-    paths = ["composed"] + (["triton"] if ops.backends()["triton_ops"] else [])
+    paths = ["composed"] + (["triton"] if _triton_here(device) else []) + ["plain-conv"]
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -54,6 +77,8 @@ def first_layer_rows(args, device, measure):
                                                       weight, mcs_weight)
 
         def call(path, x, weight, mcs_weight):
+            if path == "plain-conv":
+                return _plain_conv(x, weight, mcs_weight)
             return ops.first_sfi_conv(x, weight, mcs_weight, split, backend=path,
                                       constrained=args.learnable)
         times = time_paths(paths, call, inputs, trainable, g, args, measure)
@@ -63,7 +88,8 @@ def first_layer_rows(args, device, measure):
 
 def norm_act_rows(args, device, measure):
     shape = tuple(int(v) for v in args.norm_shape.split("x"))
-    paths = ["torch"] + (["triton"] if ops.backends()["triton_ops"] else [])
+    cpp = device.type == "cpu" and ops.backends()["cpp"]
+    paths = ["torch"] + (["triton"] if _triton_here(device) else []) + (["cpp"] if cpp else [])
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
@@ -103,11 +129,13 @@ def _rows(layer, dtype_name, times, baseline):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    set_malloc(args.malloc)
     measure = timer(device)
     rows = first_layer_rows(args, device, measure) + norm_act_rows(args, device, measure)
     print(f"Fused layers vs their PyTorch compositions, channels_last, MCS "
           f"{'learnable' if args.learnable else 'frozen'}, device {device} "
-          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
+          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}, malloc "
+          f"{args.malloc}")
     header = (f"{'layer':>26} {'dtype':>9} {'path':>9} {'phase':>17} {'ms':>9} "
               f"{'x baseline':>11}")
     print(header)

@@ -19,7 +19,8 @@ def _run(script, *args):
 
 def test_bench_models_writes_every_variant(tmp_path):
     out = tmp_path / "models.json"
-    variants = ["reference", "fast", "fast-cpp-epilogue", "plain", "fused-inference"]
+    variants = ["reference", "fast", "fast-cpp-epilogue", "plain", "fused-inference",
+                "fused-inference-unpacked"]
     text = _run("bench_models.py", "--device", "cpu", "--batch", "2", "--size", "64",
                 "--warmup", "0", "--iters", "1", "--rounds", "1", "--malloc", "no-mmap",
                 "--variants", *variants, "--json", str(out))
@@ -29,7 +30,8 @@ def test_bench_models_writes_every_variant(tmp_path):
     assert list(rows) == variants
     for name, row in rows.items():
         assert row["infer_images_per_s"] > 0, name
-        assert (row.get("train_images_per_s", 0) > 0) == (name != "fused-inference"), name
+        inference_only = name.startswith("fused-inference")
+        assert (row.get("train_images_per_s", 0) > 0) == (not inference_only), name
     assert "fused-inference" in text
 
 
@@ -44,3 +46,17 @@ def test_bench_mcs_writes_every_backend(tmp_path):
         (layout, phase) for layout in ("nchw", "channels_last")
         for phase in ("forward", "backward_x", "backward_xw")}
     assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
+
+
+def test_bench_fused_layers_on_the_cpu_times_every_path(tmp_path):
+    from sficonv_ext import ops
+    out = tmp_path / "layers.json"
+    _run("bench_fused_layers.py", "--device", "cpu", "--shape", "2x4x9x11",
+         "--norm-shape", "2x6x5x7", "--out-channels", "4", "--iters", "1", "--warmup", "0",
+         "--malloc", "no-mmap", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    epilogue = {"torch", "cpp"} if ops.backends()["cpp"] else {"torch"}
+    assert {(r["layer"].split()[0], r["path"]) for r in rows} == (
+        {("first", "composed"), ("first", "plain-conv")} | {("bn+add+relu", p) for p in epilogue})
+    assert {r["phase"] for r in rows} == {"forward", "forward_backward"}
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
