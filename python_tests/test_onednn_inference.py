@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from sficonv_ext import models
 from sficonv_ext.models.onednn_inference import (OneDNNConvNorm, OneDNNPlainBottleneck,
-                                                 onednn_fusion_available)
+                                                 drop_packed_weights, onednn_fusion_available)
 
 from conftest import make_pair, rel_err
 
@@ -38,8 +38,8 @@ def _ops_run(model, x, **kwargs):
 def test_every_folded_layer_is_swapped_and_keys_are_kept(trio):
     fast, onednn, plain = trio
     kinds = [type(m) for m in onednn.modules()]
-    # 16 SFIConv layers over an SFIConv2d in the SFI bottlenecks (+ 4 downsamples), 1 plain
-    # bottleneck in layer4 of ResNet-26.
+    # ResNet-26: 20 SFIConv layers over an SFIConv2d in the SFI bottlenecks (the first
+    # block's FirstSFIConv is not one) plus 4 downsamples, and 1 plain bottleneck in layer4.
     assert kinds.count(OneDNNConvNorm) == 24
     assert kinds.count(OneDNNPlainBottleneck) == 1
     assert list(onednn.state_dict()) == list(plain.state_dict())
@@ -113,19 +113,105 @@ def test_a_changed_weight_is_never_served_from_the_stale_reordered_copy(trio):
         assert rel_err(onednn(x), plain(x)) < 1e-5
 
 
+def test_a_weight_replaced_twice_between_calls_is_not_mistaken_for_the_first(trio):
+    # The second replacement may land at the first one's freed address with the same version:
+    # the cache must hold on to the tensor it was built from.
+    _, onednn, plain = trio
+    onednn, plain = copy.deepcopy(onednn), copy.deepcopy(plain)
+    x = torch.randn(1, 3, 64, 64)
+    for trial in range(6):
+        with torch.inference_mode():
+            assert rel_err(onednn(x), plain(x)) < 1e-5, trial
+        with torch.no_grad():
+            scale = torch.rand(()) + 0.5
+            for model in (onednn, plain):
+                layer = model.network.layer1[1].SFIC2.conv
+                for _ in range(2):
+                    layer.weight = torch.nn.Parameter(layer.weight * scale, requires_grad=False)
+
+
+def test_writes_behind_autograds_back_need_drop_packed_weights(trio):
+    _, onednn, plain = trio
+    onednn, plain = copy.deepcopy(onednn), copy.deepcopy(plain)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        onednn(x)
+    for model in (onednn, plain):
+        model.network.layer4[1].conv3.weight.data.mul_(-1.0)  # no version bump
+    drop_packed_weights(onednn)
+    with torch.inference_mode():
+        assert rel_err(onednn(x), plain(x)) < 1e-5
+
+
 def test_copies_and_pickles_work_after_a_forward(trio):
     _, onednn, plain = trio
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         expect = onednn(x)
+    layer = onednn.network.layer1[1].SFIC2
+    assert layer._packed._cache is not None
     buffer = io.BytesIO()
     torch.save(onednn, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(onednn)
+    assert layer._packed._cache is not None  # copying leaves the original's cache alone
+    assert copied.network.layer1[1].SFIC2._packed._cache is None
     with torch.inference_mode():
-        assert torch.equal(copy.deepcopy(onednn)(x), expect)
+        assert torch.equal(copied(x), expect)
         assert torch.equal(loaded(x), expect)
-        assert torch.equal(onednn(x), expect)  # the original still works after being copied
+        assert torch.equal(onednn(x), expect)
+
+
+def test_hooks_on_a_convolution_still_fire(trio):
+    _, onednn, plain = trio
+    onednn = copy.deepcopy(onednn)
+    seen = []
+    handles = [onednn.network.layer1[1].SFIC2.conv.register_forward_hook(
+                   lambda m, i, o: seen.append(o.shape)),
+               onednn.network.layer4[1].conv2.register_forward_hook(
+                   lambda m, i, o: seen.append(o.shape))]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        got = onednn(x)
+        assert rel_err(got, plain(x)) < 1e-5
+    assert len(seen) == 2
+    for handle in handles:
+        handle.remove()
+
+
+def test_traced_and_onednn_disabled_take_the_plain_path(trio):
+    _, onednn, plain = trio
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expect = plain(x)
+        traced = torch.jit.trace(onednn, x, check_trace=False)
+        assert rel_err(traced(x), expect) < 1e-5
+        with torch.backends.mkldnn.flags(enabled=False):
+            got, ran = _ops_run(onednn, x)
+    assert FUSED_OP not in ran
+    assert rel_err(got, expect) < 1e-5
+
+
+def test_a_residual_of_the_wrong_shape_is_still_an_error(trio):
+    _, onednn, _ = trio
+    layer = onednn.network.layer1[1].SFIC3
+    x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), pytest.raises(ValueError, match="residual shape"):
+        layer(x, residual=torch.randn(1, 1, 1).expand(1, 1, 1))
+
+
+def test_fusing_under_inference_mode_still_caches(trio):
+    fast, _, plain = trio
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        fused = models.fuse_for_inference(fast)
+        got = fused(x)
+    layer = fused.network.layer1[1].SFIC2
+    assert not layer.conv.weight.is_inference()
+    assert layer._packed._cache is not None
+    with torch.inference_mode():
+        assert rel_err(got, plain(x)) < 1e-5
 
 
 def test_compiled_model_matches(trio):
@@ -136,7 +222,7 @@ def test_compiled_model_matches(trio):
         assert rel_err(compiled(x), plain(x)) < 1e-5
 
 
-def test_onednn_false_and_cuda_models_keep_plain_layers():
+def test_onednn_false_keeps_plain_layers():
     fused = models.fuse_for_inference(models.sfi_resnet26().eval(), onednn=False)
     assert not any(isinstance(m, (OneDNNConvNorm, OneDNNPlainBottleneck))
                    for m in fused.modules())
@@ -147,6 +233,7 @@ def test_weights_made_in_inference_mode_are_reordered_every_call(trio):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         onednn, plain = copy.deepcopy(onednn), copy.deepcopy(plain)  # inference tensors
+        assert onednn.network.layer4[1].conv2.weight.is_inference()
         onednn(x)
         for model in (onednn, plain):
             model.network.layer4[1].conv2.weight.mul_(-2.0)  # no version counter to see this

@@ -234,10 +234,11 @@ def test_ddp_two_gloo_processes(tmp_path):
     model.load_state_dict(state["model"])
 
 
-def test_eval_and_predict_with_fuse_score_like_the_unfused_model(trained, tmp_path):
+def test_eval_and_predict_with_fuse_score_like_the_unfused_model(trained, tmp_path, capsys):
     tmp, out = trained
     results = {}
     for fuse in (False, True):
+        capsys.readouterr()
         flag = ["--fuse"] if fuse else []
         folder = tmp_path / f"eval{int(fuse)}"
         assert main(["eval", "--checkpoint", str(out / "best.pt"), *tiny_builtin(tmp)[:6],
@@ -249,6 +250,9 @@ def test_eval_and_predict_with_fuse_score_like_the_unfused_model(trained, tmp_pa
         with open(csv_path) as f:
             rows = list(csv.DictReader(f))
         results[fuse] = (read_json(folder / "metrics.json"), rows)
+        logged = capsys.readouterr()
+        assert (logged.out + logged.err).count("scoring with fuse_for_inference") == (
+            2 if fuse else 0)
     (plain_metrics, plain_rows), (fused_metrics, fused_rows) = results[False], results[True]
     assert fused_metrics["n"] == plain_metrics["n"] == 5
     assert fused_metrics["loss"] == pytest.approx(plain_metrics["loss"], rel=1e-4)

@@ -69,6 +69,13 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True):
     if not isinstance(model, SFIResNet):
         raise TypeError(f"fuse_for_inference expects an SFIResNet from sficonv_ext.models, "
                         f"got {type(model).__name__}")
+    # Normal tensors even when called under inference_mode: weights made there carry no
+    # version counter, so the oneDNN layers could not cache their reordered copies.
+    with torch.inference_mode(False):
+        return _fuse(model, cuda_graph, onednn)
+
+
+def _fuse(model, cuda_graph, onednn):
     net = copy.deepcopy(model).eval()
     _fold(net.conv1, net.bn1)
     net.bn1 = nn.Identity()

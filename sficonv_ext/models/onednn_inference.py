@@ -11,10 +11,14 @@ measure the whole model with and without these layers (``fused-inference`` again
 
 The oneDNN ops (``torch.ops.mkldnn._convolution_pointwise`` and
 ``_reorder_convolution_weight``) are the ones TorchInductor's CPU freezing pass calls. They are
-used only where they compute exactly what the plain path computes and nothing needs their
-(missing) autograd: float32 CPU tensors in channels_last, no autocast, no gradient wanted, not
-under ``torch.compile`` (which fuses on its own). Every other call runs the plain path:
-``F.conv2d``, then add, then ReLU, the arithmetic ``fuse_for_inference`` used before.
+used only where they compute exactly what the plain path computes and nothing needs what they
+lack (autograd, TorchScript, hooks): float32 CPU tensors in channels_last, oneDNN enabled, no
+autocast, no gradient wanted, no hook on the convolution, not traced, scripted or compiled
+(torch.compile fuses on its own). Every other call runs the layer it replaced, unchanged: the
+convolution module, then ``batch_norm_act`` (add and ReLU).
+
+Cost: the reordered weights are a second copy of the convolution weights (about 56 MB for
+SFIConv-ResNet-26 in float32), kept while the model lives.
 """
 import torch
 import torch.nn as nn
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from .resnet import PlainBottleneck
 from ..nn import SFIConv2d, SFIConvNorm
+from ..ops.norm_act import batch_norm_act
 
 
 def onednn_fusion_available():
@@ -32,8 +37,10 @@ def onednn_fusion_available():
     return hasattr(ns, "_convolution_pointwise") and hasattr(ns, "_reorder_convolution_weight")
 
 
-def _autocast_on():
-    return torch.is_autocast_enabled("cpu")
+def _tracing_or_compiling():
+    # TorchScript cannot trace these ops, and torch.compile fuses on its own.
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.jit.is_scripting())
 
 
 def _channels_last_float32_cpu(t):
@@ -41,58 +48,74 @@ def _channels_last_float32_cpu(t):
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def _hooked(module):
+    # A hook on the convolution must see it run: such a layer keeps the plain path.
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
 class PackedConv:
     """The oneDNN path for one folded convolution: ``act(conv(x) + bias [+ other])``.
 
-    The reordered weight is cached and rebuilt whenever the weight tensor changes (another
-    tensor, an in-place update, another device), so a stale copy is never used."""
+    The reordered weight is cached with the weight tensor it came from (kept alive, so its
+    address cannot be reused) and that tensor's version counter: replacing the parameter,
+    moving it, or changing it in place through autograd-visible ops rebuilds it. Writes that
+    bypass the version counter (``weight.data``, a NumPy view) are not seen: call
+    :func:`drop_packed_weights` after them."""
 
-    def __init__(self, conv_module, padding, stride=1):
-        self.module, self.padding, self.stride = conv_module, padding, stride
-        self._packed, self._key = None, None
+    def __init__(self, conv_module, padding):
+        self.module, self.padding = conv_module, padding
+        self._cache = None  # (weight tensor, its version, reordered weight), read in one step
 
-    def can_run(self, x, other=None):
+    def __getstate__(self):
+        # Copies and pickles leave the reordered weight behind; the live object keeps it.
+        return {"module": self.module, "padding": self.padding, "_cache": None}
+
+    def can_run(self, x):
+        """Whether ``x`` may take the oneDNN path (residual fit is checked separately)."""
         weight, bias = self.module.weight, self.module.bias
-        if torch.compiler.is_compiling() or _autocast_on() or x.numel() == 0:
+        if (_tracing_or_compiling() or not torch.backends.mkldnn.enabled
+                or torch.is_autocast_enabled("cpu") or x.numel() == 0):
             return False
         if not (_channels_last_float32_cpu(x) and weight.dtype == torch.float32
                 and weight.device.type == "cpu" and bias is not None
-                and bias.dtype == torch.float32):
+                and bias.dtype == torch.float32 and bias.device.type == "cpu"):
             return False
         wants_grad = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or bias.requires_grad
-            or (other is not None and other.requires_grad))
-        if wants_grad:
-            return False
-        if other is not None:
-            n, _, h, w = x.shape
-            k = weight.shape[-1]
-            expected = (n, weight.shape[0], (h + 2 * self.padding - k) // self.stride + 1,
-                        (w + 2 * self.padding - k) // self.stride + 1)
-            if tuple(other.shape) != expected or not _channels_last_float32_cpu(other):
-                return False
-        return True
+            x.requires_grad or weight.requires_grad or bias.requires_grad)
+        return not wants_grad
+
+    def residual_fits(self, x, other):
+        n, _, h, w = x.shape
+        weight = self.module.weight
+        k = weight.shape[-1]
+        expected = (n, weight.shape[0], h + 2 * self.padding - k + 1,
+                    w + 2 * self.padding - k + 1)
+        return (tuple(other.shape) == expected and _channels_last_float32_cpu(other)
+                and not (torch.is_grad_enabled() and other.requires_grad))
 
     def _weight(self, x):
         weight = self.module.weight
         if weight.is_inference():
             # No version counter to notice an in-place change: reorder on every call.
             return self._reorder(weight, x)
-        key = (weight.data_ptr(), weight._version, weight.device, tuple(weight.shape))
-        if self._key != key:
-            # A normal (not inference-mode) tensor, so it may be used under any grad mode.
-            with torch.inference_mode(False):
-                self._packed = self._reorder(weight, x)
-            self._key = key
-        return self._packed
+        cache = self._cache
+        if cache is not None and cache[0] is weight and cache[1] == weight._version:
+            return cache[2]
+        # A normal (not inference-mode) tensor, so it may be used under any grad mode.
+        with torch.inference_mode(False):
+            packed = self._reorder(weight, x)
+        self._cache = (weight, weight._version, packed)
+        return packed
 
     def _reorder(self, weight, x):
         with torch.no_grad():
             return torch.ops.mkldnn._reorder_convolution_weight(
-                weight, [self.padding] * 2, [self.stride] * 2, [1, 1], 1, list(x.shape))
+                weight, [self.padding] * 2, [1, 1], [1, 1], 1, list(x.shape))
 
     def __call__(self, x, other=None, relu=False):
-        args = ([self.padding] * 2, [self.stride] * 2, [1, 1], 1)
+        args = ([self.padding] * 2, [1, 1], [1, 1], 1)
         weight, bias = self._weight(x), self.module.bias
         if other is None:
             return torch.ops.mkldnn._convolution_pointwise(
@@ -101,79 +124,64 @@ class PackedConv:
             x, other, weight, bias, *args, "add", 1.0, "relu" if relu else None, [], "")
 
     def drop_cache(self):
-        self._packed, self._key = None, None
+        self._cache = None
 
 
-def _plain(conv, x, padding, residual, relu):
-    y = F.conv2d(x, conv.weight, conv.bias, padding=padding)
-    if residual is not None:
-        y = y.add_(residual)
-    return F.relu_(y) if relu else y
+def _fused_step(packed, conv, x, residual, relu):
+    """``packed``'s one oneDNN call on ``x`` (already pooled), or None where it may not run."""
+    if _hooked(conv) or not packed.can_run(x):
+        return None
+    if residual is not None and not packed.residual_fits(x, residual):
+        return None
+    return packed(x, residual, relu)
 
 
-class _DropsPackedWeights(nn.Module):
-    """Copies and pickles leave the reordered weights behind (they are rebuilt on first use)."""
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        for packed in self._packed_convs():
-            packed.drop_cache()
-        return state
-
-    def _packed_convs(self):
-        return [v for v in self.__dict__.values() if isinstance(v, PackedConv)]
-
-
-class OneDNNConvNorm(_DropsPackedWeights):
+class OneDNNConvNorm(nn.Module):
     """A folded ``SFIConvNorm`` (BatchNorm already in ``conv``'s weight and bias) with the same
-    ``forward(x, residual=None, relu=None)`` and the same state_dict keys."""
+    ``forward(x, residual=None, relu=None)``, the same state_dict keys, and, wherever the oneDNN
+    call may not run, the same code path."""
 
     def __init__(self, layer):
         super().__init__()
         conv = layer.conv
-        self.conv, self.bn, self.relu = conv, nn.Identity(), layer.relu
-        self.padding = conv.kernel_size // 2
+        self.conv, self.bn, self.relu = conv, layer.bn, layer.relu
         self.pool = None if conv.stride == 1 else ("before" if conv.pool_first else "after")
-        self._packed = PackedConv(conv, self.padding)
+        self._packed = PackedConv(conv, conv.kernel_size // 2)
 
     def forward(self, x, residual=None, relu=None):
         relu = self.relu if relu is None else relu
-        if self.pool == "before":
-            x = F.avg_pool2d(x, 2)
-        if self.pool is None or self.pool == "before":
-            if self._packed.can_run(x, residual):
-                return self._packed(x, residual, relu)
-            return _plain(self.conv, x, self.padding, residual, relu)
         # Pooling after the convolution sits between it and the epilogue: no post-op fusion.
-        y = F.avg_pool2d(_plain(self.conv, x, self.padding, None, False), 2)
-        if residual is not None:
-            y = y.add_(residual)
-        return F.relu_(y) if relu else y
+        if self.pool != "after" and self._packed.can_run(x):
+            pooled = F.avg_pool2d(x, 2) if self.pool == "before" else x
+            y = _fused_step(self._packed, self.conv, pooled, residual, relu)
+            if y is not None:
+                return y
+        return batch_norm_act(self.conv(x), self.bn, residual, relu, inplace_ok=True)
 
 
-class OneDNNPlainBottleneck(_DropsPackedWeights):
+class OneDNNPlainBottleneck(nn.Module):
     """A folded ``PlainBottleneck`` (identity residual) with the same state_dict keys."""
 
     def __init__(self, block):
         super().__init__()
         for i in (1, 2, 3):
             setattr(self, f"conv{i}", getattr(block, f"conv{i}"))
-            setattr(self, f"bn{i}", nn.Identity())
-        self._packed1 = PackedConv(self.conv1, 0)
-        self._packed2 = PackedConv(self.conv2, 1)
-        self._packed3 = PackedConv(self.conv3, 0)
+            setattr(self, f"bn{i}", getattr(block, f"bn{i}"))
+        self._packed = [PackedConv(self.conv1, 0), PackedConv(self.conv2, 1),
+                        PackedConv(self.conv3, 0)]
 
     def forward(self, x):
-        out = self._step(self._packed1, self.conv1, 0, x, None)
-        out = self._step(self._packed2, self.conv2, 1, out, None)
+        out = self._step(0, x, None)
+        out = self._step(1, out, None)
         # The residual is this block's input, which the caller may still hold: never written.
-        return self._step(self._packed3, self.conv3, 0, out, x)
+        return self._step(2, out, x)
 
-    @staticmethod
-    def _step(packed, conv, padding, x, residual):
-        if packed.can_run(x, residual):
-            return packed(x, residual, relu=True)
-        return _plain(conv, x, padding, residual, True)
+    def _step(self, i, x, residual):
+        conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"bn{i + 1}")
+        y = _fused_step(self._packed[i], conv, x, residual, True)
+        if y is not None:
+            return y
+        return batch_norm_act(conv(x), bn, residual, True, inplace_ok=True)
 
 
 def use_onednn_layers(network):
@@ -190,3 +198,13 @@ def use_onednn_layers(network):
                 continue
             swapped += 1
     return swapped
+
+
+def drop_packed_weights(model):
+    """Forget every reordered weight in ``model`` (rebuilt on the next call): needed only after
+    writing weights in a way autograd's version counter does not see (``.data``, NumPy)."""
+    for module in model.modules():
+        for value in vars(module).values():
+            for packed in value if isinstance(value, list) else [value]:
+                if isinstance(packed, PackedConv):
+                    packed.drop_cache()

@@ -47,13 +47,21 @@ def atomic_save(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
-        # torch's zip writer turns a full disk into "unexpected pos ...": say what happened.
+        # torch's zip writer turns a full disk into "[enforce fail at inline_container.cc...]
+        # unexpected pos ...": say what happened. Other RuntimeErrors are not about the disk.
+        if isinstance(error, RuntimeError) and not _is_zip_write_error(error):
+            raise
         raise UserError(f"could not write {path}: {error}; {_free_space(folder)} free on that "
                         f"disk (the previous {os.path.basename(path)}, if any, is kept)") from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(folder)
+
+
+def _is_zip_write_error(error):
+    text = str(error)
+    return "inline_container" in text or "PytorchStreamWriter" in text
 
 
 def _free_space(folder):

@@ -115,8 +115,9 @@ OPTIONS = [
     Option("channels_last", bool, False, "channels_last memory format", (T, E, P), flag=True),
     Option("compile", bool, False, "torch.compile the model", (T, E, P), flag=True),
     Option("fuse", bool, False, "score with sficonv_ext.models.fuse_for_inference: BatchNorm "
-           "folded into the convolutions (on the CPU also add and ReLU as oneDNN post-ops); "
-           "faster, scores equal up to float32 rounding", (E, P), flag=True),
+           "folded into the convolutions (on a float32 CPU run without --amp or --compile, "
+           "also add and ReLU as oneDNN post-ops); faster, scores equal up to float32 "
+           "rounding", (E, P), flag=True),
     Option("resume", str, None, "resume from a run folder (its last.pt) or a checkpoint file",
            metavar="DIR|CKPT"),
     Option("overwrite", bool, False, "reuse an output folder that holds another run",
