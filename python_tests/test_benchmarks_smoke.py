@@ -60,3 +60,17 @@ def test_bench_fused_layers_on_the_cpu_times_every_path(tmp_path):
         {("first", "composed"), ("first", "plain-conv")} | {("bn+add+relu", p) for p in epilogue})
     assert {r["phase"] for r in rows} == {"forward", "forward_backward"}
     assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_profile_driver_runs_every_phase_or_says_it_needs_a_gpu():
+    import torch
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "profile_mcs_kernels.py"),
+                           "--shape", "2x4x9x11"], cwd=BENCH, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if not torch.cuda.is_available():
+        assert done.returncode != 0 and "needs a CUDA device" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = [line for line in done.stdout.splitlines() if line.startswith("== phase")]
+    assert len(phases) >= 4 and done.stdout.rstrip().endswith("== done")

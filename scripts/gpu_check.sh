@@ -10,7 +10,8 @@
 # Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
 # them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
 # later ones instead of overrunning the whole check. Order: build, the kernel and eager model
-# benchmarks (a minute), the GPU tests (about two), then the compiled models with what is left.
+# benchmarks (a minute), the GPU tests (about two), an Nsight Compute profile of the MCSConv
+# kernels when ncu is there (under 45 s), then the compiled models with what is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-gpu_results}
@@ -63,6 +64,23 @@ timeout "$(limit 170)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
 tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
 note "tests done at ${SECONDS} s"
+
+# Why the MCSConv kernels are as fast as they are (issue 3's bandwidth target): Nsight Compute
+# on one call of each, into bench.log (no file of its own: the 8-file limit), key lines into
+# the summary. Skipped where the machine has no ncu or denies it the GPU counters.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  note "== Nsight Compute profile of the MCSConv kernels (bench.log)"
+  echo "== ncu: benchmarks/profile_mcs_kernels.py" >> "$OUTDIR/bench.log"
+  timeout "$(limit 45)" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --kernel-name "regex:(conv|grad|backward|taps|mcs)" \
+      --launch-count 24 "$PY" benchmarks/profile_mcs_kernels.py >> "$OUTDIR/bench.log" 2>&1 \
+      || note "ncu did not finish (see bench.log)"
+  sed -n '/== ncu: /,$p' "$OUTDIR/bench.log" | grep -E "^== phase|^  [a-z_0-9]+.*\(|Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per Thread|ERR_NVGPUCTRPERM" \
+      | head -120 >> "$OUTDIR/summary.txt"
+else
+  note "no ncu on this machine: kernel profile skipped"
+fi
 
 timeout "$(limit 400)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 1 --json "$OUTDIR/models_cuda_compiled.json" \
