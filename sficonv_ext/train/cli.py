@@ -124,6 +124,21 @@ def main(argv=None):
         print(f"sficonv {command}: error: {exc}", file=sys.stderr)
         return 3
     except UserError as exc:
+        print(f"sficonv {command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that cannot be made or written, and the like
         print(f"sficonv {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(exc):
+    """The message of ``exc``; for an error raised in a DataLoader worker (which PyTorch
+    re-raises with the worker's traceback in the message), the original message alone."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        name = type(exc).__name__
+        marker = f"{name}: "
+        return last.split(marker, 1)[1] if marker in last else last
+    return text

@@ -6,6 +6,7 @@ Precedence, lowest first: defaults, the ``--data builtin`` defaults, the YAML fi
 """
 from dataclasses import dataclass
 
+from ..models.input_checks import MIN_INPUT_SIZE
 from .errors import UserError
 
 # Published recipe (SPEC section 6) except the learning-rate schedule: halving the rate every
@@ -62,7 +63,12 @@ def _workers(text):
 
 
 def _optional_size(text):
-    return None if str(text).lower() in ("none", "native") else _positive_int(text)
+    if str(text).lower() in ("none", "native"):
+        return None
+    value = int(text)
+    if value < MIN_INPUT_SIZE:  # the network halves its input 5 times
+        raise ValueError(f"must be at least {MIN_INPUT_SIZE} (the network's smallest input)")
+    return value
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,9 @@ OPTIONS = [
     Option("accum_steps", _positive_int, 1, "split each batch into this many accumulated "
            "micro-batches (same optimizer step, less memory)", metavar="K"),
     Option("image_size", _optional_size, 256, "train: side of the square training images. "
-           "eval/predict: resize to this side (default: native size, the published test "
-           "transform)", (T, E, P), metavar="S"),
+           "eval/predict: resize to this side (default: native, the published test transform; "
+           f"images smaller than {MIN_INPUT_SIZE} px are skipped and counted)", (T, E, P),
+           metavar="S"),
     Option("lr", _positive_float, 1e-4, "Adam learning rate (betas 0.9/0.999)"),
     Option("weight_decay", _non_negative_float, 0.0, "Adam weight decay"),
     Option("lr_schedule", str, "cosine", "cosine: decay to 0 over the run (default). "
@@ -176,15 +183,22 @@ def default_values(command):
 
 
 def convert(option, value, where):
-    """Validate a value from YAML (or an earlier checkpoint) with the option's parser."""
+    """Validate a value from YAML (or an earlier checkpoint) with the option's parser, as the
+    command line would parse its text (so 1.9 is not silently an integer 1)."""
     if value is None:
-        return None
+        # null means "not set" only where that is the option's default, or a native size.
+        if option.default is None or option.parse is _optional_size:
+            return None
+        raise UserError(f"{where}: {option.name} cannot be null (default: {option.default!r})")
     if option.flag:
         if not isinstance(value, bool):
             raise UserError(f"{where}: {option.name} must be true or false, got {value!r}")
         return value
+    if isinstance(value, bool):
+        raise UserError(f"{where}: {option.name} takes a value, not {str(value).lower()}")
     try:
-        parsed = option.parse(value) if option.parse is not str else str(value)
+        parsed = option.parse(str(value) if isinstance(value, (int, float)) else value) \
+            if option.parse is not str else str(value)
     except (TypeError, ValueError) as exc:
         raise UserError(f"{where}: bad value {value!r} for {option.name}: {exc}") from None
     if option.choices and parsed not in option.choices:

@@ -30,33 +30,53 @@ def is_image(name):
 
 
 def images_under(folder):
-    """Every image file below ``folder``, in a stable (sorted) order."""
-    found = []
+    """Every image file below ``folder``, in a stable (sorted) order. Linked folders are
+    followed, each real folder once (a link back up the tree would list images again)."""
+    found, seen = [], set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        identity = _folder_identity(root)
+        if identity in seen:
+            dirs[:] = []
+            continue
+        seen.add(identity)
         dirs.sort()
         found += [os.path.join(root, f) for f in sorted(files) if is_image(f)]
     return found
+
+
+def _folder_identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return st.st_dev, st.st_ino
 
 
 def read_list_file(path):
     """Parse ``path label`` lines; the label is the last field so paths may hold spaces."""
     base = os.path.dirname(os.path.abspath(path))
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = text.rsplit(None, 1)
-            if len(fields) != 2:
-                raise DataError(f"{path}, line {number}: expected 'path label', got {text!r}")
-            image, label = fields
-            if label not in ("0", "1"):
-                raise DataError(f"{path}, line {number}: label must be 0 (real) or 1 (fake), "
-                                f"got {label!r}")
-            if not os.path.isabs(image):
-                image = os.path.join(base, image)
-            samples.append(Sample(image, int(label)))
+    # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the first path.
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a UTF-8 text list of 'path label' lines ({exc.reason} "
+                        f"at byte {exc.start})") from None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        fields = text.rsplit(None, 1)
+        if len(fields) != 2:
+            raise DataError(f"{path}, line {number}: expected 'path label', got {text!r}")
+        image, label = fields
+        if label not in ("0", "1"):
+            raise DataError(f"{path}, line {number}: label must be 0 (real) or 1 (fake), "
+                            f"got {label!r}")
+        if not os.path.isabs(image):
+            image = os.path.join(base, image)
+        samples.append(Sample(image, int(label)))
     return samples
 
 

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from ..models.input_checks import MIN_INPUT_SIZE
 from .images import ImageDataset, UnreadableImageError, collate, image_size
 from .loop import score
 from .metrics import binary_metrics, video_scores
@@ -33,11 +34,18 @@ class ScoringSet:
         else:
             sizes = []
             for i, s in enumerate(samples):
-                found = image_size(s.path)
+                found, reason = image_size(s.path), None
                 if found is None:
+                    reason, message = "cannot identify image file", f"cannot read image {s.path}"
+                elif min(found) < MIN_INPUT_SIZE:
+                    reason = (f"image is {found[0]}x{found[1]}, smaller than the network's "
+                              f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} minimum (resize it, or pass "
+                              f"--image-size)")
+                    message, found = f"cannot score image {s.path}: {reason}", None
+                if reason is not None:
                     if strict:
-                        raise UnreadableImageError(f"cannot read image {s.path}")
-                    self.header_failures.append((i, s.path, "cannot identify image file"))
+                        raise UnreadableImageError(message)
+                    self.header_failures.append((i, s.path, reason))
                 sizes.append(found)
         batches = shard(size_grouped_batches(sizes, batch_size), ctx.world_size, ctx.rank)
         dataset = ImageDataset(samples, transform, strict=strict)
@@ -67,9 +75,9 @@ def metrics_of(scored, samples):
 
 
 def failure_message(paths):
-    """A log line for unreadable images (None if there were none)."""
+    """A log line for images that could not be read or were too small (None if none)."""
     if not paths:
         return None
     shown = ", ".join(paths[:3])
     more = " ..." if len(paths) > 3 else ""
-    return f"warning: skipped {len(paths)} unreadable image(s): {shown}{more}"
+    return f"warning: skipped {len(paths)} unreadable or too small image(s): {shown}{more}"

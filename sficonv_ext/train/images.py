@@ -16,7 +16,22 @@ class UnreadableImageError(DataError):
 def open_rgb(path):
     with Image.open(path) as image:
         image.load()  # decode now, so a truncated file fails here and not later
+        if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+            return _high_depth_to_rgb(image)
         return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image):
+    # PIL's convert("RGB") clips 16-bit and float grey values at 255 (a near-white image):
+    # scale to 8 bits instead. 16-bit modes and "I" use their full 0-65535 range, as 16-bit
+    # PNG and TIFF files store it; float images are taken to be in [0, 1].
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scaled = values * 255.0
+    else:
+        scaled = values / 257.0  # 65535 -> 255
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def image_size(path):

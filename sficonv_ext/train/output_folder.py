@@ -7,6 +7,9 @@ from .errors import UserError
 # A folder holds a run once it has a checkpoint or results; a start that failed before training
 # (bad data, say) leaves only its log and config, which a new run replaces.
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.json", "history.csv")
+# The first line of every config.yaml a run writes: how a folder left by a failed start of ours
+# is told from a user's own files.
+CONFIG_HEADER = "# sficonv train: the options of this run"
 RUN_FILES = RUN_MARKERS + ("config.yaml", "roc.png", "train.log", "best_published.pkl",
                            "tensorboard")
 
@@ -26,15 +29,33 @@ def _remove(folder, names):
             os.remove(path)
 
 
+def written_by_us(folder):
+    """Whether ``folder``'s config.yaml is one a run of ours wrote (it starts with CONFIG_HEADER)."""
+    try:
+        with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def prepare(folder, resuming_here, overwrite):
     """Create ``folder``; refuse one that holds another run unless resuming it or
-    ``overwrite`` (which removes that run's files, nothing else)."""
+    ``overwrite`` (which removes that run's files, nothing else). Without ``overwrite`` only
+    what a start of ours that failed before training left (its log, config and TensorBoard
+    folder, recognised by the config's header) is replaced; files of the same names that are
+    not ours are refused, never deleted."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"--out {folder} exists and is not a folder")
     found = run_markers_in(folder)
     if found and not resuming_here and not overwrite:
         raise UserError(f"output folder {folder} holds another run ({', '.join(found)}): "
                         f"pass --resume {folder} to continue it or --overwrite to replace it")
+    if not resuming_here and not overwrite and os.path.isdir(folder):
+        clashes = [n for n in RUN_FILES if os.path.exists(os.path.join(folder, n))]
+        if clashes and not written_by_us(folder):
+            raise UserError(f"output folder {folder} already holds {', '.join(clashes)}, which "
+                            f"a run writes: pass --overwrite to replace them or choose another "
+                            f"--out")
     os.makedirs(folder, exist_ok=True)
     if not resuming_here:
         _remove(folder, RUN_FILES)

@@ -2,6 +2,7 @@
 import contextlib
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -260,8 +261,9 @@ def _train(cfg, ctx, resume_state, resume_path):
     if ctx.is_main:
         import yaml
         saved = {k: v for k, v in cfg.items() if k not in NOT_SAVED}
-        write_atomic_text(os.path.join(out, "config.yaml"), yaml.safe_dump(saved,
-                                                                           sort_keys=True))
+        write_atomic_text(os.path.join(out, "config.yaml"),
+                          output_folder.CONFIG_HEADER + "\n" + yaml.safe_dump(saved,
+                                                                              sort_keys=True))
     try:
         train_samples, val_samples, _ = training_sets(cfg, ctx, log)
         if not train_samples:
@@ -274,10 +276,30 @@ def _train(cfg, ctx, resume_state, resume_path):
             epoch, start_step, totals = run.restore(resume_state, resume_path)
             log(f"resumed {resume_path}: epoch {epoch + 1}, step {start_step} "
                 f"(global step {run.global_step})")
+            if not resuming_here and ctx.is_main:
+                _carry_over(resume_path, run, log)
         run.wrap()
         return _epochs(run, train_samples, val_samples, epoch, start_step, totals)
     finally:
         reporter.close()
+
+
+def _carry_over(resume_path, run, log):
+    """A run resumed into another folder: bring its best checkpoint so far (when it is that
+    run's, by its recorded best) and its history, so the new folder is a whole run even if
+    no later epoch does better."""
+    out = run.cfg["out"]
+    run.reporter.history_csv(run.history)
+    source = os.path.join(os.path.dirname(os.path.abspath(resume_path)), ckpt.BEST)
+    if not run.best or not os.path.isfile(source):
+        return
+    try:
+        state, _ = ckpt.load_file(source)
+    except UserError:
+        return
+    if isinstance(state, dict) and state.get("best") == run.best:
+        shutil.copy2(source, os.path.join(out, ckpt.BEST))
+        log(f"copied {source} (best so far, epoch {run.best['epoch']}) into {out}")
 
 
 def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):

@@ -1,0 +1,149 @@
+"""What a user gets wrong (or does unusually) with the sficonv command: a folder holding their own
+files, 16-bit and too-small images, paths that cannot be written, YAML nulls, list-file
+encodings, linked folders, errors inside DataLoader workers, resuming into a new folder."""
+import csv
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sficonv_ext.models import MIN_INPUT_SIZE
+from sficonv_ext.train import checkpoint as ckpt
+from sficonv_ext.train.cli import _one_line, main
+from sficonv_ext.train.data import images_under, read_list_file
+from sficonv_ext.train.errors import DataError
+from sficonv_ext.train.images import UnreadableImageError, open_rgb
+from test_train_support import FAST, tiny_builtin, write_image
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    out = tmp / "run"
+    assert main(["train", *tiny_builtin(tmp), *FAST, "--out", str(out)]) == 0
+    yield tmp, out
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_folder_with_the_users_own_files_is_refused_not_emptied(run_dir, tmp_path, capsys):
+    tmp, _ = run_dir
+    folder = tmp_path / "project"
+    (folder / "tensorboard" / "old").mkdir(parents=True)
+    (folder / "tensorboard" / "old" / "events.out").write_text("keep me")
+    (folder / "config.yaml").write_text("lr: 0.1\n")
+    code = main(["train", *tiny_builtin(tmp), *FAST, "--out", str(folder)])
+    assert code == 2
+    assert "already holds config.yaml, tensorboard" in capsys.readouterr().err
+    assert (folder / "tensorboard" / "old" / "events.out").read_text() == "keep me"
+    assert (folder / "config.yaml").read_text() == "lr: 0.1\n"
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)  # 0 .. 63960
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(open_rgb(str(tmp_path / "g16.png"))).astype(np.int64)
+    expected = np.rint(ramp / 257.0).astype(np.int64)
+    assert np.abs(rgb[..., 0] - expected).max() <= 1
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+    assert rgb.mean() == pytest.approx(expected.mean(), abs=1)
+
+
+def test_too_small_images_are_skipped_in_predict_and_refused_as_image_size(run_dir, tmp_path,
+                                                                            capsys):
+    tmp, out = run_dir
+    write_image(str(tmp_path / "imgs" / "ok.png"), 40, seed=1)
+    write_image(str(tmp_path / "imgs" / "tiny.png"), 16, seed=2)
+    scores = tmp_path / "scores.csv"
+    assert main(["predict", "--checkpoint", str(out), str(tmp_path / "imgs"), "--out",
+                 str(scores), "--workers", "0", "--no-progress"]) == 0
+    with open(scores) as f:
+        rows = list(csv.DictReader(f))
+    assert [os.path.basename(r["path"]) for r in rows] == ["ok.png"]
+    assert "tiny.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # argparse: usage and the message, status 2
+        main(["train", *tiny_builtin(tmp)[:4], *FAST, "--image-size", "16",
+              "--out", str(tmp_path / "r")])
+    assert refused.value.code == 2
+    assert f"must be at least {MIN_INPUT_SIZE}" in capsys.readouterr().err
+
+
+def test_an_error_in_a_loader_worker_is_one_line(run_dir, tmp_path, capsys):
+    _, out = run_dir
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    code = main(["predict", "--checkpoint", str(out), str(corrupt), "--image-size", "32",
+                 "--strict", "--workers", "1", "--no-progress", "--out",
+                 str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: cannot read image {corrupt}" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_one_line_keeps_plain_messages_and_unwraps_worker_ones():
+    assert _one_line(DataError("plain message")) == "plain message"
+    wrapped = UnreadableImageError(
+        "Caught UnreadableImageError in DataLoader worker process 0.\nOriginal Traceback "
+        "(most recent call last):\n  File \"x.py\", line 1, in f\n    raise\n"
+        "sficonv_ext.train.images.UnreadableImageError: cannot read image /a b.png\n")
+    assert _one_line(wrapped) == "cannot read image /a b.png"
+
+
+@pytest.mark.parametrize("target", ["folder", "missing_parent"])
+def test_an_output_path_that_cannot_be_written_is_one_line(run_dir, tmp_path, capsys, target):
+    _, out = run_dir
+    write_image(str(tmp_path / "imgs" / "ok.png"), 40, seed=1)
+    path = tmp_path / "imgs" if target == "folder" else tmp_path / "ok.png" / "x" / "s.csv"
+    if target == "missing_parent":
+        (tmp_path / "ok.png").write_text("a file, not a folder")
+    code = main(["predict", "--checkpoint", str(out), str(tmp_path / "imgs"), "--out",
+                 str(path), "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("sficonv predict: error: ")
+    assert "Traceback" not in err
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no stray temporary file
+
+
+def test_yaml_null_only_where_an_option_may_be_unset(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: null\n")
+    assert main(["train", "--data", "builtin", "--config", str(config)]) == 2
+    assert "epochs cannot be null" in capsys.readouterr().err
+    config.write_text("epochs: 1.9\n")
+    assert main(["train", "--data", "builtin", "--config", str(config)]) == 2
+    assert "bad value 1.9 for epochs" in capsys.readouterr().err
+
+
+def test_list_files_with_a_bom_or_in_another_encoding(tmp_path):
+    write_image(str(tmp_path / "r0.png"), 32)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffr0.png 0\n".encode("utf-8"))
+    assert [s.path for s in read_list_file(str(bom))] == [str(tmp_path / "r0.png")]
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("r0.png 0\n".encode("utf-16"))
+    with pytest.raises(DataError, match="not a UTF-8 text list"):
+        read_list_file(str(utf16))
+
+
+def test_a_link_back_up_the_tree_lists_each_image_once(tmp_path):
+    write_image(str(tmp_path / "real" / "r0.png"), 32)
+    write_image(str(tmp_path / "real" / "sub" / "r1.png"), 32)
+    os.symlink(tmp_path / "real", tmp_path / "real" / "sub" / "again")
+    found = images_under(str(tmp_path / "real"))
+    assert sorted(os.path.basename(p) for p in found) == ["r0.png", "r1.png"]
+
+
+def test_resuming_into_another_folder_keeps_the_best_checkpoint(run_dir, tmp_path, capsys):
+    tmp, out = run_dir
+    new = tmp_path / "continued"
+    code = main(["train", "--resume", str(out), "--out", str(new), "--workers", "0",
+                 "--no-progress", "--export-published", "wrapper"])
+    assert code == 0, capsys.readouterr().err
+    assert (new / ckpt.BEST).is_file() and (new / "history.csv").is_file()
+    assert (new / "best_published.pkl").is_file()
+    best, _ = ckpt.load_file(str(new / ckpt.BEST))
+    source, _ = ckpt.load_file(str(out / ckpt.BEST))
+    assert best["best"] == source["best"]
