@@ -147,3 +147,43 @@ def test_resuming_into_another_folder_keeps_the_best_checkpoint(run_dir, tmp_pat
     best, _ = ckpt.load_file(str(new / ckpt.BEST))
     source, _ = ckpt.load_file(str(out / ckpt.BEST))
     assert best["best"] == source["best"]
+
+
+def test_predict_to_standard_output_keeps_the_log_out_of_the_csv(run_dir, tmp_path, capsys):
+    _, out = run_dir
+    image = write_image(str(tmp_path / "a.png"), 40, seed=3)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), image, "--out", "-", "--workers", "0",
+                 "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(captured.out.splitlines()))
+    assert [r["path"] for r in rows] == [image] and 0.0 <= float(rows[0]["score"]) <= 1.0
+    assert "loaded" in captured.err and "standard output" in captured.err
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")
+
+
+def test_predict_into_a_link_to_a_non_regular_file_writes_through_it(run_dir, tmp_path):
+    _, out = run_dir
+    image = write_image(str(tmp_path / "a.png"), 40, seed=3)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "scores.csv"
+    os.symlink(fifo, link)
+    import threading
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    assert main(["predict", "--checkpoint", str(out), image, "--out", str(link), "--workers",
+                 "0", "--no-progress"]) == 0
+    reader.join(timeout=60)
+    assert received and received[0].startswith("path,score\n")
+    assert os.path.islink(link)  # the link itself was not replaced by a regular file
+
+
+def test_eval_does_not_write_over_a_training_run(run_dir, capsys):
+    tmp, out = run_dir
+    before = (out / "metrics.json").read_text()
+    code = main(["eval", "--checkpoint", str(out), *tiny_builtin(tmp)[:6], "--out", str(out),
+                 "--workers", "0", "--no-progress"])
+    assert code == 2 and "holds a training run" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == before

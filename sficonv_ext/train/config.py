@@ -90,7 +90,8 @@ OPTIONS = [
     Option("val_data", str, None, "validation data (same forms as --data); default: a seeded "
            "--val-fraction of --data is held out (whole videos for a FaceForensics++ tree)",
            metavar="DATA"),
-    Option("out", str, None, "output folder (train, eval) or CSV file (predict)", (T, E, P),
+    Option("out", str, None, "output folder (train, eval) or CSV file (predict; - for "
+           "standard output, with the log on standard error)", (T, E, P),
            metavar="PATH"),
     Option("checkpoint", str, None, "our checkpoint (last.pt/best.pt or a run folder) or a "
            "published best.pkl", (E, P), metavar="CKPT"),

@@ -18,6 +18,12 @@ def evaluate(cfg):
     for name in ("checkpoint", "data", "out"):
         if not cfg.get(name):
             raise UserError(f"eval needs --{name}")
+    training_files = [n for n in ("last.pt", "best.pt", "history.csv")
+                      if os.path.exists(os.path.join(cfg["out"], n))]
+    if training_files:
+        # eval writes metrics.json and roc.png, which would replace the training run's own.
+        raise UserError(f"--out {cfg['out']} holds a training run ({', '.join(training_files)}):"
+                        f" give eval a folder of its own, such as {os.path.join(cfg['out'], 'eval')}")
     ctx = distributed.setup(cfg["device"])
     try:
         return _evaluate(cfg, ctx)

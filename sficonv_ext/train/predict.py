@@ -2,6 +2,7 @@
 import csv
 import io
 import os
+import sys
 
 import torch
 
@@ -42,7 +43,8 @@ def predict(cfg, inputs):
     if not inputs:
         raise UserError("predict needs at least one image or folder")
     ctx = Context(device=resolve_device(cfg["device"]))
-    log = Reporter(True).log
+    to_stdout = cfg["out"] == "-"
+    log = Reporter(True, stream=sys.stderr if to_stdout else None).log  # stdout holds the CSV
     apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)  # silent: stdout may be piped
     paths = expand_inputs(inputs, cfg["strict"], log)
     if not paths:
@@ -66,8 +68,23 @@ def predict(cfg, inputs):
     writer.writerow(["path", "score"])
     for index, value in zip(scored["indices"], scored["scores"]):
         writer.writerow([paths[index], f"{value:.8g}"])
-    folder = os.path.dirname(os.path.abspath(cfg["out"]))
-    os.makedirs(folder, exist_ok=True)
-    write_atomic_text(cfg["out"], buffer.getvalue())
-    log(f"wrote {len(scored['indices'])} scores to {cfg['out']}")
+    _write_csv(cfg["out"], buffer.getvalue())
+    log(f"wrote {len(scored['indices'])} scores to "
+        f"{'standard output' if to_stdout else cfg['out']}")
     return scored
+
+
+def _write_csv(target, text):
+    """``-``: standard output. An existing target that is not a regular file (a terminal, a
+    pipe, a link to /dev/stdout): written in place, never replaced. Else atomically."""
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    if os.path.exists(target) and not os.path.isdir(target) and not os.path.isfile(target):
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    folder = os.path.dirname(os.path.abspath(target))
+    os.makedirs(folder, exist_ok=True)
+    write_atomic_text(target, text)

@@ -23,8 +23,10 @@ def write_json(path, obj):
 
 
 class Reporter:
-    def __init__(self, is_main, out_dir=None, log_name="train.log", tensorboard=False):
+    def __init__(self, is_main, out_dir=None, log_name="train.log", tensorboard=False,
+                 stream=None):
         self.is_main, self.out_dir = is_main, out_dir
+        self.stream = stream  # where log lines go; None: stdout
         self.log_path = os.path.join(out_dir, log_name) if (out_dir and is_main) else None
         self.writer = None
         if tensorboard and is_main and out_dir:
@@ -40,8 +42,9 @@ class Reporter:
             return
         from tqdm import tqdm
 
-        tqdm.write(message, file=sys.stdout)
-        sys.stdout.flush()
+        stream = self.stream or sys.stdout
+        tqdm.write(message, file=stream)
+        stream.flush()
         if self.log_path:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(message + "\n")
