@@ -187,3 +187,16 @@ def test_eval_does_not_write_over_a_training_run(run_dir, capsys):
                  "--workers", "0", "--no-progress"])
     assert code == 2 and "holds a training run" in capsys.readouterr().err
     assert (out / "metrics.json").read_text() == before
+
+
+def test_export_makes_its_folder_and_train_log_records_a_fatal_error(run_dir, tmp_path, capsys):
+    tmp, out = run_dir
+    target = tmp_path / "new" / "folder" / "best.pkl"
+    assert main(["export", "--checkpoint", str(out / ckpt.BEST), "--out", str(target)]) == 0
+    assert target.is_file()
+    listing = tmp_path / "bad.txt"
+    listing.write_text("x.png 7\n")
+    run = tmp_path / "failed"
+    assert main(["train", "--data", str(listing), *FAST, "--out", str(run)]) == 2
+    assert "label must be 0 (real) or 1 (fake)" in (run / "train.log").read_text()
+    assert capsys.readouterr().out.count("label must be") == 0  # printed once, on stderr

@@ -114,7 +114,8 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True), path
     except Exception as exc:  # noqa: BLE001 - corrupt file, pickled module, ...
-        raise UserError(f"cannot load checkpoint {path}: {exc}") from None
+        raise UserError(f"cannot load checkpoint {path}: not a checkpoint torch.load can read "
+                        f"safely ({type(exc).__name__}: {exc})") from None
 
 
 def is_training_checkpoint(obj):
@@ -147,5 +148,7 @@ def load_into(model, state_dict, path):
 
 
 def export_published(model, path, layout="wrapper"):
-    """Save ``model`` in a published layout (``wrapper``: ``best.pkl`` keys; ``bare``)."""
+    """Save ``model`` in a published layout (``wrapper``: ``best.pkl`` keys; ``bare``); the
+    file's folder is created if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_save(models.to_official_state_dict(model, layout=layout), path)

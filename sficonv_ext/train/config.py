@@ -85,8 +85,9 @@ class Option:
 
 T, E, P = "train", "eval", "predict"
 OPTIONS = [
-    Option("data", str, None, "training data: a list file ('path label' lines), a folder with "
-           "real/ and fake/, a FaceForensics++-style tree, or 'builtin'", (T, E), metavar="DATA"),
+    Option("data", str, None, "the images (train: training data; eval: the test set): a list "
+           "file ('path label' lines), a folder with real/ and fake/, a FaceForensics++-style "
+           "tree, or 'builtin'", (T, E), metavar="DATA"),
     Option("val_data", str, None, "validation data (same forms as --data); default: a seeded "
            "--val-fraction of --data is held out (whole videos for a FaceForensics++ tree)",
            metavar="DATA"),
@@ -133,8 +134,8 @@ OPTIONS = [
     Option("seed", int, 7, "seed for initialisation, data order, augmentation, hold-out"),
     Option("deterministic", bool, False, "deterministic algorithms only (bit-exact reruns and "
            "resumes; can be slower)", flag=True),
-    Option("workers", _workers, None, "data-loading processes per training process "
-           "(default: auto)", (T, E, P), metavar="W"),
+    Option("workers", _workers, None, "data-loading processes per process of this command "
+           "(default: auto; 0 loads in the main process)", (T, E, P), metavar="W"),
     Option("augment", str, "published", "published: flip, rotation +-10 degrees, random "
            "perspective (as the paper); these resample every real image and can erase the very "
            "high-frequency traces a detector needs. light: flips and crops only. none",

@@ -49,6 +49,12 @@ class Reporter:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(message + "\n")
 
+    def log_to_file(self, message):
+        """A line for the log file alone (the command prints its own error)."""
+        if self.is_main and self.log_path:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(message + "\n")
+
     def history_csv(self, rows):
         """Rewrite the per-epoch CSV from the full history (kept in the checkpoint, so a
         resumed run never loses or repeats a row)."""

@@ -15,7 +15,7 @@ from .architectures import build_model
 from .config import BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, convert
 from .cpu_memory import apply_cpu_malloc
 from .data import class_counts
-from .errors import DataError, UserError
+from .errors import DataError, NonFiniteLossError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
 from .images import ImageDataset, collate
 from .loop import EpochTotals, train_epoch
@@ -280,6 +280,9 @@ def _train(cfg, ctx, resume_state, resume_path):
                 _carry_over(resume_path, run, log)
         run.wrap()
         return _epochs(run, train_samples, val_samples, epoch, start_step, totals)
+    except (UserError, NonFiniteLossError) as exc:
+        reporter.log_to_file(f"error: {exc}")  # train.log then says why the run stopped
+        raise
     finally:
         reporter.close()
 
