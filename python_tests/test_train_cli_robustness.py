@@ -200,3 +200,27 @@ def test_export_makes_its_folder_and_train_log_records_a_fatal_error(run_dir, tm
     assert main(["train", "--data", str(listing), *FAST, "--out", str(run)]) == 2
     assert "label must be 0 (real) or 1 (fake)" in (run / "train.log").read_text()
     assert capsys.readouterr().out.count("label must be") == 0  # printed once, on stderr
+
+
+def test_export_converts_a_deeper_published_file_with_arch(tmp_path, capsys):
+    import torch
+    from sficonv_ext import reference
+    wrapper = reference.PublishedTrainingWrapper(50)
+    torch.save(wrapper.state_dict(), tmp_path / "best.pkl")
+    bare = tmp_path / "bare.pkl"
+    assert main(["export", "--checkpoint", str(tmp_path / "best.pkl"), "--out", str(bare),
+                 "--layout", "bare", "--arch", "sfi_resnet50"]) == 0
+    network = reference.SFIConvResNet(reference.DEPTHS[50])
+    network.load_state_dict(torch.load(bare, weights_only=True), strict=True)
+    # The same weights: both files load into fast models with equal state_dicts.
+    from sficonv_ext import models
+    from_bare, from_wrapper = models.sfi_resnet50(), models.sfi_resnet50()
+    from_bare.load_state_dict(torch.load(bare, weights_only=True))
+    from_wrapper.load_state_dict(wrapper.state_dict())
+    for (name, a), (_, b) in zip(from_bare.state_dict().items(),
+                                 from_wrapper.state_dict().items()):
+        if not name.startswith("fc."):  # the bare network has no classifier
+            assert torch.equal(a, b), name
+    assert main(["export", "--checkpoint", str(tmp_path / "best.pkl"), "--out",
+                 str(tmp_path / "x.pkl")]) == 2
+    assert "SFIConv-ResNet-50" in capsys.readouterr().err

@@ -6,6 +6,7 @@ Exit status: 0 done, 2 bad input or options, 3 non-finite loss.
 import argparse
 import sys
 
+from .architectures import ARCHS
 from .config import options_for, read_yaml, resolve
 from .errors import NonFiniteLossError, UserError
 
@@ -78,12 +79,20 @@ def build_parser():
             _add_option(sub, option)
         sub.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                          help="YAML file of options (the command line overrides it)")
-    export = commands.add_parser("export", help="write a checkpoint in a published layout")
-    export.add_argument("--checkpoint", required=True, metavar="CKPT")
-    export.add_argument("--out", required=True, metavar="FILE.pkl")
+    export = commands.add_parser(
+        "export", help="write a checkpoint in a published layout",
+        description="Write a checkpoint (ours, or a published file in either layout) as a "
+                    "state_dict the published code loads with strict=True.")
+    export.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="our checkpoint (last.pt/best.pt or a run folder) or a published "
+                             "best.pkl / bare-network file")
+    export.add_argument("--out", required=True, metavar="FILE.pkl", help="the file to write")
     export.add_argument("--layout", choices=("wrapper", "bare"), default="wrapper",
                         help="wrapper: the published training script's best.pkl keys; bare: "
                              "the network alone")
+    export.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                        help="the network of a published file (default: sfi_resnet26; our "
+                             "checkpoints record their own)")
     return parser
 
 
@@ -91,7 +100,7 @@ def _export(args):
     from .checkpoint import export_published
     from .inference import load_model
 
-    model, path = load_model(args.checkpoint, None, __import__("torch").device("cpu"))
+    model, path = load_model(args.checkpoint, args.arch, __import__("torch").device("cpu"))
     export_published(model, args.out, args.layout)
     print(f"wrote {args.out} ({args.layout} layout of {path})")
 
