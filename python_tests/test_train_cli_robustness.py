@@ -224,3 +224,11 @@ def test_export_converts_a_deeper_published_file_with_arch(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "best.pkl"), "--out",
                  str(tmp_path / "x.pkl")]) == 2
     assert "SFIConv-ResNet-50" in capsys.readouterr().err
+
+
+def test_progress_bars_default_to_whether_stderr_is_a_terminal(monkeypatch):
+    from sficonv_ext.train.config import resolve
+    for tty in (False, True):
+        monkeypatch.setattr("sys.stderr.isatty", lambda tty=tty: tty)
+        assert resolve("eval", {"data": "x"})["progress"] is tty
+        assert resolve("eval", {"data": "x", "progress": True})["progress"] is True

@@ -4,6 +4,7 @@ set's own defaults, and what a resumed run may not change.
 Precedence, lowest first: defaults, the ``--data builtin`` defaults, the YAML file
 (``--config``), the command line.
 """
+import sys
 from dataclasses import dataclass
 
 from ..models.input_checks import MIN_INPUT_SIZE
@@ -161,7 +162,8 @@ OPTIONS = [
            metavar="N"),
     Option("cache_dir", str, None, "where the built-in data set is cached (default "
            "$SFICONV_CACHE_DIR or ~/.cache/sficonv_ext)", (T, E), metavar="DIR"),
-    Option("progress", bool, True, "progress bars", (T, E, P), flag=True),
+    Option("progress", bool, None, "progress bars (default: when standard error is a "
+           "terminal, so captured logs hold no bar redraws)", (T, E, P), flag=True),
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -245,4 +247,6 @@ def resolve(command, explicit, yaml_values=None):
     if command == "train" and data == "builtin":
         values.update(BUILTIN_DEFAULTS)
     values.update(given)
+    if "progress" in values and values["progress"] is None:
+        values["progress"] = sys.stderr.isatty()
     return values
