@@ -46,7 +46,7 @@ BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
   const auto options = x.options().memory_format(layout);
   return {layout, x.contiguous(layout), grad_out.to(x.scalar_type()).contiguous(layout),
           weight.contiguous(),
-          need_x ? at::empty(x.sizes(), options) : at::zeros(x.sizes(), options),
+          need_x ? at::empty(x.sizes(), options) : at::empty(x.sizes(), options).zero_(),
           at::zeros(weight.sizes(), weight.options())};
 }
 

@@ -115,20 +115,25 @@ void correlate_plane(const acc_t* padded, const PaddedPlane& pp, const acc_t* ta
 }
 
 // dL/dw[a,b] = sum_{i,j} g[i][j] * x[i + a - pad][j + b - pad] over one plane, written to
-// sums[k*k]. One tap at a time, so its VEC partial sums stay in registers over the whole plane;
-// g's padding is zero, so whole vectors can run past the row end.
+// sums[k*k]. One tap at a time, so its VEC partial sums stay in registers over the whole plane.
+// The last vector of a row stops at the row end: past it g's padding is zero, but 0 * inf in x
+// would still make a NaN the reference does not have.
 template <int VEC, typename acc_t>
 void weight_grad_plane_vec(const acc_t* gpad, const acc_t* xpad, const PaddedPlane& pp,
                            const Geometry& g, acc_t* sums) {
+  const int64_t full = g.w / VEC * VEC;
   for (int a = 0; a < g.k; ++a) {
     for (int b = 0; b < g.k; ++b) {
       acc_t acc[VEC] = {};
       for (int64_t i = 0; i < g.h; ++i) {
-        for (int64_t j0 = 0; j0 < g.w; j0 += VEC) {
-          const acc_t* gv = gpad + (i + g.pad) * pp.stride + g.pad + j0;
-          const acc_t* xv = xpad + (i + a) * pp.stride + j0 + b;  // see correlate_plane_vec
+        const acc_t* grow = gpad + (i + g.pad) * pp.stride + g.pad;
+        const acc_t* xrow = xpad + (i + a) * pp.stride + b;  // see correlate_plane_vec
+        for (int64_t j0 = 0; j0 < full; j0 += VEC) {
+          const acc_t* gv = grow + j0;
+          const acc_t* xv = xrow + j0;
           for (int jj = 0; jj < VEC; ++jj) acc[jj] += gv[jj] * xv[jj];
         }
+        for (int64_t j = full; j < g.w; ++j) acc[j - full] += grow[j] * xrow[j];
       }
       acc_t total = 0;
       for (int jj = 0; jj < VEC; ++jj) total += acc[jj];

@@ -114,6 +114,45 @@ def test_opcheck(layout):
                           (g, x.detach(), weight.detach(), True, 1e-6, True, True))
     torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
                           (g, x.detach(), weight.detach(), False, 1e-6, True, False))
+    # Only the weight gradient: the (zero) x gradient still has x's layout, as the fake says.
+    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
+                          (g, x.detach(), weight.detach(), True, 1e-6, False, True))
+
+
+@cpp
+@pytest.mark.parametrize("constrained", [True, False])
+def test_second_derivatives_match_the_pytorch_path(constrained):
+    # The backward op has no autograd of its own: create_graph=True must still give the true
+    # second derivatives (gradient penalties), not PyTorch's silent-zero fallback.
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(3, 1, 3, 3, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: ops.mcs_conv(a, b, constrained=constrained, backend="cpp"), (x, weight))
+    results = []
+    for backend in ("cpp", "torch"):
+        y = ops.mcs_conv(x, weight, constrained=constrained, backend=backend)
+        gx, gw = torch.autograd.grad((y ** 2).sum(), (x, weight), create_graph=True)
+        results.append(torch.autograd.grad(gx.sum() + (gw ** 2).sum(), (x, weight)))
+    for got, expect in zip(*results):
+        assert expect.abs().max() > 0 and rel_err(got, expect) < 1e-10
+
+
+@cpp
+def test_infinity_in_the_last_columns_leaves_other_taps_finite():
+    # NCHW weight gradient: the last vector of a row must not multiply g's zero padding by an
+    # infinite x (0 * inf = NaN) where the definition has no such product.
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    x[0, 0, 2, 4] = float("inf")
+    g = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    grads = []
+    for backend in ("cpp", "torch"):
+        weight = (torch.rand(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator()
+                             .manual_seed(3)) + 0.5).requires_grad_()
+        ops.mcs_conv(x, weight, constrained=False, backend=backend).backward(g)
+        grads.append(weight.grad)
+    assert torch.equal(torch.isnan(grads[0]), torch.isnan(grads[1]))
+    finite = torch.isfinite(grads[1])
+    assert finite.any() and rel_err(grads[0][finite], grads[1][finite]) < 1e-10
 
 
 @cpp

@@ -63,3 +63,18 @@ def test_triton_opcheck():
     g = torch.randn(1, 2, 6, 5, device=DEVICE)
     torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_backward.default,
                           (g, x.detach(), w.detach(), True, 1e-6, True, True), **kwargs)
+
+
+@needs_triton
+def test_triton_second_derivatives_follow_the_pytorch_path():
+    # Shared autograd: create_graph=True recomputes through PyTorch, not silent zeros.
+    x = torch.randn(1, 2, 6, 7, device=DEVICE)
+    weight = torch.rand(2, 1, 3, 3, device=DEVICE) + 0.5
+    results = []
+    for backend in ("triton", "torch"):
+        xr, wr = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = ops.mcs_conv(xr, wr, backend=backend)
+        gx, gw = torch.autograd.grad((y ** 2).sum(), (xr, wr), create_graph=True)
+        results.append(torch.autograd.grad(gx.sum() + (gw ** 2).sum(), (xr, wr)))
+    for got, expect in zip(*results):
+        assert expect.abs().max() > 0 and rel_err(got, expect) < 1e-5

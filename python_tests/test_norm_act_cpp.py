@@ -100,6 +100,17 @@ def test_cpp_gradcheck():
         assert torch.autograd.gradcheck(lambda *a: forward(*a, relu, 1e-5)[0], args)
 
 
+def test_cpp_second_derivatives_are_not_silent_zeros():
+    # create_graph=True through the C++ op must give BatchNorm's true second derivatives.
+    x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, "channels_last")
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    forward = torch.ops.sficonv_ext.batch_norm_act_forward
+    for relu in (True, False):
+        args = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+        assert torch.autograd.gradgradcheck(lambda *a: forward(*a, relu, 1e-5)[0], args)
+
+
 def test_cpp_opcheck():
     x, r, g = inputs((2, 6, 3, 5), torch.float32, True, "channels_last")
     bn = make_bn(6, dtype=torch.float32)
