@@ -281,3 +281,24 @@ def test_autocast_casts_both_inputs(backend):
     y.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
     assert rel_err(y.double(), expected(x, w.detach().bfloat16(), True)) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if ops.backends()["cpp"] else []))
+def test_autocast_leaves_float64_alone_like_conv2d(backend):
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    w = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.mcs_conv(x, w, backend=backend)
+        reference = torch.nn.functional.conv2d(x, w, padding=2, groups=3)
+    assert y.dtype == reference.dtype == torch.float64
+    assert rel_err(y, expected(x, w, True)) < 1e-10
+
+
+def test_autocast_leaves_float64_alone_in_the_first_layer():
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    weight = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    mcs_weight = torch.rand(4, 1, 5, 5, dtype=torch.float64) + 0.5
+    plain = ops.first_sfi_conv(x, weight, mcs_weight, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.first_sfi_conv(x, weight, mcs_weight, 3)
+    assert got.dtype == torch.float64 and torch.equal(got, plain)

@@ -14,6 +14,7 @@ CPU, ``"auto"`` composes.
 import torch
 import torch.nn.functional as F
 
+from .autocast import autocast_inputs
 from .mcs_conv import channels_innermost, mcs_conv, triton_ops
 
 FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
@@ -62,13 +63,10 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     """``[conv(x, weight[:split]) | conv(MCS(x), weight[split:])]``, stride 1, padding k//2.
 
     ``weight``: ``[C_out, C_in, k, k]``; ``mcs_weight``: ``[C_in, 1, k_mcs, k_mcs]`` (raw when
-    ``constrained``); ``bias``: optional ``[C_out]``. Under autocast every input is cast to the
-    autocast dtype. ``mcs_backend`` picks the MCSConv kernel of the composed path.
+    ``constrained``); ``bias``: optional ``[C_out]``. Under autocast every input but a float64
+    one is cast to the autocast dtype, as for ``F.conv2d``. ``mcs_backend`` picks the MCSConv kernel of the composed path.
     """
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, mcs_weight = (t.to(dtype) for t in (x, weight, mcs_weight))
-        bias = bias.to(dtype) if bias is not None else None
+    x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)
     _validate(x, weight, mcs_weight, split, bias, backend)
     fused = fused_first_layer_available(x, weight)
     if backend == "triton" and not fused:

@@ -2,6 +2,7 @@
 import torch
 
 from . import _extension
+from .autocast import autocast_inputs
 from .mcs_torch import mcs_conv_torch
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -109,10 +110,8 @@ def resolve_backend(backend, x, weight=None):
 def _apply_autocast(x, weight):
     # Under autocast the previous layer hands over a low-precision x while the filter stays
     # float32: cast both to the autocast dtype, as autocast does for F.conv2d.
-    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) \
-            and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        return x.to(dtype), weight.to(dtype)
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        return autocast_inputs(x.device.type, x, weight)
     return x, weight
 
 

@@ -1,0 +1,14 @@
+"""Autocast for the custom ops, following ATen's rule for convolutions: under autocast every
+floating-point input except float64 is cast to the autocast dtype (float64 stays float64, as
+``F.conv2d`` keeps it)."""
+import torch
+
+
+def autocast_inputs(device_type, *tensors):
+    """``tensors`` as autocast would hand them to a convolution on ``device_type`` (None stays
+    None); unchanged when autocast is off there."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
