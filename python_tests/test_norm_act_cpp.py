@@ -90,25 +90,17 @@ def test_cpp_epilogue_lower_precision(dtype, kind):
         assert rel_err(a.double(), e.double()) < TOLERANCES[dtype]
 
 
-def test_cpp_gradcheck():
+@pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
+def test_cpp_gradcheck(check):
+    # gradgradcheck: create_graph=True through the C++ op must give BatchNorm's true second
+    # derivatives, not silent zeros.
     x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, "channels_last")
     w = torch.rand(3, dtype=torch.float64) + 0.5
     b = torch.randn(3, dtype=torch.float64)
     forward = torch.ops.sficonv_ext.batch_norm_act_forward
     for relu in (True, False):
         args = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
-        assert torch.autograd.gradcheck(lambda *a: forward(*a, relu, 1e-5)[0], args)
-
-
-def test_cpp_second_derivatives_are_not_silent_zeros():
-    # create_graph=True through the C++ op must give BatchNorm's true second derivatives.
-    x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, "channels_last")
-    w = torch.rand(3, dtype=torch.float64) + 0.5
-    b = torch.randn(3, dtype=torch.float64)
-    forward = torch.ops.sficonv_ext.batch_norm_act_forward
-    for relu in (True, False):
-        args = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
-        assert torch.autograd.gradgradcheck(lambda *a: forward(*a, relu, 1e-5)[0], args)
+        assert check(lambda *a: forward(*a, relu, 1e-5)[0], args)
 
 
 def test_cpp_opcheck():

@@ -127,13 +127,13 @@ class PackedConv:
         self._cache = None
 
 
-def _fused_step(packed, conv, x, residual, relu):
-    """``packed``'s one oneDNN call on ``x`` (already pooled), or None where it may not run."""
-    if _hooked(conv) or not packed.can_run(x):
-        return None
-    if residual is not None and not packed.residual_fits(x, residual):
-        return None
-    return packed(x, residual, relu)
+def _may_fuse(packed, conv, x):
+    """Whether ``x`` may take ``packed``'s oneDNN call (pooling keeps what this checks)."""
+    return not _hooked(conv) and packed.can_run(x)
+
+
+def _fits(packed, x, residual):
+    return residual is None or packed.residual_fits(x, residual)
 
 
 class OneDNNConvNorm(nn.Module):
@@ -151,11 +151,10 @@ class OneDNNConvNorm(nn.Module):
     def forward(self, x, residual=None, relu=None):
         relu = self.relu if relu is None else relu
         # Pooling after the convolution sits between it and the epilogue: no post-op fusion.
-        if self.pool != "after" and self._packed.can_run(x):
+        if self.pool != "after" and _may_fuse(self._packed, self.conv, x):
             pooled = F.avg_pool2d(x, 2) if self.pool == "before" else x
-            y = _fused_step(self._packed, self.conv, pooled, residual, relu)
-            if y is not None:
-                return y
+            if _fits(self._packed, pooled, residual):
+                return self._packed(pooled, residual, relu)
         return batch_norm_act(self.conv(x), self.bn, residual, relu, inplace_ok=True)
 
 
@@ -178,9 +177,9 @@ class OneDNNPlainBottleneck(nn.Module):
 
     def _step(self, i, x, residual):
         conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"bn{i + 1}")
-        y = _fused_step(self._packed[i], conv, x, residual, True)
-        if y is not None:
-            return y
+        packed = self._packed[i]
+        if _may_fuse(packed, conv, x) and _fits(packed, x, residual):
+            return packed(x, residual, relu=True)
         return batch_norm_act(conv(x), bn, residual, True, inplace_ok=True)
 
 

@@ -1,7 +1,7 @@
 """``sficonv eval``: metrics.json and an ROC PNG for a checkpoint on a data set."""
 import os
 
-from . import distributed
+from . import distributed, output_folder
 from .cpu_memory import apply_cpu_malloc
 from .data import drop_missing
 from .errors import UserError
@@ -18,8 +18,7 @@ def evaluate(cfg):
     for name in ("checkpoint", "data", "out"):
         if not cfg.get(name):
             raise UserError(f"eval needs --{name}")
-    training_files = [n for n in ("last.pt", "best.pt", "history.csv")
-                      if os.path.exists(os.path.join(cfg["out"], n))]
+    training_files = output_folder.run_markers_in(cfg["out"], output_folder.TRAINING_ONLY)
     if training_files:
         # eval writes metrics.json and roc.png, which would replace the training run's own.
         raise UserError(f"--out {cfg['out']} holds a training run ({', '.join(training_files)}):"

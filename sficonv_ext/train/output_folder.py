@@ -6,7 +6,8 @@ from .errors import UserError
 
 # A folder holds a run once it has a checkpoint or results; a start that failed before training
 # (bad data, say) leaves only its log and config, which a new run replaces.
-RUN_MARKERS = ("last.pt", "best.pt", "metrics.json", "history.csv")
+TRAINING_ONLY = ("last.pt", "best.pt", "history.csv")  # what eval never writes
+RUN_MARKERS = TRAINING_ONLY + ("metrics.json",)
 # The first line of every config.yaml a run writes: how a folder left by a failed start of ours
 # is told from a user's own files.
 CONFIG_HEADER = "# sficonv train: the options of this run"
@@ -14,10 +15,10 @@ RUN_FILES = RUN_MARKERS + ("config.yaml", "roc.png", "train.log", "best_publishe
                            "tensorboard")
 
 
-def run_markers_in(folder):
+def run_markers_in(folder, markers=RUN_MARKERS):
     if not os.path.isdir(folder):
         return []
-    return [name for name in RUN_MARKERS if os.path.exists(os.path.join(folder, name))]
+    return [name for name in markers if os.path.exists(os.path.join(folder, name))]
 
 
 def _remove(folder, names):

@@ -45,9 +45,7 @@ class Reporter:
         stream = self.stream or sys.stdout
         tqdm.write(message, file=stream)
         stream.flush()
-        if self.log_path:
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(message + "\n")
+        self.log_to_file(message)
 
     def log_to_file(self, message):
         """A line for the log file alone (the command prints its own error)."""
