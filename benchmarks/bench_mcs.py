@@ -1,7 +1,8 @@
 """MCSConv kernel benchmark: every available backend against the pure-PyTorch path.
 
 For each shape and dtype: forward, backward (x only) and backward (x and weight) of the learnable
-(constrained) MCSConv, k=5. Reports median time, GB/s against the minimum bytes (forward: read x,
+(constrained) MCSConv, k=5, and forward_backward (the sum of forward and backward x+w: one
+training step of the op). Reports median time, GB/s against the minimum bytes (forward: read x,
 write y; backward x: read grad, write grad_x; backward x+w: also read x), that as a percent of
 the copy bandwidth measured in the same run, and the speedup over the PyTorch path. Prints a table
 and writes JSON.
@@ -73,44 +74,43 @@ def backends_for(device):
         names.append("cpp")
     if device.type == "cuda":
         if info["cuda"]:
-            # "cuda-fused-bwd": the opt-in one-pass NCHW backward (SFICONV_CUDA_FUSED_BACKWARD).
-            names += ["cuda", "cuda-fused-bwd"]
+            # "cuda-rows": the row-blocked NCHW kernels the tiles replaced
+            # (SFICONV_CUDA_NCHW_KERNEL=rows), for comparison on the same build.
+            names += ["cuda", "cuda-rows"]
         if info["triton_ops"]:
             names.append("triton")
     return names
 
 
-FUSED_BACKWARD_ENV = "SFICONV_CUDA_FUSED_BACKWARD"
+CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD")
 
 
 @contextlib.contextmanager
-def fused_cuda_backward(enabled):
-    """The CUDA kernels' one-pass NCHW backward on or off while measuring (whatever the caller's
-    environment says), restored afterwards."""
-    previous = os.environ.get(FUSED_BACKWARD_ENV)
-    if enabled:
-        os.environ[FUSED_BACKWARD_ENV] = "1"
-    else:
-        os.environ.pop(FUSED_BACKWARD_ENV, None)
+def cuda_nchw_kernels(rows):
+    """The CUDA extension's NCHW kernel family while measuring: the default tiles, or the
+    row-blocked kernels (whatever the caller's environment says), restored afterwards."""
+    previous = {name: os.environ.get(name) for name in CUDA_KERNEL_ENV}
+    for name in CUDA_KERNEL_ENV:
+        os.environ.pop(name, None)
+    if rows:
+        os.environ["SFICONV_CUDA_NCHW_KERNEL"] = "rows"
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(FUSED_BACKWARD_ENV, None)
-        else:
-            os.environ[FUSED_BACKWARD_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def bench_case(shape, dtype, layout, k, device, backend, measure, args,
                phases=("forward", "backward_x", "backward_xw")):
-    if backend in ("cuda", "cuda-fused-bwd"):
-        fused = backend == "cuda-fused-bwd"
-        if fused:
-            # Only its NCHW input+weight backward, for the filter sizes it has, differs.
-            if layout != "nchw" or k not in (3, 5, 7):
-                return {}
-            phases = ("backward_xw",)
-        with fused_cuda_backward(fused):
+    if backend in ("cuda", "cuda-rows"):
+        rows = backend == "cuda-rows"
+        if rows and (layout != "nchw" or k not in (3, 5, 7)):
+            return {}  # the only inputs where the two families differ
+        with cuda_nchw_kernels(rows):
             return _measure_case(shape, dtype, layout, k, device, "cuda", measure, args, phases)
     return _measure_case(shape, dtype, layout, k, device, backend, measure, args, phases)
 
@@ -135,6 +135,9 @@ def _measure_case(shape, dtype, layout, k, device, backend, measure, args, phase
         inputs = (xr, wr) if need_w else (xr,)
         out[name] = measure(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True),
                             args.warmup, args.iters)
+    # The issue's training figure: one forward and one backward with a learnable weight.
+    if "forward" in out and "backward_xw" in out:
+        out["forward_backward"] = out["forward"] + out["backward_xw"]
     return out
 
 
@@ -155,7 +158,7 @@ def main(argv=None):
             dst = torch.empty_like(src)
             copy_s = measure(lambda: dst.copy_(src), args.warmup, args.iters)
             copy_gbs = 2 * numel * bytes_per / copy_s / 1e9
-            min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3}
+            min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3, "forward_backward": 5}
             results = {b: bench_case(shape, dtype, layout, args.kernel_size, device, b, measure,
                                      args)
                        for b in backends_for(device)}
@@ -167,7 +170,7 @@ def main(argv=None):
                                  "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
                                  "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
                                  "speedup_vs_torch": results["torch"][phase] / seconds})
-    header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>12} "
+    header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>16} "
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
     print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
           f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
@@ -175,7 +178,7 @@ def main(argv=None):
     print("-" * len(header))
     for r in rows:
         print(f"{r['shape']:>14} {r['dtype']:>8} {r['layout']:>13} {r['backend']:>14} "
-              f"{r['phase']:>12} "
+              f"{r['phase']:>16} "
               f"{r['ms']:9.3f} {r['GB/s']:8.1f} {r['pct_copy_bw']:6.1f} "
               f"{r['speedup_vs_torch']:8.2f}")
     out = result_path(args.json, f"mcs_{device.type}.json")

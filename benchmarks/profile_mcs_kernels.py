@@ -38,7 +38,8 @@ def main(argv=None):
     n, c, h, w = (int(v) for v in args.shape.split("x"))
     k = args.kernel_size
     torch.manual_seed(0)
-    fused = os.environ.get("SFICONV_CUDA_FUSED_BACKWARD", "0")
+    kernels = (f"SFICONV_CUDA_NCHW_KERNEL={os.environ.get('SFICONV_CUDA_NCHW_KERNEL', 'tiles')}, "
+               f"SFICONV_CUDA_FUSED_BACKWARD={os.environ.get('SFICONV_CUDA_FUSED_BACKWARD', '0')}")
     for layout in ("nchw", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=fmt)
@@ -55,7 +56,7 @@ def main(argv=None):
                     ops.mcs_conv(x, weight, backend=backend)
             torch.cuda.synchronize()
             print(f"== phase: {backend} {layout} forward+backward (x and weight; "
-                  f"SFICONV_CUDA_FUSED_BACKWARD={fused})", flush=True)
+                  f"{kernels})", flush=True)
             xg = x.detach().clone().requires_grad_()
             for _ in range(args.repeats):
                 ops.mcs_conv(xg, weight, backend=backend).backward(grad)

@@ -2,12 +2,14 @@
 // <torch/extension.h> multiplies nvcc time many times over.
 //
 // Forward: a small prologue kernel turns the raw weight into the effective (constrained) taps in
-// float32/float64. For k = 3, 5, 7 (the network uses 5) the row-blocked kernels of
-// mcs_conv_cuda_rows.cuh run in both layouts. Other k: NCHW runs a tiled kernel (output tile +
-// halo staged in shared memory), channels_last a per-element kernel. Backward: the input
-// gradient is the same convolution with the mirrored filter; the weight gradient is reduced per
-// (channel, fixed chunk of pixels) in registers and shared memory, then summed over chunks by
-// at::sum: no atomics, so the result is deterministic run to run.
+// float32/float64. For k = 3, 5, 7 (the network uses 5): NCHW runs the shared-memory tiles of
+// mcs_conv_cuda_tiles.cuh (forward and input gradient), channels_last the row-blocked kernels of
+// mcs_conv_cuda_rows.cuh (NCHW too with SFICONV_CUDA_NCHW_KERNEL=rows); the weight gradient
+// runs the row-blocked kernels in both layouts. Other k: NCHW runs a simple tiled kernel,
+// channels_last a per-element kernel. Backward: the input gradient is the same convolution with the mirrored
+// filter; the weight gradient is reduced per (channel, fixed block of pixels) in registers and
+// shared memory, then summed over blocks by at::sum: no atomics, so the result is
+// deterministic run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -18,11 +20,14 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_rows.cuh"
+#include "mcs_conv_cuda_tiles.cuh"
 
 namespace sficonv {
 namespace {
@@ -240,6 +245,61 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
+// shared-memory tiles (default; 1.7x the row kernel on an H100) or the row-blocked kernel
+// (SFICONV_CUDA_NCHW_KERNEL=rows), kept selectable so benchmarks and tests compare them on the
+// same build.
+bool nchw_tiles_selected() {
+  const char* value = std::getenv("SFICONV_CUDA_NCHW_KERNEL");
+  return value == nullptr || std::strcmp(value, "rows") != 0;
+}
+
+bool can_tile(const at::Tensor& x, int k) {
+  return !is_channels_last(x) && (k == 3 || k == 5 || k == 7) && nchw_tiles_selected();
+}
+
+// Threads across a tile: 64, or 32 for narrow planes (fewer idle columns).
+int tile_width(int64_t w) { return w > 32 ? 64 : 32; }
+
+tiles::TileGrid tile_grid(const at::Tensor& x, int tx,
+                          std::initializer_list<const void*> data) {
+  tiles::TileGrid geo;
+  geo.planes = x.size(0) * x.size(1);
+  geo.h = static_cast<int>(x.size(2));
+  geo.w = static_cast<int>(x.size(3));
+  geo.tiles_x = static_cast<int>((geo.w + tx - 1) / tx);
+  const int vec = 16 / static_cast<int>(x.element_size());
+  geo.vector_loads = geo.w % vec == 0;
+  for (const void* p : data) geo.vector_loads &= reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+  return geo;
+}
+
+dim3 tile_launch_grid(const tiles::TileGrid& geo, int tx, int rows) {
+  const int64_t tiles = static_cast<int64_t>(geo.tiles_x) * ((geo.h + rows - 1) / rows);
+  TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
+  return dim3(static_cast<unsigned>(tiles),
+              static_cast<unsigned>(std::min<int64_t>(geo.planes, kMaxGrid)));
+}
+
+template <typename scalar_t, int K, int TX>
+void launch_conv_tiles_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using T = tiles::Tile<K, TX>;
+  const auto geo = tile_grid(x, TX, {x.data_ptr(), y.data_ptr()});
+  tiles::conv_tile_kernel<scalar_t, acc_t, K, TX>
+      <<<tile_launch_grid(geo, TX, T::rows), dim3(TX, T::TY), T::shared_size * sizeof(acc_t),
+         c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(),
+                                              y.data_ptr<scalar_t>(),
+                                              static_cast<int>(x.size(1)), geo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int K>
+void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+  if (tile_width(x.size(3)) == 64) launch_conv_tiles_k<scalar_t, K, 64>(x, taps, y);
+  else launch_conv_tiles_k<scalar_t, K, 32>(x, taps, y);
+}
+
 // y = depthwise correlation of x with `taps` ([C, k*k]); y has x's layout.
 template <typename scalar_t>
 void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k) {
@@ -247,6 +307,14 @@ void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int
   const int64_t n = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cl = is_channels_last(x);
+  if (can_tile(x, k)) {
+    switch (k) {
+      case 3: launch_conv_tiles<scalar_t, 3>(x, taps, y); break;
+      case 5: launch_conv_tiles<scalar_t, 5>(x, taps, y); break;
+      default: launch_conv_tiles<scalar_t, 7>(x, taps, y);
+    }
+    return;
+  }
   if ((k == 3 || k == 5 || k == 7) && (h + kRowBlock - 1) / kRowBlock <= kMaxGrid) {
     launch_conv_rows<scalar_t>(x, taps, y, k);
     return;

@@ -44,8 +44,13 @@ def test_bench_mcs_writes_every_backend(tmp_path):
     assert "torch" in backends
     assert {(r["layout"], r["phase"]) for r in rows} == {
         (layout, phase) for layout in ("nchw", "channels_last")
-        for phase in ("forward", "backward_x", "backward_xw")}
+        for phase in ("forward", "backward_x", "backward_xw", "forward_backward")}
     assert all(r["ms"] > 0 and r["speedup_vs_torch"] > 0 for r in rows)
+    by_key = {(r["backend"], r["layout"], r["phase"]): r["ms"] for r in rows}
+    for backend, layout, phase in list(by_key):  # the training figure is the sum of its parts
+        if phase == "forward_backward":
+            parts = by_key[backend, layout, "forward"] + by_key[backend, layout, "backward_xw"]
+            assert abs(by_key[backend, layout, phase] - parts) < 1e-9
 
 
 def test_bench_fused_layers_on_the_cpu_times_every_path(tmp_path):

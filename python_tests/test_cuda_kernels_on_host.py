@@ -1,7 +1,8 @@
-"""The row-blocked CUDA kernels (csrc/mcs_conv_cuda_rows.cuh), compiled as host C++ and run on
-the CPU (python_tests/cuda_host/): CI has no GPU, so this is where their indexing, halo and
-block-reduction logic is checked against float64 references on every change. The GPU tests
-check the same kernels on a device, in every dtype, with the real launch code."""
+"""The CUDA kernels of csrc/mcs_conv_cuda_rows.cuh (row-blocked) and csrc/mcs_conv_cuda_tiles.cuh
+(shared-memory tile), compiled as host C++ and run on the CPU (python_tests/cuda_host/): CI has
+no GPU, so this is where their indexing, halo, staging and block-reduction logic is checked
+against float64 references on every change. The GPU tests check the same kernels on a device, in
+every dtype, with the real launch code."""
 import os
 import shutil
 import subprocess
@@ -11,21 +12,28 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+# program -> how many checks it must report "ok" (so a check that silently stops running fails)
+PROGRAMS = {
+    "rows_kernels": 48,  # 6 shapes x 3 filters x 2-3 kernels
+    "tile_kernels": 48,  # 7 shapes x 4 filter/tile widths x scalar (+ vector where w allows)
+}
+
 
 def _compiler():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
 @pytest.mark.skipif(_compiler() is None, reason="no C++ compiler")
-def test_row_kernels_match_references_on_the_host(tmp_path):
-    binary = tmp_path / "rows_kernels"
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_cuda_kernels_match_references_on_the_host(tmp_path, program):
+    binary = tmp_path / program
     build = subprocess.run(
         [_compiler(), "-std=c++20", "-O1", "-pthread", "-I", os.path.join(ROOT, "csrc"),
-         "-I", os.path.join(HERE, "cuda_host"), os.path.join(HERE, "cuda_host", "rows_kernels.cpp"),
+         "-I", os.path.join(HERE, "cuda_host"), os.path.join(HERE, "cuda_host", program + ".cpp"),
          "-o", str(binary)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
-    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=900)
     failed = [line for line in run.stdout.splitlines() if "FAILED" in line]
     assert run.returncode == 0 and run.stdout.rstrip().endswith("ALL OK"), (
         "\n".join(failed) or run.stdout[-2000:] + run.stderr[-2000:])
-    assert run.stdout.count(" ok") == 48  # every check ran: 6 shapes x 3 filters x 2-3 kernels
+    assert run.stdout.count(" ok") == PROGRAMS[program]

@@ -127,19 +127,20 @@ def test_gpu_fused_matches_composition(dtype, shape):
 
 @cuda
 @needs_triton
-def test_gpu_auto_fuses_only_bfloat16_inference():
-    # The measured rule (see sficonv_ext/ops/first_layer.py): fused for half-precision
-    # inference in channels_last, composed when a gradient is wanted.
+def test_gpu_auto_composes_and_triton_fuses():
+    # The measured rule (see sficonv_ext/ops/first_layer.py): "auto" composes, in inference and
+    # in training; backend="triton" runs the fused kernel.
     x = torch.randn(2, 64, 16, 16, device="cuda", dtype=torch.bfloat16).contiguous(
         memory_format=torch.channels_last)
     weight = torch.randn(64, 64, 1, 1, device="cuda", dtype=torch.bfloat16)
     mcs_weight = torch.rand(64, 1, 5, 5, device="cuda", dtype=torch.bfloat16)
 
-    def kernels(requires_grad):
+    def kernels(requires_grad, backend):
         weight.requires_grad_(requires_grad)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            ops.first_sfi_conv(x, weight, mcs_weight, 32)
+            ops.first_sfi_conv(x, weight, mcs_weight, 32, backend=backend)
             torch.cuda.synchronize()
         return " ".join(e.name for e in prof.events())
-    assert "_first_layer_kernel" in kernels(False)
-    assert "_first_layer_kernel" not in kernels(True)
+    assert "_first_layer_kernel" not in kernels(False, "auto")
+    assert "_first_layer_kernel" not in kernels(True, "auto")
+    assert "_first_layer_kernel" in kernels(False, "triton")

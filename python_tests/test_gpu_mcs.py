@@ -100,17 +100,38 @@ def test_mixed_devices_error():
 FUSED_TOLERANCES = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2,
                     torch.float64: 1e-12}
 
+# The NCHW kernels for k = 3, 5, 7, chosen by environment (read on every call):
+# variant -> (environment, the kernels its forward and input+weight backward run).
+NCHW_VARIANTS = {
+    "tiles": ({}, ("conv_tile_kernel", "weight_grad_nchw_kernel")),
+    "rows": ({"SFICONV_CUDA_NCHW_KERNEL": "rows"}, ("conv_rows_kernel", "weight_grad_nchw_kernel")),
+    "rows-fused": ({"SFICONV_CUDA_NCHW_KERNEL": "rows", "SFICONV_CUDA_FUSED_BACKWARD": "1"},
+                   ("conv_rows_kernel", "backward_fused_nchw_kernel")),
+}
 
+
+def _select_nchw_variant(monkeypatch, variant):
+    for name in ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in NCHW_VARIANTS[variant][0].items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("variant", sorted(NCHW_VARIANTS))
 @pytest.mark.parametrize("dtype", sorted(FUSED_TOLERANCES, key=str))
 @pytest.mark.parametrize("shape,k", [((3, 64, 67, 61), 5), ((2, 3, 1, 45), 3), ((1, 5, 33, 7), 7),
-                                     ((2, 16, 70, 129), 5), ((4, 2, 5, 200), 3)])
-@pytest.mark.parametrize("constrained", [True, False])
-def test_gpu_fused_nchw_backward_matches_definition(monkeypatch, dtype, shape, k, constrained):
-    # The opt-in one-pass NCHW backward (SFICONV_CUDA_FUSED_BACKWARD=1): both gradients against
-    # the float64 definition, and bitwise against itself on a repeat (fixed-order partials).
+                                     ((2, 16, 70, 129), 5), ((4, 2, 5, 200), 3),
+                                     ((2, 8, 64, 64), 5), ((1, 4, 40, 96), 7)])
+def test_gpu_nchw_kernels_match_definition(monkeypatch, variant, dtype, shape, k):
+    # Each NCHW kernel choice (shapes with W a whole number of 16-byte vectors take the tile's
+    # vector staging): output and both gradients against the float64 definition, and bitwise
+    # against itself on a repeat (fixed-order partials). Constrained taps only: the taps are
+    # computed before any of these kernels runs (test_gpu_backend_matches_definition covers
+    # constrained=False).
+    constrained = True
     if not _available("cuda"):
         pytest.skip("CUDA kernels not built")
-    monkeypatch.setenv("SFICONV_CUDA_FUSED_BACKWARD", "1")
+    _select_nchw_variant(monkeypatch, variant)
     n, c, h, w = shape
     x = torch.randn(n, c, h, w, device="cuda")
     weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
@@ -120,25 +141,26 @@ def test_gpu_fused_nchw_backward_matches_definition(monkeypatch, dtype, shape, k
     want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
                  constrained)
     tol = FUSED_TOLERANCES[dtype]
+    assert rel_err(got[0].double(), want[0]) < tol
     assert rel_err(got[1].double(), want[1]) < tol
     assert rel_err(got[2].double(), want[2]) < 4 * tol
     assert torch.equal(got[1], again[1]) and torch.equal(got[2], again[2])
 
 
-@pytest.mark.parametrize("enabled", [True, False])
-def test_gpu_fused_nchw_backward_runs_only_when_asked(monkeypatch, enabled):
-    # Its results are meant to equal the two-kernel path's bit for bit, so the test above cannot
-    # tell which ran: the CUDA profiler can.
+@pytest.mark.parametrize("variant", sorted(NCHW_VARIANTS))
+def test_gpu_nchw_variant_runs_its_kernels(monkeypatch, variant):
+    # The variants are meant to agree to rounding, so the test above cannot tell which ran: the
+    # CUDA profiler can.
     if not _available("cuda"):
         pytest.skip("CUDA kernels not built")
-    if enabled:
-        monkeypatch.setenv("SFICONV_CUDA_FUSED_BACKWARD", "1")
-    else:
-        monkeypatch.delenv("SFICONV_CUDA_FUSED_BACKWARD", raising=False)
-    x = torch.randn(2, 8, 33, 35, device="cuda")
+    _select_nchw_variant(monkeypatch, variant)
+    x = torch.randn(2, 8, 33, 36, device="cuda")
     weight = torch.rand(8, 1, 5, 5, device="cuda") + 0.5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         grads("cuda", x, weight, torch.randn_like(x), True)
         torch.cuda.synchronize()
-    ran = any("backward_fused_nchw_kernel" in e.key for e in prof.key_averages())
-    assert ran == enabled
+    names = " ".join(e.key for e in prof.key_averages())
+    for kernel in NCHW_VARIANTS[variant][1]:
+        assert kernel in names, (variant, kernel)
+    others = {k for v in NCHW_VARIANTS.values() for k in v[1]} - set(NCHW_VARIANTS[variant][1])
+    assert not [k for k in others if k in names], (variant, names)

@@ -10,9 +10,39 @@ from conftest import make_pair, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# (autocast dtype or None, relative tolerance on logits)
-CASES = {"float32": (None, 2e-3), "bfloat16": (torch.bfloat16, 5e-2),
-         "float16": (torch.float16, 2e-2)}
+# (autocast dtype or None, relative tolerance on logits). float32: fast against the reference.
+# Half types: each model's autocast result against the reference's float32 result; the fast
+# model may err at most HALF_ERROR_RATIO times as much as the reference's own autocast run, plus
+# the tolerance. (A fixed tolerance on fast vs reference failed on an H100 in bfloat16 train
+# mode, at 7.6% relative: the difference of two half-precision runs holds both runs' rounding
+# through 26 layers of batch statistics over 4 images, so each is measured against float32.)
+CASES = {"float32": (None, 2e-3), "bfloat16": (torch.bfloat16, 2e-2),
+         "float16": (torch.float16, 5e-3)}
+HALF_ERROR_RATIO = 3.0
+
+
+def _no_tf32():
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+
+
+def _check_against_float32(name, got, ref_amp, truth, tol):
+    # Two measures, each against the float32 result: the largest error (relative to the largest
+    # value), and the direction. A bfloat16 gradient of the first layers through 23 layers of
+    # backward is mostly rounding noise for both models (on the CPU with bf16 autocast: cosine
+    # 0.67 to float32 for the reference, 0.75 for the fast model), so the error ratio alone
+    # would accept even a zero gradient; the cosine would not.
+    err_fast, err_ref = rel_err(got, truth), rel_err(ref_amp, truth)
+    cos_fast, cos_ref = _cosine(got, truth), _cosine(ref_amp, truth)
+    print(f"{name}: max error fast {err_fast:.3e}, reference {err_ref:.3e}; "
+          f"cosine fast {cos_fast:.4f}, reference {cos_ref:.4f} (against float32)")
+    assert cos_ref > 0.3, (name, cos_ref)  # the comparison means something
+    assert err_fast < HALF_ERROR_RATIO * err_ref + tol, (name, err_fast, err_ref)
+    assert cos_fast > cos_ref - 0.1, (name, cos_fast, cos_ref)
 
 
 @cuda
@@ -20,8 +50,7 @@ CASES = {"float32": (None, 2e-3), "bfloat16": (torch.bfloat16, 5e-2),
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_eval_and_train_parity(dtype, channels_last):
     amp, tol = CASES[dtype]
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _no_tf32()
     ref, fast = make_pair(26, dtype=torch.float32)
     ref, fast = ref.cuda(), fast.cuda()
     x = torch.randn(4, 3, 96, 80, device="cuda")
@@ -30,9 +59,15 @@ def test_cuda_eval_and_train_parity(dtype, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     for train in (False, True):
         ref.train(train), fast.train(train)
-        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-            out_ref, out_fast = ref(x), fast(x)
-        assert rel_err(out_fast.float(), out_ref.float()) < tol, (dtype, train)
+        with torch.no_grad():
+            truth = ref(x)
+            with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+                out_ref, out_fast = ref(x), fast(x)
+        if amp is None:
+            assert rel_err(out_fast, out_ref) < tol, (dtype, train)
+        else:
+            _check_against_float32(f"logits train={train}", out_fast.float(), out_ref.float(),
+                                   truth, tol)
 
 
 @cuda
@@ -72,37 +107,43 @@ def test_cuda_graph_inference_replays_and_refuses_other_shapes(amp):
 @cuda
 @pytest.mark.parametrize("dtype", sorted(CASES))
 def test_cuda_fast_model_gradients_match_reference(dtype):
-    # The fused first layer (Triton) and the MCSConv kernels inside a full train step.
+    # The fused first layer and the MCSConv kernels inside a full train step: the gradient of a
+    # layer1 convolution (through 23 layers of backward) and of the classifier.
     amp, tol = CASES[dtype]
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _no_tf32()
     ref, fast = make_pair(26, dtype=torch.float32)
     ref, fast = ref.cuda().train(), fast.cuda().train()
     x = torch.randn(4, 3, 64, 72, device="cuda")
-    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-        ref(x).float().square().sum().backward()
-        fast(x).float().square().sum().backward()
     published = ref.rgb_extract_feature[4][0].SFIC1.conv  # children: 4 is layer1
-    want = torch.cat([published.s2s.weight.grad, published.f2f.weight.grad]).float()
-    got = fast.layer1[0].SFIC1.conv.weight.grad.float()
-    pairs = [(got, want), (fast.fc.weight.grad.float(), ref.fc.weight.grad.float())]
-    for g, w in pairs:
+    ref_params = [published.s2s.weight, published.f2f.weight, ref.fc.weight]
+
+    def ref_grads(enabled):
+        with torch.autocast("cuda", dtype=amp or torch.float32, enabled=enabled):
+            loss = ref(x).float().square().sum()
+        s2s, f2f, fc = torch.autograd.grad(loss, ref_params)
+        return torch.cat([s2s, f2f]).float(), fc.float()
+
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        loss = fast(x).float().square().sum()
+    got = [g.float() for g in torch.autograd.grad(
+        loss, [fast.layer1[0].SFIC1.conv.weight, fast.fc.weight])]
+    truth = ref_grads(False)
+    for g in got:
         assert torch.isfinite(g).all()
-        if amp is None:
-            assert rel_err(g, w) < 5 * tol
-        else:
-            # Half precision through 26 layers of backward: elementwise errors reach the size of
-            # small entries (these failed a 5x-logit tolerance on an H100), so compare direction.
-            cosine = torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0)
-            assert cosine > 0.99
+    if amp is None:
+        for g, w, name in zip(got, truth, ("layer1 conv", "fc")):
+            assert rel_err(g, w) < 5 * tol, name
+    else:
+        ref_amp = ref_grads(True)
+        for g, r, w, name in zip(got, ref_amp, truth, ("layer1 conv", "fc")):
+            _check_against_float32(f"{name} gradient", g, r, w, 5 * tol)
 
 
 @cuda
 def test_cuda_fast_model_compiles_fullgraph_with_fused_ops():
     # fullgraph=True fails on any graph break: the Triton ops (first layer, epilogues, MCSConv)
     # must all trace. aot_eager keeps the test short; the benchmark runs inductor.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    _no_tf32()
     _, fast = make_pair(26, dtype=torch.float32)
     fast = fast.cuda().train()
     twin = copy.deepcopy(fast)

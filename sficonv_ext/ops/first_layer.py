@@ -4,18 +4,19 @@ Two paths compute it:
 - ``"triton"``: the fused kernel of :mod:`.first_layer_triton` (1x1 pointwise weight, CUDA or
   Triton's CPU interpreter): MCS(x) never leaves the chip and the output is written once.
 - ``"composed"``: MCSConv op, two ``F.conv2d`` and ``torch.cat`` (any kernel size, any device).
-``"auto"`` takes the fused kernel only where it measured faster on an H100
-(benchmarks/results/fused_layers_cuda.json, [64, 64, 64, 64] channels_last): inference (no
-gradient wanted) in bfloat16/float16, 1.07x the composition. In training its backward (a
-composition that recomputes MCS(x)) made forward+backward 0.69x, and in float32 the exact
-(IEEE) matrix product Triton must use to match cuDNN made the forward 0.09x: there, and on the
-CPU, ``"auto"`` composes.
+``"auto"`` composes everywhere: it would take the fused kernel only where that measured faster,
+and on an H100 (benchmarks/results/fused_layers_cuda.json, [64, 64, 64, 64] channels_last,
+2026-11-26) it did nowhere. bfloat16 inference: 0.395 ms against 0.145 ms composed (0.37x; an
+earlier run's 1.07x was against a composition whose MCSConv ran our NCHW-oriented kernel
+rather than cuDNN); training, whose backward recomputes MCS(x): 0.53x; float32, where Triton
+must use the exact (IEEE) matrix product to match cuDNN: 0.06x. ``backend="triton"`` still
+runs it.
 """
 import torch
 import torch.nn.functional as F
 
 from .autocast import autocast_inputs
-from .mcs_conv import channels_innermost, mcs_conv, triton_ops
+from .mcs_conv import mcs_conv, triton_ops
 
 FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,13 +27,6 @@ def fused_first_layer_available(x, weight):
     """Whether the fused Triton kernel can run this call."""
     return (triton_ops() is not None and weight.shape[-1] == 1 and weight.shape[-2] == 1
             and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
-
-
-def _auto_fuses(x, weight, mcs_weight):
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or mcs_weight.requires_grad)
-    return (x.is_cuda and channels_innermost(x) and not wants_grad
-            and x.dtype in (torch.float16, torch.bfloat16))
 
 
 def _validate(x, weight, mcs_weight, split, bias, backend):
@@ -64,15 +58,16 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
 
     ``weight``: ``[C_out, C_in, k, k]``; ``mcs_weight``: ``[C_in, 1, k_mcs, k_mcs]`` (raw when
     ``constrained``); ``bias``: optional ``[C_out]``. Under autocast every input but a float64
-    one is cast to the autocast dtype, as for ``F.conv2d``. ``mcs_backend`` picks the MCSConv kernel of the composed path.
+    one is cast to the autocast dtype, as for ``F.conv2d``. ``mcs_backend`` picks the MCSConv
+    kernel of the composed path.
     """
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)
     _validate(x, weight, mcs_weight, split, bias, backend)
-    fused = fused_first_layer_available(x, weight)
-    if backend == "triton" and not fused:
-        raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at most "
-                         f"{_FUSED_MAX_CHANNELS} input channels and float32/float16/bfloat16")
-    if backend == "triton" or (backend == "auto" and fused and _auto_fuses(x, weight, mcs_weight)):
+    if backend == "triton":
+        if not fused_first_layer_available(x, weight):
+            raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at "
+                             f"most {_FUSED_MAX_CHANNELS} input channels and "
+                             "float32/float16/bfloat16")
         return torch.ops.sficonv_ext.first_sfi_conv_triton(x, weight, mcs_weight, bias, split,
                                                            constrained, float(eps))
     pad = weight.shape[-1] // 2

@@ -1,0 +1,130 @@
+// The shared-memory tiled MCSConv CUDA kernel (csrc/mcs_conv_cuda_tiles.cuh), compiled as host
+// C++ through cuda_host_emulation.h and run against a float64 reference: the correlation (the
+// forward, and the input gradient with mirrored taps), with scalar and 16-byte vector staging,
+// both tile widths, and gridDim.y capped small so that the plane loop runs. Launch shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when
+// every check passed.
+#include "cuda_host_emulation.h"
+#include "mcs_conv_cuda_tiles.cuh"
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+
+using sficonv::tiles::Tile;
+using sficonv::tiles::TileGrid;
+
+namespace {
+
+constexpr unsigned kMaxY = 3;  // small: exercises the kernels' plane loop
+
+struct Case {
+  int n, c, h, w;
+};
+
+template <typename T>
+std::vector<T> random_values(size_t count, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  std::vector<T> v(count);
+  for (auto& e : v) e = static_cast<T>(normal(rng));
+  return v;
+}
+
+long at(const Case& s, long plane, int i, int j) { return (plane * s.h + i) * s.w + j; }
+
+// out(p,i,j) = sum_ab taps[p % c][a][b] * in(p,i+a-pad,j+b-pad), zero outside the image.
+template <typename T>
+std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std::vector<T>& taps,
+                              int k) {
+  std::vector<double> out(in.size(), 0.0);
+  const int pad = k / 2;
+  for (long p = 0; p < static_cast<long>(s.n) * s.c; ++p)
+    for (int i = 0; i < s.h; ++i)
+      for (int j = 0; j < s.w; ++j) {
+        double acc = 0;
+        for (int a = 0; a < k; ++a)
+          for (int b = 0; b < k; ++b) {
+            const int r = i + a - pad, q = j + b - pad;
+            if (r >= 0 && r < s.h && q >= 0 && q < s.w)
+              acc += static_cast<double>(taps[(p % s.c) * k * k + a * k + b]) * in[at(s, p, r, q)];
+          }
+        out[at(s, p, i, j)] = acc;
+      }
+  return out;
+}
+
+template <typename T>
+int count_bad(const std::vector<T>& got, const std::vector<double>& want) {
+  const double tol = sizeof(T) == sizeof(double) ? 1e-10 : 1e-4;
+  double scale = 1e-30;
+  for (double v : want) scale = std::max(scale, std::abs(v));
+  int bad = 0;
+  for (size_t e = 0; e < want.size(); ++e)
+    if (!(std::abs(static_cast<double>(got[e]) - want[e]) <= tol * scale)) ++bad;
+  return bad;
+}
+
+int report(const char* what, const Case& s, int k, int tx, bool vec, const char* type, int bad) {
+  std::printf("%-15s %-6s k=%d tx=%d %-6s [%d, %d, %d, %d] %s\n", what, type, k, tx,
+              vec ? "vector" : "scalar", s.n, s.c, s.h, s.w, bad ? "FAILED" : "ok");
+  return bad;
+}
+
+template <int K, int TX>
+TileGrid tile_grid(const Case& s, bool vector_loads) {
+  TileGrid geo;
+  geo.planes = static_cast<long>(s.n) * s.c;
+  geo.h = s.h;
+  geo.w = s.w;
+  geo.tiles_x = (s.w + TX - 1) / TX;
+  geo.vector_loads = vector_loads;
+  return geo;
+}
+
+template <int K, int TX>
+dim3 launch_grid(const TileGrid& geo) {
+  const long tiles = static_cast<long>(geo.tiles_x) * ((geo.h + Tile<K, TX>::rows - 1) / Tile<K, TX>::rows);
+  return dim3(static_cast<unsigned>(tiles),
+              std::min<unsigned>(static_cast<unsigned>(geo.planes), kMaxY));
+}
+
+template <typename T, int K, int TX>
+int check_forward(const Case& s, bool vec, const char* type) {
+  using TL = Tile<K, TX>;
+  const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
+  const auto x = random_values<T>(count, 1);
+  const auto taps = random_values<T>(static_cast<size_t>(s.c) * K * K, 2);
+  std::vector<T> y(count, T(-999));
+  const TileGrid geo = tile_grid<K, TX>(s, vec);
+  cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, TL::TY), TL::shared_size * sizeof(T), [&] {
+    sficonv::tiles::conv_tile_kernel<T, T, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
+  });
+  return report("forward", s, K, TX, vec, type, count_bad(y, correlate(s, x, taps, K)));
+}
+
+template <typename T, int K, int TX>
+int check_all(const Case& s, const char* type) {
+  // Vector staging only where the launcher allows it: w a whole number of 16-byte vectors.
+  const bool vec_ok = s.w % (16 / static_cast<int>(sizeof(T))) == 0;
+  int bad = check_forward<T, K, TX>(s, false, type);
+  if (vec_ok) bad += check_forward<T, K, TX>(s, true, type);
+  return bad;
+}
+
+}  // namespace
+
+int main() {
+  // Odd sizes; H below, at and above one tile of rows (32 or 64); W below, at and above one
+  // tile of columns (32 or 64), some a whole number of vectors; more planes than gridDim.y.
+  const Case shapes[] = {{2, 3, 13, 67}, {1, 1, 1, 5}, {2, 2, 70, 128}, {1, 2, 33, 8},
+                         {3, 1, 64, 64}, {1, 3, 5, 36}, {1, 2, 130, 20}};
+  int bad = 0;
+  for (const Case& s : shapes) {
+    bad += check_all<float, 5, 64>(s, "float");
+    bad += check_all<float, 5, 32>(s, "float");
+    bad += check_all<double, 3, 64>(s, "double");
+    bad += check_all<double, 7, 32>(s, "double");
+  }
+  std::printf(bad ? "SOME FAILED\n" : "ALL OK\n");
+  return bad ? 1 : 0;
+}
