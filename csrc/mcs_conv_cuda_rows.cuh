@@ -50,6 +50,21 @@ __device__ __forceinline__ void load_row(const scalar_t* __restrict__ src, int s
     v[b] = col_ok[b] ? static_cast<acc_t>(src[(b - pad) * static_cast<int64_t>(step)]) : acc_t(0);
 }
 
+// Adds input row rr (its K horizontal neighbours v) of the R + K - 1 rows around R consecutive
+// output rows to the outputs it meets: output o meets it through filter row rr - o. Inlined into
+// fully unrolled loops, so rr is a constant and the range test disappears.
+template <typename acc_t, int K, int R>
+__device__ __forceinline__ void add_row_to_outputs(const acc_t (&v)[K], const acc_t (&tap)[K * K],
+                                                   int rr, acc_t (&acc)[R]) {
+#pragma unroll
+  for (int o = 0; o < R; ++o) {
+    const int a = rr - o;
+    if (a < 0 || a >= K) continue;
+#pragma unroll
+    for (int b = 0; b < K; ++b) acc[o] += tap[a * K + b] * v[b];
+  }
+}
+
 // grid: x over row positions, y over blocks of R output rows, z over groups (planes in NCHW,
 // images in channels_last; looped when there are more than gridDim.z).
 template <typename scalar_t, typename acc_t, int K, int R>
@@ -79,13 +94,7 @@ __global__ void conv_rows_kernel(const scalar_t* __restrict__ x, const acc_t* __
       acc_t v[K];
       load_row<scalar_t, acc_t, K>(x + base + static_cast<int64_t>(r) * geo.row_len, geo.step,
                                    col_ok, v);
-#pragma unroll
-      for (int o = 0; o < R; ++o) {
-        const int a = rr - o;  // filter row that input row rr meets for output row o
-        if (a < 0 || a >= K) continue;
-#pragma unroll
-        for (int b = 0; b < K; ++b) acc[o] += tap[a * K + b] * v[b];
-      }
+      add_row_to_outputs<acc_t, K, R>(v, tap, rr, acc);
     }
 #pragma unroll
     for (int o = 0; o < R; ++o)

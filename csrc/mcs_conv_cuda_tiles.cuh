@@ -21,7 +21,7 @@
 
 #include <cstdint>
 
-#include "mcs_conv_cuda_rows.cuh"  // SFI_DYNAMIC_SHARED
+#include "mcs_conv_cuda_rows.cuh"  // SFI_DYNAMIC_SHARED, add_row_to_outputs
 
 namespace sficonv {
 namespace tiles {
@@ -134,13 +134,7 @@ __global__ void conv_tile_kernel(const scalar_t* __restrict__ x, const acc_t* __
       acc_t v[K];
 #pragma unroll
       for (int b = 0; b < K; ++b) v[b] = row[b];
-#pragma unroll
-      for (int o = 0; o < T::R; ++o) {
-        const int a = rr - o;  // filter row that staged row rr meets for output row o
-        if (a < 0 || a >= K) continue;
-#pragma unroll
-        for (int b = 0; b < K; ++b) acc[o] += tap[a * K + b] * v[b];
-      }
+      rows::add_row_to_outputs<acc_t, K, T::R>(v, tap, rr, acc);
     }
     const int ox = x0 + tx;
     if (ox < geo.w) {

@@ -4,6 +4,7 @@
 // Launch shapes follow csrc/mcs_conv_cuda.cu, with gridDim.z capped small so that the
 // grid-stride loops run. Prints one line per check and "ALL OK" when every check passed.
 #include "cuda_host_emulation.h"
+#include "host_checks.h"
 #include "mcs_conv_cuda_rows.cuh"
 
 #include <cmath>
@@ -42,15 +43,6 @@ RowGeometry geometry(const Case& s) {
 
 unsigned row_threads(long row_len, int most) {
   return static_cast<unsigned>(std::min<long>(most, (row_len + 31) / 32 * 32));
-}
-
-template <typename T>
-std::vector<T> random_values(size_t count, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> normal;
-  std::vector<T> v(count);
-  for (auto& e : v) e = static_cast<T>(normal(rng));
-  return v;
 }
 
 // out(n,c,i,j) = sum_ab taps[c][a][b] * in(n,c,i+a-p,j+b-p), zero outside the image.
@@ -105,21 +97,6 @@ std::vector<double> sum_nchw_partials(const std::vector<T>& partials, const Case
     sums[(plane % s.c) * k * k + e % (k * k)] += partials[e];
   }
   return sums;
-}
-
-template <typename T>
-double tolerance() {
-  return sizeof(T) == sizeof(double) ? 1e-10 : 1e-4;
-}
-
-template <typename T, typename Got>
-int count_bad(const Got& got, const std::vector<double>& want) {
-  double scale = 1e-30;
-  for (double v : want) scale = std::max(scale, std::abs(v));
-  int bad = 0;
-  for (size_t e = 0; e < want.size(); ++e)
-    if (!(std::abs(static_cast<double>(got[e]) - want[e]) <= tolerance<T>() * scale)) ++bad;
-  return bad;
 }
 
 int report(const char* what, const Case& s, int k, const char* type, int bad) {

@@ -4,6 +4,7 @@
 // both tile widths, and gridDim.y capped small so that the plane loop runs. Launch shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when
 // every check passed.
 #include "cuda_host_emulation.h"
+#include "host_checks.h"
 #include "mcs_conv_cuda_tiles.cuh"
 
 #include <cmath>
@@ -20,15 +21,6 @@ constexpr unsigned kMaxY = 3;  // small: exercises the kernels' plane loop
 struct Case {
   int n, c, h, w;
 };
-
-template <typename T>
-std::vector<T> random_values(size_t count, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> normal;
-  std::vector<T> v(count);
-  for (auto& e : v) e = static_cast<T>(normal(rng));
-  return v;
-}
 
 long at(const Case& s, long plane, int i, int j) { return (plane * s.h + i) * s.w + j; }
 
@@ -51,17 +43,6 @@ std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std
         out[at(s, p, i, j)] = acc;
       }
   return out;
-}
-
-template <typename T>
-int count_bad(const std::vector<T>& got, const std::vector<double>& want) {
-  const double tol = sizeof(T) == sizeof(double) ? 1e-10 : 1e-4;
-  double scale = 1e-30;
-  for (double v : want) scale = std::max(scale, std::abs(v));
-  int bad = 0;
-  for (size_t e = 0; e < want.size(); ++e)
-    if (!(std::abs(static_cast<double>(got[e]) - want[e]) <= tol * scale)) ++bad;
-  return bad;
 }
 
 int report(const char* what, const Case& s, int k, int tx, bool vec, const char* type, int bad) {
@@ -99,7 +80,7 @@ int check_forward(const Case& s, bool vec, const char* type) {
   cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, TL::TY), TL::shared_size * sizeof(T), [&] {
     sficonv::tiles::conv_tile_kernel<T, T, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
   });
-  return report("forward", s, K, TX, vec, type, count_bad(y, correlate(s, x, taps, K)));
+  return report("forward", s, K, TX, vec, type, count_bad<T>(y, correlate(s, x, taps, K)));
 }
 
 template <typename T, int K, int TX>

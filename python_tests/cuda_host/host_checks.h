@@ -1,0 +1,35 @@
+// What the host-emulation kernel checks (rows_kernels.cpp, tile_kernels.cpp) share: seeded
+// random inputs and the comparison with a float64 reference.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+template <typename T>
+std::vector<T> random_values(size_t count, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  std::vector<T> v(count);
+  for (auto& e : v) e = static_cast<T>(normal(rng));
+  return v;
+}
+
+// Relative to the largest reference value: float64 kernels to 1e-10, float32 to 1e-4.
+template <typename T>
+double tolerance() {
+  return sizeof(T) == sizeof(double) ? 1e-10 : 1e-4;
+}
+
+// How many values of `got` (computed in T) differ from `want` by more than the tolerance; a NaN
+// counts as bad.
+template <typename T, typename Got>
+int count_bad(const Got& got, const std::vector<double>& want) {
+  double scale = 1e-30;
+  for (double v : want) scale = std::max(scale, std::abs(v));
+  int bad = 0;
+  for (size_t e = 0; e < want.size(); ++e)
+    if (!(std::abs(static_cast<double>(got[e]) - want[e]) <= tolerance<T>() * scale)) ++bad;
+  return bad;
+}
