@@ -74,26 +74,31 @@ def backends_for(device):
         names.append("cpp")
     if device.type == "cuda":
         if info["cuda"]:
-            # "cuda-rows": the row-blocked NCHW kernels the tiles replaced
-            # (SFICONV_CUDA_NCHW_KERNEL=rows), for comparison on the same build.
-            names += ["cuda", "cuda-rows"]
+            names += list(CUDA_VARIANTS)
         if info["triton_ops"]:
             names.append("triton")
     return names
 
 
-CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD")
+# The CUDA extension's kernel choices timed side by side on one build (environment read on every
+# call): the default; "cuda-rows", the row-blocked NCHW kernels the tile kernel replaced; and
+# "cuda-tile-mb3"/"-mb4", the tile kernel built for 3 or 4 resident blocks per SM (fewer
+# registers: an experiment, see tile_min_blocks in csrc/mcs_conv_cuda.cu).
+CUDA_VARIANTS = {"cuda": {}, "cuda-rows": {"SFICONV_CUDA_NCHW_KERNEL": "rows"},
+                 "cuda-tile-mb3": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "3"},
+                 "cuda-tile-mb4": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"}}
+CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
+                   "SFICONV_CUDA_TILE_MIN_BLOCKS")
 
 
 @contextlib.contextmanager
-def cuda_nchw_kernels(rows):
-    """The CUDA extension's NCHW kernel family while measuring: the default tiles, or the
-    row-blocked kernels (whatever the caller's environment says), restored afterwards."""
+def cuda_kernel_choice(settings):
+    """The CUDA extension's kernel choice while measuring (whatever the caller's environment
+    says), restored afterwards."""
     previous = {name: os.environ.get(name) for name in CUDA_KERNEL_ENV}
     for name in CUDA_KERNEL_ENV:
         os.environ.pop(name, None)
-    if rows:
-        os.environ["SFICONV_CUDA_NCHW_KERNEL"] = "rows"
+    os.environ.update(settings)
     try:
         yield
     finally:
@@ -106,11 +111,10 @@ def cuda_nchw_kernels(rows):
 
 def bench_case(shape, dtype, layout, k, device, backend, measure, args,
                phases=("forward", "backward_x", "backward_xw")):
-    if backend in ("cuda", "cuda-rows"):
-        rows = backend == "cuda-rows"
-        if rows and (layout != "nchw" or k not in (3, 5, 7)):
-            return {}  # the only inputs where the two families differ
-        with cuda_nchw_kernels(rows):
+    if backend in CUDA_VARIANTS:
+        if backend != "cuda" and (layout != "nchw" or k not in (3, 5, 7)):
+            return {}  # the only inputs where the choices differ
+        with cuda_kernel_choice(CUDA_VARIANTS[backend]):
             return _measure_case(shape, dtype, layout, k, device, "cuda", measure, args, phases)
     return _measure_case(shape, dtype, layout, k, device, backend, measure, args, phases)
 

@@ -6,9 +6,9 @@
 // mcs_conv_cuda_tiles.cuh (forward and input gradient), channels_last the row-blocked kernels of
 // mcs_conv_cuda_rows.cuh (NCHW too with SFICONV_CUDA_NCHW_KERNEL=rows); the weight gradient
 // runs the row-blocked kernels in both layouts. Other k: NCHW runs a simple tiled kernel,
-// channels_last a per-element kernel. Backward: the input gradient is the same convolution with the mirrored
-// filter; the weight gradient is reduced per (channel, fixed block of pixels) in registers and
-// shared memory, then summed over blocks by at::sum: no atomics, so the result is
+// channels_last a per-element kernel. Backward: the input gradient is the same convolution with
+// the mirrored filter; the weight gradient is reduced per (channel, fixed block of pixels) in
+// registers and shared memory, then summed over blocks by at::sum: no atomics, so the result is
 // deterministic run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_rows.cuh"
@@ -249,9 +250,30 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
 // shared-memory tiles (default; 1.7x the row kernel on an H100) or the row-blocked kernel
 // (SFICONV_CUDA_NCHW_KERNEL=rows), kept selectable so benchmarks and tests compare them on the
 // same build.
+// The value of environment variable `name`, one of `allowed` (the first when unset); anything
+// else is an error that names the choices, not a silent default.
+std::string env_choice(const char* name, std::initializer_list<const char*> allowed) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return *allowed.begin();
+  std::string choices;
+  for (const char* a : allowed) {
+    if (std::strcmp(value, a) == 0) return a;
+    choices += choices.empty() ? a : std::string(", ") + a;
+  }
+  TORCH_CHECK(false, "mcs_conv CUDA kernel: ", name, "=", value, " is not one of: ", choices);
+  return {};
+}
+
 bool nchw_tiles_selected() {
-  const char* value = std::getenv("SFICONV_CUDA_NCHW_KERNEL");
-  return value == nullptr || std::strcmp(value, "rows") != 0;
+  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles", "rows"}) == "tiles";
+}
+
+// The tile kernel's register budget, an experiment for the next GPU run: Nsight Compute found
+// it at 25% occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks
+// the compiler for that many resident blocks (__launch_bounds__: at most 85 or 64 registers a
+// thread), to be timed (bench_mcs.py's cuda-tile-mb3/-mb4 rows) before any becomes the default.
+int tile_min_blocks() {
+  return std::stoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}));
 }
 
 bool can_tile(const at::Tensor& x, int k) {
@@ -281,12 +303,12 @@ dim3 tile_launch_grid(const tiles::TileGrid& geo, int tx, int rows) {
               static_cast<unsigned>(std::min<int64_t>(geo.planes, kMaxGrid)));
 }
 
-template <typename scalar_t, int K, int TX>
+template <typename scalar_t, int K, int TX, int MIN_BLOCKS>
 void launch_conv_tiles_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   using T = tiles::Tile<K, TX>;
   const auto geo = tile_grid(x, TX, {x.data_ptr(), y.data_ptr()});
-  tiles::conv_tile_kernel<scalar_t, acc_t, K, TX>
+  tiles::conv_tile_kernel<scalar_t, acc_t, K, TX, MIN_BLOCKS>
       <<<tile_launch_grid(geo, TX, T::rows), dim3(TX, T::TY), T::shared_size * sizeof(acc_t),
          c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(),
                                               y.data_ptr<scalar_t>(),
@@ -294,10 +316,19 @@ void launch_conv_tiles_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, int K, int MIN_BLOCKS>
+void launch_conv_tiles_mb(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+  if (tile_width(x.size(3)) == 64) launch_conv_tiles_k<scalar_t, K, 64, MIN_BLOCKS>(x, taps, y);
+  else launch_conv_tiles_k<scalar_t, K, 32, MIN_BLOCKS>(x, taps, y);
+}
+
 template <typename scalar_t, int K>
 void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
-  if (tile_width(x.size(3)) == 64) launch_conv_tiles_k<scalar_t, K, 64>(x, taps, y);
-  else launch_conv_tiles_k<scalar_t, K, 32>(x, taps, y);
+  switch (tile_min_blocks()) {
+    case 3: launch_conv_tiles_mb<scalar_t, K, 3>(x, taps, y); break;
+    case 4: launch_conv_tiles_mb<scalar_t, K, 4>(x, taps, y); break;
+    default: launch_conv_tiles_mb<scalar_t, K, 1>(x, taps, y);
+  }
 }
 
 // y = depthwise correlation of x with `taps` ([C, k*k]); y has x's layout.
@@ -433,11 +464,11 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
   return at::sum(partials, at::IntArrayRef{1});
 }
 
-// The one-pass NCHW backward (rows::backward_fused_nchw_kernel) is opt-in until a GPU run has
-// checked and timed it: SFICONV_CUDA_FUSED_BACKWARD=1 turns it on.
+// The one-pass NCHW backward of the row kernels (rows::backward_fused_nchw_kernel) measured
+// slower than the row kernels' two passes on an H100 in 3 of 4 cases (faster only in float32 at
+// [64, 64, 64, 64]), so it is opt-in: SFICONV_CUDA_FUSED_BACKWARD=1 (either NCHW kernel choice).
 bool fused_backward_requested() {
-  const char* value = std::getenv("SFICONV_CUDA_FUSED_BACKWARD");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return env_choice("SFICONV_CUDA_FUSED_BACKWARD", {"0", "1"}) == "1";
 }
 
 bool can_fuse_backward(const at::Tensor& x, int k) {

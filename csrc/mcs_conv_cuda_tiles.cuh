@@ -109,9 +109,12 @@ __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ plane,
 // y = depthwise correlation of x with taps ([C, K*K] in acc_t), NCHW; also the input gradient
 // when given grad_out and the mirrored taps. Grid: x over tiles of a plane, y over planes
 // (looped when there are more than gridDim.y). Dynamic shared memory: Tile::shared_size acc_t.
-template <typename scalar_t, typename acc_t, int K, int TX>
-__global__ void conv_tile_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
-                                 scalar_t* __restrict__ y, int channels, TileGrid geo) {
+// MIN_BLOCKS > 1 caps the registers so that many blocks fit on an SM (an experiment; see
+// tile_min_blocks in mcs_conv_cuda.cu).
+template <typename scalar_t, typename acc_t, int K, int TX, int MIN_BLOCKS = 1>
+__global__ void __launch_bounds__(kTileThreads, MIN_BLOCKS)
+    conv_tile_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                     scalar_t* __restrict__ y, int channels, TileGrid geo) {
   using T = Tile<K, TX>;
   SFI_DYNAMIC_SHARED(acc_t, s);
   const int x0 = static_cast<int>(blockIdx.x % geo.tiles_x) * TX;

@@ -107,11 +107,18 @@ NCHW_VARIANTS = {
     "rows": ({"SFICONV_CUDA_NCHW_KERNEL": "rows"}, ("conv_rows_kernel", "weight_grad_nchw_kernel")),
     "rows-fused": ({"SFICONV_CUDA_NCHW_KERNEL": "rows", "SFICONV_CUDA_FUSED_BACKWARD": "1"},
                    ("conv_rows_kernel", "backward_fused_nchw_kernel")),
+    # The tile kernel built for 3 or 4 resident blocks (fewer registers): an experiment.
+    "tiles-mb3": ({"SFICONV_CUDA_TILE_MIN_BLOCKS": "3"},
+                  ("conv_tile_kernel", "weight_grad_nchw_kernel")),
+    "tiles-mb4": ({"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"},
+                  ("conv_tile_kernel", "weight_grad_nchw_kernel")),
 }
+CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
+                   "SFICONV_CUDA_TILE_MIN_BLOCKS")
 
 
 def _select_nchw_variant(monkeypatch, variant):
-    for name in ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD"):
+    for name in CUDA_KERNEL_ENV:
         monkeypatch.delenv(name, raising=False)
     for name, value in NCHW_VARIANTS[variant][0].items():
         monkeypatch.setenv(name, value)
@@ -164,3 +171,15 @@ def test_gpu_nchw_variant_runs_its_kernels(monkeypatch, variant):
         assert kernel in names, (variant, kernel)
     others = {k for v in NCHW_VARIANTS.values() for k in v[1]} - set(NCHW_VARIANTS[variant][1])
     assert not [k for k in others if k in names], (variant, names)
+
+
+@pytest.mark.parametrize("name", CUDA_KERNEL_ENV)
+def test_gpu_bad_kernel_choice_is_an_error(monkeypatch, name):
+    # A misspelt choice must not silently run the default kernel.
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    monkeypatch.setenv(name, "bogus")
+    x = torch.randn(1, 2, 9, 9, device="cuda", requires_grad=True)
+    weight = torch.rand(2, 1, 5, 5, device="cuda", requires_grad=True)
+    with pytest.raises(RuntimeError, match=f"{name}=bogus is not one of"):
+        ops.mcs_conv(x, weight, backend="cuda").sum().backward()

@@ -94,6 +94,7 @@ inline void sync_threads() {
 #define blockDim (cuda_host::block_dim)
 #define gridDim (cuda_host::grid_dim)
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __host__
 #define __forceinline__ inline
