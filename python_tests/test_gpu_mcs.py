@@ -124,8 +124,12 @@ def _select_nchw_variant(monkeypatch, variant):
         monkeypatch.setenv(name, value)
 
 
-@pytest.mark.parametrize("variant", sorted(NCHW_VARIANTS))
-@pytest.mark.parametrize("dtype", sorted(FUSED_TOLERANCES, key=str))
+# The register-capped tile builds differ from "tiles" only in code generation: two dtypes suffice.
+VARIANT_DTYPES = [(v, d) for v in sorted(NCHW_VARIANTS) for d in sorted(FUSED_TOLERANCES, key=str)
+                  if not v.startswith("tiles-mb") or d in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("variant,dtype", VARIANT_DTYPES)
 @pytest.mark.parametrize("shape,k", [((3, 64, 67, 61), 5), ((2, 3, 1, 45), 3), ((1, 5, 33, 7), 7),
                                      ((2, 16, 70, 129), 5), ((4, 2, 5, 200), 3),
                                      ((2, 8, 64, 64), 5), ((1, 4, 40, 96), 7)])
