@@ -276,8 +276,9 @@ int tile_min_blocks() {
   return std::stoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}));
 }
 
+// The choice is read (and so checked) on every call, whatever the input.
 bool can_tile(const at::Tensor& x, int k) {
-  return !is_channels_last(x) && (k == 3 || k == 5 || k == 7) && nchw_tiles_selected();
+  return nchw_tiles_selected() && !is_channels_last(x) && (k == 3 || k == 5 || k == 7);
 }
 
 // Threads across a tile: 64, or 32 for narrow planes (fewer idle columns).
@@ -289,7 +290,7 @@ tiles::TileGrid tile_grid(const at::Tensor& x, int tx,
   geo.planes = x.size(0) * x.size(1);
   geo.h = static_cast<int>(x.size(2));
   geo.w = static_cast<int>(x.size(3));
-  geo.tiles_x = static_cast<int>((geo.w + tx - 1) / tx);
+  geo.tiles_x = static_cast<int>((static_cast<int64_t>(geo.w) + tx - 1) / tx);
   const int vec = 16 / static_cast<int>(x.element_size());
   geo.vector_loads = geo.w % vec == 0;
   for (const void* p : data) geo.vector_loads &= reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
@@ -297,7 +298,8 @@ tiles::TileGrid tile_grid(const at::Tensor& x, int tx,
 }
 
 dim3 tile_launch_grid(const tiles::TileGrid& geo, int tx, int rows) {
-  const int64_t tiles = static_cast<int64_t>(geo.tiles_x) * ((geo.h + rows - 1) / rows);
+  const int64_t tiles =
+      static_cast<int64_t>(geo.tiles_x) * ((static_cast<int64_t>(geo.h) + rows - 1) / rows);
   TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
   return dim3(static_cast<unsigned>(tiles),
               static_cast<unsigned>(std::min<int64_t>(geo.planes, kMaxGrid)));
@@ -307,12 +309,21 @@ template <typename scalar_t, int K, int TX, int MIN_BLOCKS>
 void launch_conv_tiles_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   using T = tiles::Tile<K, TX>;
-  const auto geo = tile_grid(x, TX, {x.data_ptr(), y.data_ptr()});
-  tiles::conv_tile_kernel<scalar_t, acc_t, K, TX, MIN_BLOCKS>
-      <<<tile_launch_grid(geo, TX, T::rows), dim3(TX, T::TY), T::shared_size * sizeof(acc_t),
-         c10::cuda::getCurrentCUDAStream()>>>(x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(),
-                                              y.data_ptr<scalar_t>(),
-                                              static_cast<int>(x.size(1)), geo);
+  const auto geo = tile_grid(x, TX, {x.data_ptr()});
+  const dim3 grid = tile_launch_grid(geo, TX, T::rows), block(TX, T::TY);
+  const size_t shared = T::shared_size * sizeof(acc_t);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* tp = taps.data_ptr<acc_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int channels = static_cast<int>(x.size(1));
+  if constexpr (MIN_BLOCKS == 1) {
+    tiles::conv_tile_kernel<scalar_t, acc_t, K, TX>
+        <<<grid, block, shared, stream>>>(xp, tp, yp, channels, geo);
+  } else {
+    tiles::conv_tile_kernel_capped<scalar_t, acc_t, K, TX, MIN_BLOCKS>
+        <<<grid, block, shared, stream>>>(xp, tp, yp, channels, geo);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

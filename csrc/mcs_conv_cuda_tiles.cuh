@@ -106,15 +106,12 @@ __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ plane,
   }
 }
 
-// y = depthwise correlation of x with taps ([C, K*K] in acc_t), NCHW; also the input gradient
-// when given grad_out and the mirrored taps. Grid: x over tiles of a plane, y over planes
-// (looped when there are more than gridDim.y). Dynamic shared memory: Tile::shared_size acc_t.
-// MIN_BLOCKS > 1 caps the registers so that many blocks fit on an SM (an experiment; see
-// tile_min_blocks in mcs_conv_cuda.cu).
-template <typename scalar_t, typename acc_t, int K, int TX, int MIN_BLOCKS = 1>
-__global__ void __launch_bounds__(kTileThreads, MIN_BLOCKS)
-    conv_tile_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
-                     scalar_t* __restrict__ y, int channels, TileGrid geo) {
+// The kernel body, shared by the default kernel and the register-capped experiment below.
+template <typename scalar_t, typename acc_t, int K, int TX>
+__device__ __forceinline__ void conv_tile(const scalar_t* __restrict__ x,
+                                          const acc_t* __restrict__ taps,
+                                          scalar_t* __restrict__ y, int channels,
+                                          const TileGrid& geo) {
   using T = Tile<K, TX>;
   SFI_DYNAMIC_SHARED(acc_t, s);
   const int x0 = static_cast<int>(blockIdx.x % geo.tiles_x) * TX;
@@ -150,6 +147,26 @@ __global__ void __launch_bounds__(kTileThreads, MIN_BLOCKS)
     }
     __syncthreads();  // the next plane restages s
   }
+}
+
+// y = depthwise correlation of x with taps ([C, K*K] in acc_t), NCHW; also the input gradient
+// when given grad_out and the mirrored taps. Grid: x over tiles of a plane, y over planes
+// (looped when there are more than gridDim.y). Dynamic shared memory: Tile::shared_size acc_t.
+// No __launch_bounds__: even __launch_bounds__(256, 1) changes the code nvcc 13.0 generates
+// (153 registers instead of 128 for float32, k = 5: one resident block per SM instead of two).
+template <typename scalar_t, typename acc_t, int K, int TX>
+__global__ void conv_tile_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                                 scalar_t* __restrict__ y, int channels, TileGrid geo) {
+  conv_tile<scalar_t, acc_t, K, TX>(x, taps, y, channels, geo);
+}
+
+// The same, capped so that MIN_BLOCKS blocks fit on an SM (an experiment, see tile_min_blocks
+// in mcs_conv_cuda.cu).
+template <typename scalar_t, typename acc_t, int K, int TX, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kTileThreads, MIN_BLOCKS)
+    conv_tile_kernel_capped(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
+                            scalar_t* __restrict__ y, int channels, TileGrid geo) {
+  conv_tile<scalar_t, acc_t, K, TX>(x, taps, y, channels, geo);
 }
 
 }  // namespace tiles

@@ -4,15 +4,18 @@
 // every __syncthreads the first warp waits until every other thread has run ahead to its next
 // __syncthreads (or finished): the most adverse schedule for the reductions here, which finish
 // in the first warp. A barrier missing between that warp's reads of shared memory and the
-// other warps' next writes then gives a wrong result every time. Blocks run one after another, so a kernel's __shared__ array (here a
-// function-local static) is its block's. Not covered: races between blocks, reads of shared
-// memory never written in the block, half types.
+// other warps' next writes then gives a wrong result every time. Blocks run one after another,
+// so a kernel's __shared__ array (here a function-local static) is its block's. Dynamic shared
+// memory is exactly the size asked for (the test builds with AddressSanitizer, which reports a
+// write past it) and starts each block as NaN, so reading a value the block never wrote shows
+// in the result. Not covered: races between blocks, half types.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <climits>
+#include <limits>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -56,13 +59,20 @@ void launch(dim3 grid, dim3 block, size_t dynamic_bytes, Kernel kernel) {
   shuffle_slots.assign(threads, 0.0);
   arrivals.reset(new std::atomic<long>[threads]);
   block_threads = threads;
-  dynamic_shared.assign(dynamic_bytes / sizeof(double) + 1, 0.0);
+  // Exactly the bytes asked for, rounded up to whole doubles (so AddressSanitizer, when the
+  // test builds with it, sees any write past them).
+  dynamic_shared.assign((dynamic_bytes + sizeof(double) - 1) / sizeof(double), 0.0);
+  dynamic_shared.shrink_to_fit();
   std::barrier<> barrier(threads);
   block_barrier = &barrier;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         block_index = dim3(bx, by, bz);
+        // Each block starts with NaN in its dynamic shared memory: a read of a value the block
+        // never wrote poisons the result.
+        std::fill(dynamic_shared.begin(), dynamic_shared.end(),
+                  std::numeric_limits<double>::quiet_NaN());
         for (unsigned t = 0; t < threads; ++t) arrivals[t] = 0;
         std::vector<std::thread> pool;
         for (unsigned ty = 0; ty < block.y; ++ty)

@@ -69,7 +69,8 @@ dim3 launch_grid(const TileGrid& geo) {
               std::min<unsigned>(static_cast<unsigned>(geo.planes), kMaxY));
 }
 
-template <typename T, int K, int TX>
+// MIN_BLOCKS 0: the default kernel; otherwise the register-capped build of the same body.
+template <typename T, int K, int TX, int MIN_BLOCKS = 0>
 int check_forward(const Case& s, bool vec, const char* type) {
   using TL = Tile<K, TX>;
   const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
@@ -78,9 +79,14 @@ int check_forward(const Case& s, bool vec, const char* type) {
   std::vector<T> y(count, T(-999));
   const TileGrid geo = tile_grid<K, TX>(s, vec);
   cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, TL::TY), TL::shared_size * sizeof(T), [&] {
-    sficonv::tiles::conv_tile_kernel<T, T, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
+    if constexpr (MIN_BLOCKS == 0)
+      sficonv::tiles::conv_tile_kernel<T, T, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
+    else
+      sficonv::tiles::conv_tile_kernel_capped<T, T, K, TX, MIN_BLOCKS>(x.data(), taps.data(),
+                                                                       y.data(), s.c, geo);
   });
-  return report("forward", s, K, TX, vec, type, count_bad<T>(y, correlate(s, x, taps, K)));
+  return report(MIN_BLOCKS ? "forward capped" : "forward", s, K, TX, vec, type,
+                count_bad<T>(y, correlate(s, x, taps, K)));
 }
 
 template <typename T, int K, int TX>
@@ -105,6 +111,7 @@ int main() {
     bad += check_all<float, 5, 32>(s, "float");
     bad += check_all<double, 3, 64>(s, "double");
     bad += check_all<double, 7, 32>(s, "double");
+    bad += check_forward<float, 5, 64, 3>(s, false, "float");
   }
   std::printf(bad ? "SOME FAILED\n" : "ALL OK\n");
   return bad ? 1 : 0;
