@@ -15,13 +15,20 @@ ROOT = os.path.dirname(HERE)
 # program -> how many checks it must report "ok" (so a check that silently stops running fails)
 PROGRAMS = {
     "rows_kernels": 48,  # 6 shapes x 3 filters x 2-3 kernels
-    # 7 shapes x 4 filter/tile widths x scalar (+ vector where w allows), + 7 capped builds
-    "tile_kernels": 55,
+    # 7 shapes x 6 type/filter/tile-width cases x scalar (+ vector where w allows),
+    # + 7 capped builds
+    "tile_kernels": 75,
 }
 
 
 def _compiler():
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _torch_include():
+    # c10's BFloat16 and Half are header-only on the host: the tile checks run the half types.
+    from torch.utils.cpp_extension import include_paths
+    return include_paths()[0]
 
 
 def _sanitizer_flags(tmp_path):
@@ -51,6 +58,7 @@ def test_cuda_kernels_match_references_on_the_host(tmp_path, program):
     build = subprocess.run(
         [_compiler(), "-std=c++20", "-O1", "-pthread", *_sanitizer_flags(tmp_path),
          "-I", os.path.join(ROOT, "csrc"), "-I", os.path.join(HERE, "cuda_host"),
+         "-I", _torch_include(),
          os.path.join(HERE, "cuda_host", program + ".cpp"), "-o", str(binary)],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]

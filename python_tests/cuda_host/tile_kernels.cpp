@@ -1,15 +1,20 @@
 // The shared-memory tiled MCSConv CUDA kernel (csrc/mcs_conv_cuda_tiles.cuh), compiled as host
 // C++ through cuda_host_emulation.h and run against a float64 reference: the correlation (the
 // forward, and the input gradient with mirrored taps), with scalar and 16-byte vector staging,
-// both tile widths, and gridDim.y capped small so that the plane loop runs. Launch shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when
+// both tile widths, float, double and (through c10's host-side BFloat16 and Half) the half
+// types with float accumulation, and gridDim.y capped small so that the plane loop runs. Launch shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when
 // every check passed.
 #include "cuda_host_emulation.h"
 #include "host_checks.h"
 #include "mcs_conv_cuda_tiles.cuh"
 
+#include <c10/util/BFloat16.h>  // header-only; the test adds torch's include folder
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <type_traits>
 
 using sficonv::tiles::Tile;
 using sficonv::tiles::TileGrid;
@@ -25,9 +30,9 @@ struct Case {
 long at(const Case& s, long plane, int i, int j) { return (plane * s.h + i) * s.w + j; }
 
 // out(p,i,j) = sum_ab taps[p % c][a][b] * in(p,i+a-pad,j+b-pad), zero outside the image.
-template <typename T>
-std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std::vector<T>& taps,
-                              int k) {
+template <typename T, typename TapT>
+std::vector<double> correlate(const Case& s, const std::vector<T>& in,
+                              const std::vector<TapT>& taps, int k) {
   std::vector<double> out(in.size(), 0.0);
   const int pad = k / 2;
   for (long p = 0; p < static_cast<long>(s.n) * s.c; ++p)
@@ -38,7 +43,8 @@ std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std
           for (int b = 0; b < k; ++b) {
             const int r = i + a - pad, q = j + b - pad;
             if (r >= 0 && r < s.h && q >= 0 && q < s.w)
-              acc += static_cast<double>(taps[(p % s.c) * k * k + a * k + b]) * in[at(s, p, r, q)];
+              acc += static_cast<double>(taps[(p % s.c) * k * k + a * k + b]) *
+                     static_cast<double>(in[at(s, p, r, q)]);
           }
         out[at(s, p, i, j)] = acc;
       }
@@ -64,25 +70,31 @@ TileGrid tile_grid(const Case& s, bool vector_loads) {
 
 template <int K, int TX>
 dim3 launch_grid(const TileGrid& geo) {
-  const long tiles = static_cast<long>(geo.tiles_x) * ((geo.h + Tile<K, TX>::rows - 1) / Tile<K, TX>::rows);
+  constexpr int rows = Tile<K, TX>::rows;
+  const long tiles = static_cast<long>(geo.tiles_x) * ((geo.h + rows - 1) / rows);
   return dim3(static_cast<unsigned>(tiles),
               std::min<unsigned>(static_cast<unsigned>(geo.planes), kMaxY));
 }
 
 // MIN_BLOCKS 0: the default kernel; otherwise the register-capped build of the same body.
+// Half types compute in float, as at::opmath_type makes them on the GPU.
+template <typename T>
+using acc_of = std::conditional_t<sizeof(T) == 2, float, T>;
+
 template <typename T, int K, int TX, int MIN_BLOCKS = 0>
 int check_forward(const Case& s, bool vec, const char* type) {
   using TL = Tile<K, TX>;
+  using A = acc_of<T>;
   const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
   const auto x = random_values<T>(count, 1);
-  const auto taps = random_values<T>(static_cast<size_t>(s.c) * K * K, 2);
+  const auto taps = random_values<A>(static_cast<size_t>(s.c) * K * K, 2);
   std::vector<T> y(count, T(-999));
   const TileGrid geo = tile_grid<K, TX>(s, vec);
-  cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, TL::TY), TL::shared_size * sizeof(T), [&] {
+  cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, TL::TY), TL::shared_size * sizeof(A), [&] {
     if constexpr (MIN_BLOCKS == 0)
-      sficonv::tiles::conv_tile_kernel<T, T, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
+      sficonv::tiles::conv_tile_kernel<T, A, K, TX>(x.data(), taps.data(), y.data(), s.c, geo);
     else
-      sficonv::tiles::conv_tile_kernel_capped<T, T, K, TX, MIN_BLOCKS>(x.data(), taps.data(),
+      sficonv::tiles::conv_tile_kernel_capped<T, A, K, TX, MIN_BLOCKS>(x.data(), taps.data(),
                                                                        y.data(), s.c, geo);
   });
   return report(MIN_BLOCKS ? "forward capped" : "forward", s, K, TX, vec, type,
@@ -112,6 +124,8 @@ int main() {
     bad += check_all<double, 3, 64>(s, "double");
     bad += check_all<double, 7, 32>(s, "double");
     bad += check_forward<float, 5, 64, 3>(s, false, "float");
+    bad += check_all<c10::BFloat16, 5, 64>(s, "bf16");
+    bad += check_all<c10::Half, 5, 32>(s, "half");
   }
   std::printf(bad ? "SOME FAILED\n" : "ALL OK\n");
   return bad ? 1 : 0;
