@@ -14,7 +14,7 @@ ROOT = os.path.dirname(HERE)
 
 # program -> how many checks it must report "ok" (so a check that silently stops running fails)
 PROGRAMS = {
-    "rows_kernels": 48,  # 6 shapes x 3 filters x 2-3 kernels
+    "rows_kernels": 80,  # 6 shapes x 5 type/filter cases x 2-3 kernels
     # 7 shapes x 6 type/filter/tile-width cases x scalar (+ vector where w allows),
     # + 7 capped builds
     "tile_kernels": 75,
@@ -26,7 +26,7 @@ def _compiler():
 
 
 def _torch_include():
-    # c10's BFloat16 and Half are header-only on the host: the tile checks run the half types.
+    # c10's BFloat16 and Half are header-only on the host: the checks run the half types.
     from torch.utils.cpp_extension import include_paths
     return include_paths()[0]
 

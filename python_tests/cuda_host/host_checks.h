@@ -5,7 +5,13 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <type_traits>
 #include <vector>
+
+// The kernels' accumulation type: half types compute in float, as at::opmath_type makes them on
+// the GPU (the checks run c10::BFloat16 and c10::Half, header-only on the host).
+template <typename T>
+using acc_of = std::conditional_t<sizeof(T) == 2, float, T>;
 
 template <typename T>
 std::vector<T> random_values(size_t count, unsigned seed) {

@@ -1,11 +1,15 @@
 // The row-blocked MCSConv CUDA kernels (csrc/mcs_conv_cuda_rows.cuh), compiled as host C++
 // through cuda_host_emulation.h and run against float64 references: the forward correlation in
-// both layouts, the weight-gradient partials in both layouts, and the one-pass NCHW backward.
+// both layouts, the weight-gradient partials in both layouts, and the one-pass NCHW backward, in
+// float, double, and bfloat16/float16 (accumulating in float).
 // Launch shapes follow csrc/mcs_conv_cuda.cu, with gridDim.z capped small so that the
 // grid-stride loops run. Prints one line per check and "ALL OK" when every check passed.
 #include "cuda_host_emulation.h"
 #include "host_checks.h"
 #include "mcs_conv_cuda_rows.cuh"
+
+#include <c10/util/BFloat16.h>  // header-only; the test adds torch's include folder
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdio>
@@ -46,9 +50,9 @@ unsigned row_threads(long row_len, int most) {
 }
 
 // out(n,c,i,j) = sum_ab taps[c][a][b] * in(n,c,i+a-p,j+b-p), zero outside the image.
-template <typename T>
-std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std::vector<T>& taps,
-                              int k) {
+template <typename T, typename TapT>
+std::vector<double> correlate(const Case& s, const std::vector<T>& in,
+                              const std::vector<TapT>& taps, int k) {
   std::vector<double> out(in.size(), 0.0);
   const int p = k / 2;
   for (int n = 0; n < s.n; ++n)
@@ -60,7 +64,8 @@ std::vector<double> correlate(const Case& s, const std::vector<T>& in, const std
             for (int b = 0; b < k; ++b) {
               const int r = i + a - p, q = j + b - p;
               if (r >= 0 && r < s.h && q >= 0 && q < s.w)
-                acc += static_cast<double>(taps[c * k * k + a * k + b]) * in[at(s, n, c, r, q)];
+                acc += static_cast<double>(taps[c * k * k + a * k + b]) *
+                       static_cast<double>(in[at(s, n, c, r, q)]);
             }
           out[at(s, n, c, i, j)] = acc;
         }
@@ -81,8 +86,8 @@ std::vector<double> weight_grad(const Case& s, const std::vector<T>& g, const st
             for (int b = 0; b < k; ++b) {
               const int r = i + a - p, q = j + b - p;
               if (r >= 0 && r < s.h && q >= 0 && q < s.w)
-                gw[c * k * k + a * k + b] +=
-                    static_cast<double>(g[at(s, n, c, i, j)]) * x[at(s, n, c, r, q)];
+                gw[c * k * k + a * k + b] += static_cast<double>(g[at(s, n, c, i, j)]) *
+                                             static_cast<double>(x[at(s, n, c, r, q)]);
             }
   return gw;
 }
@@ -109,7 +114,7 @@ template <typename T, int K>
 int check_forward(const Case& s, const char* type) {
   const auto geo = geometry(s);
   const auto x = random_values<T>(static_cast<size_t>(s.n) * s.c * s.h * s.w, 1);
-  const auto taps = random_values<T>(static_cast<size_t>(s.c) * K * K, 2);
+  const auto taps = random_values<acc_of<T>>(static_cast<size_t>(s.c) * K * K, 2);
   std::vector<T> y(x.size(), T(-999));
   const long groups = s.cl ? s.n : static_cast<long>(s.n) * s.c;
   const unsigned threads = row_threads(geo.row_len, 256);
@@ -117,7 +122,8 @@ int check_forward(const Case& s, const char* type) {
                   static_cast<unsigned>((s.h + R - 1) / R),
                   std::min<unsigned>(static_cast<unsigned>(groups), kMaxZ));
   cuda_host::launch(grid, dim3(threads), 0, [&] {
-    sficonv::rows::conv_rows_kernel<T, T, K, R>(x.data(), taps.data(), y.data(), groups, geo);
+    sficonv::rows::conv_rows_kernel<T, acc_of<T>, K, R>(x.data(), taps.data(), y.data(), groups,
+                                                        geo);
   });
   return report("forward", s, K, type, count_bad<T>(y, correlate(s, x, taps, K)));
 }
@@ -139,6 +145,7 @@ NchwGradLaunch nchw_grad_launch(const Case& s) {
 // [planes][chunks][K*K].
 template <typename T, int K>
 int check_weight_grad(const Case& s, const char* type) {
+  using A = acc_of<T>;
   const auto geo = geometry(s);
   const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
   const auto g = random_values<T>(count, 3), x = random_values<T>(count, 4);
@@ -148,19 +155,19 @@ int check_weight_grad(const Case& s, const char* type) {
     const int column_chunks = (s.w + 8 * kClColumnsPerThread - 1) / (8 * kClColumnsPerThread);
     const dim3 block(32, 8);
     const dim3 grid((s.c + 31) / 32, column_chunks, s.n * row_chunks);
-    std::vector<T> partials(static_cast<size_t>(s.n) * row_chunks * column_chunks * s.c * K * K,
-                            T(-777));
-    cuda_host::launch(grid, block, block.x * block.y * sizeof(T), [&] {
-      sficonv::rows::weight_grad_cl_kernel<T, T, K, R>(g.data(), x.data(), partials.data(), geo,
+    std::vector<A> partials(static_cast<size_t>(s.n) * row_chunks * column_chunks * s.c * K * K,
+                            A(-777));
+    cuda_host::launch(grid, block, block.x * block.y * sizeof(A), [&] {
+      sficonv::rows::weight_grad_cl_kernel<T, A, K, R>(g.data(), x.data(), partials.data(), geo,
                                                        kGradRowsPerBlock, row_chunks,
                                                        kClColumnsPerThread);
     });
     for (size_t e = 0; e < partials.size(); ++e) got[e % got.size()] += partials[e];
   } else {
     const auto shape = nchw_grad_launch(s);
-    std::vector<T> partials(static_cast<size_t>(s.n) * s.c * shape.chunks * K * K, T(-777));
+    std::vector<A> partials(static_cast<size_t>(s.n) * s.c * shape.chunks * K * K, A(-777));
     cuda_host::launch(shape.grid, shape.block, 0, [&] {
-      sficonv::rows::weight_grad_nchw_kernel<T, T, K, R>(
+      sficonv::rows::weight_grad_nchw_kernel<T, A, K, R>(
           g.data(), x.data(), partials.data(), static_cast<long>(s.n) * s.c, geo,
           kGradRowsPerBlock);
     });
@@ -171,15 +178,16 @@ int check_weight_grad(const Case& s, const char* type) {
 
 template <typename T, int K>
 int check_fused_backward(const Case& s, const char* type) {
+  using A = acc_of<T>;
   const auto geo = geometry(s);
   const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
   const auto g = random_values<T>(count, 5), x = random_values<T>(count, 6);
-  const auto flipped = random_values<T>(static_cast<size_t>(s.c) * K * K, 7);
+  const auto flipped = random_values<A>(static_cast<size_t>(s.c) * K * K, 7);
   std::vector<T> grad_x(count, T(-999));
   const auto shape = nchw_grad_launch(s);
-  std::vector<T> partials(static_cast<size_t>(s.n) * s.c * shape.chunks * K * K, T(-777));
+  std::vector<A> partials(static_cast<size_t>(s.n) * s.c * shape.chunks * K * K, A(-777));
   cuda_host::launch(shape.grid, shape.block, 0, [&] {
-    sficonv::rows::backward_fused_nchw_kernel<T, T, K, R>(
+    sficonv::rows::backward_fused_nchw_kernel<T, A, K, R>(
         g.data(), x.data(), flipped.data(), grad_x.data(), partials.data(),
         static_cast<long>(s.n) * s.c, geo, kGradRowsPerBlock);
   });
@@ -208,6 +216,8 @@ int main() {
     bad += check_all<float, 5>(s, "float");
     bad += check_all<double, 3>(s, "double");
     bad += check_all<double, 7>(s, "double");
+    bad += check_all<c10::BFloat16, 5>(s, "bf16");
+    bad += check_all<c10::Half, 5>(s, "half");
   }
   std::printf(bad ? "SOME FAILED\n" : "ALL OK\n");
   return bad ? 1 : 0;

@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstdio>
 #include <random>
-#include <type_traits>
 
 using sficonv::tiles::Tile;
 using sficonv::tiles::TileGrid;
@@ -77,10 +76,6 @@ dim3 launch_grid(const TileGrid& geo) {
 }
 
 // MIN_BLOCKS 0: the default kernel; otherwise the register-capped build of the same body.
-// Half types compute in float, as at::opmath_type makes them on the GPU.
-template <typename T>
-using acc_of = std::conditional_t<sizeof(T) == 2, float, T>;
-
 template <typename T, int K, int TX, int MIN_BLOCKS = 0>
 int check_forward(const Case& s, bool vec, const char* type) {
   using TL = Tile<K, TX>;
