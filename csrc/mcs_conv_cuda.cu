@@ -246,10 +246,6 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
-// shared-memory tiles (default; 1.7x the row kernel on an H100) or the row-blocked kernel
-// (SFICONV_CUDA_NCHW_KERNEL=rows), kept selectable so benchmarks and tests compare them on the
-// same build.
 // The value of environment variable `name`, one of `allowed` (the first when unset); anything
 // else is an error that names the choices, not a silent default.
 std::string env_choice(const char* name, std::initializer_list<const char*> allowed) {
@@ -264,6 +260,10 @@ std::string env_choice(const char* name, std::initializer_list<const char*> allo
   return {};
 }
 
+// Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
+// shared-memory tiles (default; 1.7x the row kernel on an H100) or the row-blocked kernel
+// (SFICONV_CUDA_NCHW_KERNEL=rows), kept selectable so benchmarks and tests compare them on the
+// same build.
 bool nchw_tiles_selected() {
   return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles", "rows"}) == "tiles";
 }
@@ -284,16 +284,17 @@ bool can_tile(const at::Tensor& x, int k) {
 // Threads across a tile: 64, or 32 for narrow planes (fewer idle columns).
 int tile_width(int64_t w) { return w > 32 ? 64 : 32; }
 
-tiles::TileGrid tile_grid(const at::Tensor& x, int tx,
-                          std::initializer_list<const void*> data) {
+// 16-byte staging needs W a whole number of vectors and an aligned base address (the plane and
+// row offsets are then multiples of 16 bytes too).
+tiles::TileGrid tile_grid(const at::Tensor& x, int tx) {
   tiles::TileGrid geo;
   geo.planes = x.size(0) * x.size(1);
   geo.h = static_cast<int>(x.size(2));
   geo.w = static_cast<int>(x.size(3));
   geo.tiles_x = static_cast<int>((static_cast<int64_t>(geo.w) + tx - 1) / tx);
   const int vec = 16 / static_cast<int>(x.element_size());
-  geo.vector_loads = geo.w % vec == 0;
-  for (const void* p : data) geo.vector_loads &= reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
+  geo.vector_loads =
+      geo.w % vec == 0 && reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 16 == 0;
   return geo;
 }
 
@@ -309,7 +310,7 @@ template <typename scalar_t, int K, int TX, int MIN_BLOCKS>
 void launch_conv_tiles_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
   using acc_t = at::opmath_type<scalar_t>;
   using T = tiles::Tile<K, TX>;
-  const auto geo = tile_grid(x, TX, {x.data_ptr()});
+  const auto geo = tile_grid(x, TX);
   const dim3 grid = tile_launch_grid(geo, TX, T::rows), block(TX, T::TY);
   const size_t shared = T::shared_size * sizeof(acc_t);
   auto stream = c10::cuda::getCurrentCUDAStream();

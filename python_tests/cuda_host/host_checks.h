@@ -1,5 +1,5 @@
 // What the host-emulation kernel checks (rows_kernels.cpp, tile_kernels.cpp) share: seeded
-// random inputs and the comparison with a float64 reference.
+// random inputs, the float64 reference correlation and the comparison with it.
 #pragma once
 
 #include <algorithm>
@@ -39,4 +39,29 @@ int count_bad(const Got& got, const std::vector<double>& want) {
   for (size_t e = 0; e < want.size(); ++e)
     if (!(std::abs(static_cast<double>(got[e]) - want[e]) <= tolerance<T>() * scale)) ++bad;
   return bad;
+}
+
+// out[at(p, i, j)] = sum_ab taps[p % channels][a][b] * in[at(p, i+a-pad, j+b-pad)] over the
+// `planes` planes of h x w (zero outside the image), in float64; `at` maps a plane, row and
+// column to the tensor's storage index, so either layout can be checked.
+template <typename T, typename TapT, typename At>
+std::vector<double> correlate_planes(long planes, int channels, int h, int w,
+                                     const std::vector<T>& in, const std::vector<TapT>& taps,
+                                     int k, At at) {
+  std::vector<double> out(in.size(), 0.0);
+  const int pad = k / 2;
+  for (long p = 0; p < planes; ++p)
+    for (int i = 0; i < h; ++i)
+      for (int j = 0; j < w; ++j) {
+        double acc = 0;
+        for (int a = 0; a < k; ++a)
+          for (int b = 0; b < k; ++b) {
+            const int r = i + a - pad, q = j + b - pad;
+            if (r >= 0 && r < h && q >= 0 && q < w)
+              acc += static_cast<double>(taps[(p % channels) * k * k + a * k + b]) *
+                     static_cast<double>(in[at(p, r, q)]);
+          }
+        out[at(p, i, j)] = acc;
+      }
+  return out;
 }

@@ -49,27 +49,12 @@ unsigned row_threads(long row_len, int most) {
   return static_cast<unsigned>(std::min<long>(most, (row_len + 31) / 32 * 32));
 }
 
-// out(n,c,i,j) = sum_ab taps[c][a][b] * in(n,c,i+a-p,j+b-p), zero outside the image.
+// Planes p = n * C + c in either layout.
 template <typename T, typename TapT>
 std::vector<double> correlate(const Case& s, const std::vector<T>& in,
                               const std::vector<TapT>& taps, int k) {
-  std::vector<double> out(in.size(), 0.0);
-  const int p = k / 2;
-  for (int n = 0; n < s.n; ++n)
-    for (int c = 0; c < s.c; ++c)
-      for (int i = 0; i < s.h; ++i)
-        for (int j = 0; j < s.w; ++j) {
-          double acc = 0;
-          for (int a = 0; a < k; ++a)
-            for (int b = 0; b < k; ++b) {
-              const int r = i + a - p, q = j + b - p;
-              if (r >= 0 && r < s.h && q >= 0 && q < s.w)
-                acc += static_cast<double>(taps[c * k * k + a * k + b]) *
-                       static_cast<double>(in[at(s, n, c, r, q)]);
-            }
-          out[at(s, n, c, i, j)] = acc;
-        }
-  return out;
+  return correlate_planes(static_cast<long>(s.n) * s.c, s.c, s.h, s.w, in, taps, k,
+                          [&](long p, int i, int j) { return at(s, p / s.c, p % s.c, i, j); });
 }
 
 // gw[c][a][b] = sum over n, i, j of g(n,c,i,j) * x(n,c,i+a-p,j+b-p).

@@ -2,8 +2,9 @@
 // C++ through cuda_host_emulation.h and run against a float64 reference: the correlation (the
 // forward, and the input gradient with mirrored taps), with scalar and 16-byte vector staging,
 // both tile widths, float, double and (through c10's host-side BFloat16 and Half) the half
-// types with float accumulation, and gridDim.y capped small so that the plane loop runs. Launch shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when
-// every check passed.
+// types with float accumulation, and gridDim.y capped small so that the plane loop runs. Launch
+// shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when every check
+// passed.
 #include "cuda_host_emulation.h"
 #include "host_checks.h"
 #include "mcs_conv_cuda_tiles.cuh"
@@ -28,26 +29,11 @@ struct Case {
 
 long at(const Case& s, long plane, int i, int j) { return (plane * s.h + i) * s.w + j; }
 
-// out(p,i,j) = sum_ab taps[p % c][a][b] * in(p,i+a-pad,j+b-pad), zero outside the image.
 template <typename T, typename TapT>
 std::vector<double> correlate(const Case& s, const std::vector<T>& in,
                               const std::vector<TapT>& taps, int k) {
-  std::vector<double> out(in.size(), 0.0);
-  const int pad = k / 2;
-  for (long p = 0; p < static_cast<long>(s.n) * s.c; ++p)
-    for (int i = 0; i < s.h; ++i)
-      for (int j = 0; j < s.w; ++j) {
-        double acc = 0;
-        for (int a = 0; a < k; ++a)
-          for (int b = 0; b < k; ++b) {
-            const int r = i + a - pad, q = j + b - pad;
-            if (r >= 0 && r < s.h && q >= 0 && q < s.w)
-              acc += static_cast<double>(taps[(p % s.c) * k * k + a * k + b]) *
-                     static_cast<double>(in[at(s, p, r, q)]);
-          }
-        out[at(s, p, i, j)] = acc;
-      }
-  return out;
+  return correlate_planes(static_cast<long>(s.n) * s.c, s.c, s.h, s.w, in, taps, k,
+                          [&](long p, int i, int j) { return at(s, p, i, j); });
 }
 
 int report(const char* what, const Case& s, int k, int tx, bool vec, const char* type, int bad) {
