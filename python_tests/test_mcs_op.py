@@ -54,6 +54,37 @@ def test_float64_matches_definition(shape, k, constrained, layout):
         assert gx.is_contiguous(memory_format=torch.channels_last)
 
 
+# The C++ kernels take a vector path for whole 64-byte vectors of channels (channels_last: 16
+# float32 or 8 float64 channels) or columns (NCHW weight gradient), with K = 3, 5, 7 unrolled,
+# runs of 8 pixels away from the borders, and scalar code for the rest (and for other K). These
+# shapes put every part in play: channel counts below, at and between whole vectors, widths
+# shorter than a tap row, shorter than a run, and with runs plus leftover pixels.
+VECTOR_PATH_SHAPES = [(2, 19, 11, 37), (1, 16, 3, 24), (1, 33, 9, 2), (2, 8, 1, 13),
+                      (1, 17, 6, 67), (1, 48, 13, 9)]
+
+
+@cpp
+@pytest.mark.parametrize("shape", VECTOR_PATH_SHAPES)
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_vector_paths_match_definition(shape, k, dtype, channels_last):
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # Positive taps keep the constraint's sum away from zero: float32 compares kernels here,
+    # not the conditioning of a near-zero divisor.
+    weight = torch.rand(shape[1], 1, k, k, dtype=dtype) + 0.5
+    g = torch.randn(shape, dtype=dtype)
+    y, gx, gw = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="cpp"), x, weight, g)
+    y_ref, gx_ref, gw_ref = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="torch"),
+                                       x.double(), weight.double(), g.double())
+    tol = 1e-10 if dtype == torch.float64 else TOLERANCES[dtype]
+    assert rel_err(y.double(), y_ref) < tol
+    assert rel_err(gx.double(), gx_ref) < tol
+    assert rel_err(gw.double(), gw_ref) < tol * 4
+
+
 @cpp
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_batch_sizes_including_empty(n):
@@ -138,12 +169,14 @@ def test_second_derivatives_match_the_pytorch_path(constrained):
 
 
 @cpp
-def test_infinity_in_the_last_columns_leaves_other_taps_finite():
+@pytest.mark.parametrize("width", [5, 21])
+def test_infinity_in_the_last_columns_leaves_other_taps_finite(width):
     # NCHW weight gradient: the last vector of a row must not multiply g's zero padding by an
-    # infinite x (0 * inf = NaN) where the definition has no such product.
-    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
-    x[0, 0, 2, 4] = float("inf")
-    g = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    # infinite x (0 * inf = NaN) where the definition has no such product. Width 21 in float64:
+    # two whole 8-lane vectors, then a scalar tail holding the infinity.
+    x = torch.randn(1, 2, 4, width, dtype=torch.float64)
+    x[0, 0, 2, width - 1] = float("inf")
+    g = torch.randn(1, 2, 4, width, dtype=torch.float64)
     grads = []
     for backend in ("cpp", "torch"):
         weight = (torch.rand(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator()
@@ -187,14 +220,16 @@ def test_zero_sum_channel_is_clamped_to_positive_eps():
 
 @cpp
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_nan_propagates(channels_last):
-    x = torch.randn(1, 4, 9, 9)
-    x[0, 2, 4, 4] = float("nan")
+@pytest.mark.parametrize("channels", [4, 20])  # 20: a whole float32 vector plus a scalar tail
+def test_nan_propagates(channels_last, channels):
+    x = torch.randn(1, channels, 19, 19)
+    x[0, 2, 9, 9] = float("nan")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = ops.mcs_conv(x, torch.randn(4, 1, 5, 5), backend="cpp")
-    assert torch.isnan(y[0, 2, 2:7, 2:7]).all()
-    assert not torch.isnan(y[0, [0, 1, 3]]).any() and not torch.isnan(y[0, 2, 0, 0])
+    y = ops.mcs_conv(x, torch.randn(channels, 1, 5, 5), backend="cpp")
+    assert torch.isnan(y[0, 2, 7:12, 7:12]).all()
+    others = [c for c in range(channels) if c != 2]
+    assert not torch.isnan(y[0, others]).any() and not torch.isnan(y[0, 2, 0, 0])
 
 
 @cpp
@@ -202,10 +237,10 @@ def test_nan_propagates(channels_last):
 def test_weight_gradient_is_deterministic(channels_last):
     # Bitwise the same on repeats and whatever the thread count (the kernels run under
     # at::parallel_for, OpenMP: the partial sums are fixed per plane/chunk and reduced in order).
-    x = torch.randn(4, 8, 33, 35)
+    x = torch.randn(4, 19, 33, 35)  # 19 channels: the vector path and the scalar tail
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(8, 1, 5, 5)
+    weight = torch.randn(19, 1, 5, 5)
     g = torch.randn_like(x)
     threads = torch.get_num_threads()
     outs = []
