@@ -6,8 +6,16 @@
 // extra load or store per FMA); vector-typed locals in fully unrolled loops stay in registers.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace sficonv {
 namespace cpu {
@@ -22,25 +30,99 @@ struct Lanes {
 template <typename acc_t>
 using Vec = typename Lanes<acc_t>::type;
 
-// Loads `count` consecutive values of scalar_t as one vector of acc_t (unaligned; converts
-// half types element by element).
-template <typename acc_t, typename scalar_t>
-inline Vec<acc_t> load_vec(const scalar_t* p) {
-  Vec<acc_t> v;
-  if constexpr (sizeof(acc_t) == sizeof(scalar_t)) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int e = 0; e < Lanes<acc_t>::count; ++e) v[e] = static_cast<acc_t>(p[e]);
-  }
+namespace detail {
+
+// 16-bit storage types widened to float a whole vector at a time: GCC does not vectorise the
+// element-by-element c10 conversions (bfloat16 channels_last ran 3x slower than float32).
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+
+inline Vec<float> widen_bfloat16(const void* p) {
+  U16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const U32x16 bits = __builtin_convertvector(raw, U32x16) << 16;  // bf16 is float's top half
+  Vec<float> v;
+  std::memcpy(&v, &bits, sizeof(v));
   return v;
 }
 
+// float -> bfloat16 rounding to nearest even, NaN -> 0x7FC0: what c10::BFloat16 does.
+inline void narrow_bfloat16(void* p, const Vec<float>& v) {
+  U32x16 bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const U32x16 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32x16 is_nan = (U32x16)(v != v);  // all ones where NaN
+  const U32x16 out = (rounded & ~is_nan) | ((U32x16{} + 0x7FC0u) & is_nan);
+  const U16x16 narrow = __builtin_convertvector(out, U16x16);
+  std::memcpy(p, &narrow, sizeof(narrow));
+}
+
+// float16 with the F16C/AVX-512 conversion instructions where the build targets them (GCC 12's
+// _Float16 vectors converted one element at a time: 4.4 ms for a channels_last forward that
+// takes 0.5 in bfloat16); otherwise element by element with c10::Half.
+inline Vec<float> widen_half(const c10::Half* p) {
+  Vec<float> v;
+#if defined(__AVX512F__)
+  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &wide, sizeof(v));
+#elif defined(__F16C__) && defined(__AVX__)
+  for (int half = 0; half < 2; ++half) {
+    const __m256 wide =
+        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * half)));
+    std::memcpy(reinterpret_cast<char*>(&v) + 32 * half, &wide, 32);
+  }
+#else
+  for (int e = 0; e < Lanes<float>::count; ++e) v[e] = static_cast<float>(p[e]);
+#endif
+  return v;
+}
+
+inline void narrow_half(c10::Half* p, const Vec<float>& v) {  // rounds to nearest even
+#if defined(__AVX512F__)
+  __m512 wide;
+  std::memcpy(&wide, &v, sizeof(wide));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__) && defined(__AVX__)
+  for (int half = 0; half < 2; ++half) {
+    __m256 wide;
+    std::memcpy(&wide, reinterpret_cast<const char*>(&v) + 32 * half, 32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * half),
+                     _mm256_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#else
+  for (int e = 0; e < Lanes<float>::count; ++e) p[e] = static_cast<c10::Half>(v[e]);
+#endif
+}
+
+}  // namespace detail
+
+// Loads `count` consecutive values of scalar_t as one vector of acc_t (unaligned).
+template <typename acc_t, typename scalar_t>
+inline Vec<acc_t> load_vec(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    return detail::widen_bfloat16(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    return detail::widen_half(p);
+  } else {
+    static_assert(std::is_same_v<scalar_t, acc_t>, "load_vec: unsupported type pair");
+    Vec<acc_t> v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+}
+
+// Stores one vector of acc_t as `count` consecutive values of scalar_t (unaligned; half types
+// rounded to nearest even, as c10's conversions do).
 template <typename acc_t, typename scalar_t>
 inline void store_vec(scalar_t* p, const Vec<acc_t>& v) {
-  if constexpr (sizeof(acc_t) == sizeof(scalar_t)) {
-    std::memcpy(p, &v, sizeof(v));
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    detail::narrow_bfloat16(p, v);
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    detail::narrow_half(p, v);
   } else {
-    for (int e = 0; e < Lanes<acc_t>::count; ++e) p[e] = static_cast<scalar_t>(v[e]);
+    static_assert(std::is_same_v<scalar_t, acc_t>, "store_vec: unsupported type pair");
+    std::memcpy(p, &v, sizeof(v));
   }
 }
 

@@ -41,7 +41,11 @@ void fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp
   for (int64_t i = 0; i < g.h; ++i) {
     acc_t* dst = out + (i + g.pad) * pp.stride + g.pad;
     const scalar_t* src = plane + i * g.w;
-    for (int64_t j = 0; j < g.w; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    constexpr int lanes = Lanes<acc_t>::count;
+    int64_t j = 0;
+    for (; j + lanes <= g.w; j += lanes)  // whole vectors: half types widened a vector at a time
+      store_vec<acc_t>(dst + j, load_vec<acc_t>(src + j));
+    for (; j < g.w; ++j) dst[j] = static_cast<acc_t>(src[j]);
   }
 }
 

@@ -123,6 +123,37 @@ def test_low_precision_dtypes(dtype, channels_last):
 
 
 @cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels", [4, 20])
+def test_half_types_round_like_torch(dtype, channels_last, channels):
+    # bfloat16/float16 run the float32 kernels with whole-vector conversions on load and store
+    # (csrc/cpu_vector.h): the result must be the float32 kernel's, rounded as torch rounds,
+    # bit for bit, NaN and overflow to infinity included.
+    x = torch.randn(2, channels, 13, 37)
+    x[0, 1, 6, 20] = float("nan")
+    if dtype == torch.float16:
+        x[1] *= 3e4  # some outputs overflow float16's 65504
+    x = x.to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(channels, 1, 5, 5) + 0.5).to(dtype)
+    g = torch.randn(2, channels, 13, 37).to(dtype)
+    got = torch.ops.sficonv_ext.mcs_conv_backward(g, x, weight, True, 1e-6, True, True)
+    got = (torch.ops.sficonv_ext.mcs_conv_forward(x, weight, True, 1e-6),) + tuple(got)
+    wide = torch.ops.sficonv_ext.mcs_conv_backward(g.float(), x.float(), weight.float(), True,
+                                                   1e-6, True, True)
+    wide = (torch.ops.sficonv_ext.mcs_conv_forward(x.float(), weight.float(), True, 1e-6),) + \
+        tuple(wide)
+    assert torch.isnan(got[0]).any()
+    if dtype == torch.float16:
+        assert torch.isinf(got[0]).any()
+    for a, b in zip(got, wide):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@cpp
 @pytest.mark.parametrize("constrained", [True, False])
 def test_gradcheck(constrained):
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, requires_grad=True)
