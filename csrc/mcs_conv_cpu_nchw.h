@@ -17,9 +17,11 @@ namespace sficonv {
 namespace cpu {
 namespace nchw {
 
-// Outputs accumulated together: 64 floats = four AVX-512 registers, i.e. four independent FMA
-// chains, enough to hide the FMA latency over the k*k taps (one chain was latency bound, 4x
-// slower). Narrow planes use 16 so that little work is wasted on padding.
+// Outputs accumulated together by the any-k loops (k other than 3, 5, 7): 64 floats = four
+// AVX-512 registers, i.e. four independent FMA chains, enough to hide the FMA latency over the
+// k*k taps (one chain was latency bound, 4x slower). Narrow planes use 16 so that little work
+// is wasted on padding. The padded width is rounded to these blocks, so every vector load of
+// either path stays inside the buffer (python_tests/cpu_asan checks it).
 constexpr int kWide = 64;
 constexpr int kNarrow = 16;
 
@@ -62,8 +64,8 @@ inline void store_first(const acc_t (&acc)[VEC], int64_t n, scalar_t* dst) {
   for (int64_t jj = 0; jj < n; ++jj) dst[jj] = static_cast<scalar_t>(tmp[jj]);
 }
 
-// One output plane: out[i][j] = sum_{a,b} taps[a,b] * padded[i + a][j + b]. Each block of VEC
-// outputs is accumulated in registers over all k*k taps and stored once.
+// One output plane, any k: out[i][j] = sum_{a,b} taps[a,b] * padded[i + a][j + b]. Each block
+// of VEC outputs is accumulated in registers over all k*k taps and stored once.
 template <int VEC, typename scalar_t, typename acc_t>
 void correlate_plane_vec(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
                          const Geometry& g, scalar_t* out) {
