@@ -19,6 +19,9 @@
 
 namespace sficonv {
 namespace cpu {
+// Internal linkage: the calling convention of a function returning a vector depends on -march,
+// so these must never link against a copy built with other flags.
+namespace {
 
 template <typename acc_t>
 struct Lanes {
@@ -63,7 +66,9 @@ inline void narrow_bfloat16(void* p, const Vec<float>& v) {
 inline Vec<float> widen_half(const c10::Half* p) {
   Vec<float> v;
 #if defined(__AVX512F__)
-  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  // The zero-masked forms: the plain ones pass GCC 12 an undefined source it warns about.
+  const __m512 wide =
+      _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   std::memcpy(&v, &wide, sizeof(v));
 #elif defined(__F16C__) && defined(__AVX__)
   for (int half = 0; half < 2; ++half) {
@@ -81,8 +86,9 @@ inline void narrow_half(c10::Half* p, const Vec<float>& v) {  // rounds to neare
 #if defined(__AVX512F__)
   __m512 wide;
   std::memcpy(&wide, &v, sizeof(wide));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_storeu_si256(
+      reinterpret_cast<__m256i*>(p),
+      _mm512_maskz_cvtps_ph(0xFFFF, wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif defined(__F16C__) && defined(__AVX__)
   for (int half = 0; half < 2; ++half) {
     __m256 wide;
@@ -126,5 +132,6 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v) {
   }
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace sficonv

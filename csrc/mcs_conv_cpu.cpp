@@ -104,12 +104,13 @@ void backward_nchw(const at::Tensor& gy, const at::Tensor& x,
     std::vector<acc_t> gpad(pp.size()), xpad(partials ? pp.size() : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t offset = p * g.h * g.w;
-      nchw::fill_padded(gp + offset, g, pp, gpad.data());
+      const bool grad_finite = nchw::fill_padded(gp + offset, g, pp, gpad.data());
       if (gxp)
         nchw::correlate_plane(gpad.data(), pp, flipped.data() + (p % g.c) * kk, g, gxp + offset);
       if (!partials) continue;
       nchw::fill_padded(xp + offset, g, pp, xpad.data());
-      nchw::weight_grad_plane(gpad.data(), xpad.data(), pp, g, partials->data() + p * kk);
+      nchw::weight_grad_plane(gpad.data(), xpad.data(), pp, g, grad_finite,
+                              partials->data() + p * kk);
     }
   });
 }

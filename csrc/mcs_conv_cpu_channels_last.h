@@ -3,9 +3,11 @@
 //
 // The inner dimension is the channel: a vector holds Lanes<acc_t>::count neighbouring channels
 // of one pixel. For K = 3, 5, 7 (K known at compile time) runs of kRun neighbouring pixels load
-// each input pixel of a tap row once and reuse it for all K column taps; pixels whose taps fall
-// outside the image, channels past the last whole vector, and other kernel sizes take a scalar
-// path that checks every tap.
+// each input pixel of a tap row once and reuse it for all K column taps; pixels near the left
+// and right edges take the same vector code one pixel at a time, checking each tap. Channels
+// past the last whole vector and other kernel sizes take a scalar path that checks every tap.
+// No path multiplies by a stand-in zero for a pixel outside the image: those taps are skipped,
+// so infinities make exactly the NaNs the definition (a sum over the taps inside) makes.
 //
 // Only included by mcs_conv_cpu.cpp.
 #pragma once
@@ -69,31 +71,37 @@ inline void weight_grad_scalar(const scalar_t* gimage, const scalar_t* ximage, c
 
 // ---- the vector path: K = 3, 5, 7, whole vectors of channels ------------------------------
 
-// Channels [c0, c0 + lanes) of RUN neighbouring output pixels starting at (i, j). CHECKS: test
-// every tap against the image borders (pixels near an edge, rows near the top or bottom);
-// without it the caller guarantees that every tap lies inside.
-template <int K, int RUN, bool CHECKS, typename scalar_t, typename acc_t>
+// Channels [c0, c0 + lanes) of RUN neighbouring output pixels starting at (i, j). ROW_CHECKS
+// and COL_CHECKS: skip the taps whose input row or column lies outside the image (rows near the
+// top or bottom, pixels near an edge); without them the caller guarantees that every tap lies
+// inside. Skipped, not multiplied by zeros: an infinite tap times a zero standing for a pixel
+// outside would make a NaN that the definition (a sum over the taps inside) does not have.
+template <int K, int RUN, bool ROW_CHECKS, bool COL_CHECKS, typename scalar_t, typename acc_t>
 inline void correlate_run(const scalar_t* image, const acc_t* taps_t, const Geometry& g,
                           int64_t i, int64_t j, int64_t c0, scalar_t* dst) {
   using V = Vec<acc_t>;
   constexpr int pad = K / 2, span = RUN + K - 1;
+  bool inside[span];  // column j - pad + s lies in the image
+#pragma GCC unroll 16
+  for (int s = 0; s < span; ++s) inside[s] = !COL_CHECKS || (j - pad + s >= 0 && j - pad + s < g.w);
   V acc[RUN] = {};
 #pragma GCC unroll 8
   for (int a = 0; a < K; ++a) {
     const int64_t r = i + a - pad;
-    if (CHECKS && (r < 0 || r >= g.h)) continue;
-    const scalar_t* src = image + (r * g.w + j - pad) * g.c + c0;
+    if (ROW_CHECKS && (r < 0 || r >= g.h)) continue;
+    // Offsets, not pointers, until a pixel is known to be inside: a pointer before the
+    // tensor's first element would be undefined even if never read.
+    const int64_t first = (r * g.w + j - pad) * g.c + c0;
     V win[span];
 #pragma GCC unroll 16
-    for (int s = 0; s < span; ++s) {
-      const int64_t q = j - pad + s;
-      win[s] = (!CHECKS || (q >= 0 && q < g.w)) ? load_vec<acc_t>(src + s * g.c) : V{};
-    }
+    for (int s = 0; s < span; ++s)
+      win[s] = inside[s] ? load_vec<acc_t>(image + (first + s * g.c)) : V{};
 #pragma GCC unroll 8
     for (int b = 0; b < K; ++b) {
       const V t = load_vec<acc_t>(taps_t + (a * K + b) * g.c + c0);
 #pragma GCC unroll 16
-      for (int p = 0; p < RUN; ++p) acc[p] += t * win[p + b];
+      for (int p = 0; p < RUN; ++p)
+        if (inside[p + b]) acc[p] += t * win[p + b];
     }
   }
 #pragma GCC unroll 16
@@ -109,15 +117,15 @@ void correlate_row_vec(const scalar_t* image, const acc_t* taps_t, const Geometr
   for (int64_t c0 = 0; c0 < c_end; c0 += lanes) {
     int64_t j = 0;
     auto edge_pixel = [&](int64_t jj) {
-      correlate_run<K, 1, true>(image, taps_t, g, i, jj, c0, out_row + jj * g.c + c0);
+      correlate_run<K, 1, true, true>(image, taps_t, g, i, jj, c0, out_row + jj * g.c + c0);
     };
     for (; j < pad && j < g.w; ++j) edge_pixel(j);
     if (row_inside) {
       for (; j + kRun <= interior_end; j += kRun)
-        correlate_run<K, kRun, false>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
+        correlate_run<K, kRun, false, false>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
     } else {
       for (; j + kRun <= interior_end; j += kRun)
-        correlate_run<K, kRun, true>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
+        correlate_run<K, kRun, true, false>(image, taps_t, g, i, j, c0, out_row + j * g.c + c0);
     }
     for (; j < g.w; ++j) edge_pixel(j);
   }

@@ -3,6 +3,12 @@
 // correlation of a plane (the forward, and the input gradient with mirrored taps) and one
 // plane's k*k weight-gradient sums.
 //
+// The padding zeros are multiplied like pixels. That is exact while the other factor is finite
+// (x * 0 = 0), but an infinite tap or gradient value times a padding zero would be a NaN that
+// the definition, a sum over the taps inside the image, does not have. So a plane whose taps
+// (correlation) or gradient values (weight gradient) are not all finite goes through a checked
+// scalar loop that skips the taps outside the image.
+//
 // Only included by mcs_conv_cpu.cpp.
 #pragma once
 
@@ -17,8 +23,8 @@ namespace sficonv {
 namespace cpu {
 namespace nchw {
 
-// Outputs accumulated together by the any-k loops (k other than 3, 5, 7): 64 floats = four
-// AVX-512 registers, i.e. four independent FMA chains, enough to hide the FMA latency over the
+// Outputs accumulated together by the any-k loops (k other than 3, 5, 7): 64 values (in float,
+// four AVX-512 registers), i.e. four independent FMA chains, enough to hide the FMA latency over the
 // k*k taps (one chain was latency bound, 4x slower). Narrow planes use 16 so that little work
 // is wasted on padding. The padded width is rounded to these blocks, so every vector load of
 // either path stays inside the buffer (python_tests/cpu_asan checks it).
@@ -37,18 +43,82 @@ struct PaddedPlane {
   int64_t size() const { return rows * stride; }
 };
 
+// Whether every value is zero: v * 0 summed over finite values is zero, and NaN otherwise.
+template <typename acc_t>
+inline bool all_zero(const Vec<acc_t>& v) {
+  for (int e = 0; e < Lanes<acc_t>::count; ++e)
+    if (!(v[e] == acc_t(0))) return false;
+  return true;
+}
+
+// Fills `out` with the plane and its zero padding; returns whether every value is finite.
 template <typename scalar_t, typename acc_t>
-void fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp, acc_t* out) {
+bool fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp, acc_t* out) {
+  using V = Vec<acc_t>;
   std::fill(out, out + pp.size(), acc_t(0));
+  V probe = {};  // sum of value * 0 (a NaN once any value is not finite)
+  acc_t tail_probe = 0;
   for (int64_t i = 0; i < g.h; ++i) {
     acc_t* dst = out + (i + g.pad) * pp.stride + g.pad;
     const scalar_t* src = plane + i * g.w;
     constexpr int lanes = Lanes<acc_t>::count;
     int64_t j = 0;
-    for (; j + lanes <= g.w; j += lanes)  // whole vectors: half types widened a vector at a time
-      store_vec<acc_t>(dst + j, load_vec<acc_t>(src + j));
-    for (; j < g.w; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    for (; j + lanes <= g.w; j += lanes) {  // whole vectors: half types widened at once
+      const V v = load_vec<acc_t>(src + j);
+      store_vec<acc_t>(dst + j, v);
+      probe += v * acc_t(0);
+    }
+    for (; j < g.w; ++j) {
+      dst[j] = static_cast<acc_t>(src[j]);
+      tail_probe += dst[j] * acc_t(0);
+    }
   }
+  return all_zero<acc_t>(probe) && tail_probe == acc_t(0);
+}
+
+template <typename acc_t>
+inline bool all_finite(const acc_t* values, int count) {
+  acc_t probe = 0;
+  for (int e = 0; e < count; ++e) probe += values[e] * acc_t(0);
+  return probe == acc_t(0);
+}
+
+// The correlation of one plane, any k, skipping the taps outside the image (see the top of
+// this file): for planes whose taps are not all finite.
+template <typename scalar_t, typename acc_t>
+void correlate_plane_checked(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
+                             const Geometry& g, scalar_t* out) {
+  for (int64_t i = 0; i < g.h; ++i)
+    for (int64_t j = 0; j < g.w; ++j) {
+      acc_t acc = 0;
+      for (int a = 0; a < g.k; ++a) {
+        if (i + a - g.pad < 0 || i + a - g.pad >= g.h) continue;
+        for (int b = 0; b < g.k; ++b) {
+          if (j + b - g.pad < 0 || j + b - g.pad >= g.w) continue;
+          acc += taps[a * g.k + b] * padded[(i + a) * pp.stride + j + b];
+        }
+      }
+      out[i * g.w + j] = static_cast<scalar_t>(acc);
+    }
+}
+
+// The weight-gradient sums of one plane, any k, skipping the taps outside the image: for
+// planes whose gradient values are not all finite.
+template <typename acc_t>
+void weight_grad_plane_checked(const acc_t* gpad, const acc_t* xpad, const PaddedPlane& pp,
+                               const Geometry& g, acc_t* sums) {
+  for (int a = 0; a < g.k; ++a)
+    for (int b = 0; b < g.k; ++b) {
+      acc_t acc = 0;
+      for (int64_t i = 0; i < g.h; ++i) {
+        if (i + a - g.pad < 0 || i + a - g.pad >= g.h) continue;
+        for (int64_t j = 0; j < g.w; ++j) {
+          if (j + b - g.pad < 0 || j + b - g.pad >= g.w) continue;
+          acc += gpad[(i + g.pad) * pp.stride + g.pad + j] * xpad[(i + a) * pp.stride + j + b];
+        }
+      }
+      sums[a * g.k + b] = acc;
+    }
 }
 
 // Stores the first n of VEC accumulators. Only fixed-length loops touch `acc`, which lets the
@@ -140,6 +210,7 @@ void correlate_plane_k(const acc_t* padded, const PaddedPlane& pp, const acc_t* 
 template <typename scalar_t, typename acc_t>
 void correlate_plane(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
                      const Geometry& g, scalar_t* out) {
+  if (!all_finite(taps, g.k * g.k)) return correlate_plane_checked(padded, pp, taps, g, out);
   switch (g.k) {
     case 3: return correlate_plane_k<3>(padded, pp, taps, g, out);
     case 5: return correlate_plane_k<5>(padded, pp, taps, g, out);
@@ -219,9 +290,11 @@ void weight_grad_plane_any_k(const acc_t* gpad, const acc_t* xpad, const PaddedP
   }
 }
 
+// `grad_finite`: what fill_padded returned for the gradient plane.
 template <typename acc_t>
 void weight_grad_plane(const acc_t* gpad, const acc_t* xpad, const PaddedPlane& pp,
-                       const Geometry& g, acc_t* sums) {
+                       const Geometry& g, bool grad_finite, acc_t* sums) {
+  if (!grad_finite) return weight_grad_plane_checked(gpad, xpad, pp, g, sums);
   switch (g.k) {
     case 3: return weight_grad_plane_k<3>(gpad, xpad, pp, g, sums);
     case 5: return weight_grad_plane_k<5>(gpad, xpad, pp, g, sums);

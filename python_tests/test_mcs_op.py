@@ -219,6 +219,72 @@ def test_infinity_in_the_last_columns_leaves_other_taps_finite(width):
     assert finite.any() and rel_err(grads[0][finite], grads[1][finite]) < 1e-10
 
 
+def _sum_over_taps_inside(x, taps):
+    """sum_{a,b} taps[c, a, b] * x[i + a - p, j + b - p] over the taps whose pixel is inside the
+    image: the op's definition, with no product for padding (so no inf * 0)."""
+    n, c, h, w = x.shape
+    k = taps.shape[-1]
+    p = k // 2
+    y = torch.zeros_like(x)
+    for a in range(k):
+        for b in range(k):
+            i0, i1, j0, j1 = max(0, p - a), min(h, h + p - a), max(0, p - b), min(w, w + p - b)
+            if i0 < i1 and j0 < j1:
+                y[:, :, i0:i1, j0:j1] += (taps[:, a, b].view(1, c, 1, 1) *
+                                          x[:, :, i0 + a - p:i1 + a - p, j0 + b - p:j1 + b - p])
+    return y
+
+
+def _weight_grad_over_taps_inside(x, g, k):
+    c, h, w, p = x.shape[1], x.shape[2], x.shape[3], k // 2
+    out = torch.zeros(c, k, k, dtype=x.dtype)
+    for a in range(k):
+        for b in range(k):
+            i0, i1, j0, j1 = max(0, p - a), min(h, h + p - a), max(0, p - b), min(w, w + p - b)
+            if i0 < i1 and j0 < j1:
+                out[:, a, b] = (g[:, :, i0:i1, j0:j1] *
+                                x[:, :, i0 + a - p:i1 + a - p, j0 + b - p:j1 + b - p]).sum((0, 2, 3))
+    return out.view(c, 1, k, k)
+
+
+@cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout,channels", [("nchw", 3), ("nchw", 17), ("channels_last", 3),
+                                             ("channels_last", 17)])
+@pytest.mark.parametrize("where", ["tap", "x", "grad"])
+def test_infinities_make_the_nans_of_the_definition(dtype, layout, channels, where):
+    # An infinite filter tap, input or gradient value next to the border: every path (NCHW
+    # padded planes, channels_last vector runs and edge pixels, channel tails, the NCHW detour
+    # for few channels) must give the definition's infinities and NaNs, no NaN from a product
+    # with a padding zero. 17 channels: whole vectors plus a tail channel in both dtypes.
+    k, (n, h, w) = 5, (2, 9, 21)
+    x = torch.randn(n, channels, h, w, dtype=dtype)
+    g = torch.randn(n, channels, h, w, dtype=dtype)
+    weight = torch.randn(channels, 1, k, k, dtype=dtype)
+    for c in (1, channels - 1):
+        if where == "tap":
+            weight[c, 0, 0, 4] = float("inf")
+        elif where == "x":
+            x[0, c, 0, w - 1] = float("inf")
+        else:
+            g[1, c, h - 1, 0] = -float("inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = g.contiguous(memory_format=torch.channels_last)
+    y = torch.ops.sficonv_ext.mcs_conv_forward(x, weight, False, 1e-6)
+    gx, gw = torch.ops.sficonv_ext.mcs_conv_backward(g, x, weight, False, 1e-6, True, True)
+    taps = weight[:, 0].double()
+    want_y = _sum_over_taps_inside(x.double(), taps)
+    want_gx = _sum_over_taps_inside(g.double(), taps.flip(-1, -2))
+    want_gw = _weight_grad_over_taps_inside(x.double(), g.double(), k)
+    assert not (torch.isfinite(want_y).all() and torch.isfinite(want_gw).all())  # a real case
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for got, want in ((y, want_y), (gx, want_gx), (gw, want_gw)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
+
+
 @cpp
 def test_compile_fullgraph_no_graph_break():
     def f(x, w):

@@ -4,9 +4,10 @@
 // tensor fails here even where the values it read happen to leave the result right (a Python
 // test cannot see that). Each kernel is also compared with a float64 reference.
 //
-// Covers float64, float32, bfloat16 and float16; k = 3, 5, 7 (vector paths) and 9 (scalar
-// path); channel counts below, at and between whole vectors; widths and heights below k, below
-// a run of 8 pixels, and with leftovers. Prints one line per check and "ALL OK" at the end.
+// Covers float64, float32, bfloat16 and float16; k = 3, 5, 7 (vector paths) and 9 (the any-k
+// loops); channel counts below, at and between whole vectors; widths and heights below k, below
+// a run of 8 pixels, and with leftovers; and the checked NCHW loops that planes with non-finite
+// taps or gradients take. Prints one line per check and "ALL OK" at the end.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -104,23 +105,33 @@ int check_nchw(const Shape& s, int k, unsigned seed) {
   const auto at = [&](long p, int i, int j) { return (p * s.h + i) * static_cast<long>(s.w) + j; };
   const nchw::PaddedPlane pp(geo);
   std::vector<acc_t> xpad(pp.size()), gpad(pp.size());  // exactly what the kernels allocate
-  std::vector<T> y(size);
-  std::vector<double> grad(static_cast<size_t>(s.c) * k * k, 0.0);
+  std::vector<T> y(size), y_checked(size);
+  std::vector<double> grad(static_cast<size_t>(s.c) * k * k, 0.0), checked_grad(grad);
   std::vector<acc_t> sums(static_cast<size_t>(k) * k);
   const long plane = static_cast<long>(s.h) * s.w;
   for (long p = 0; p < static_cast<long>(s.n) * s.c; ++p) {
     nchw::fill_padded(x.data() + p * plane, geo, pp, xpad.data());
-    nchw::fill_padded(g.data() + p * plane, geo, pp, gpad.data());
+    const bool grad_finite = nchw::fill_padded(g.data() + p * plane, geo, pp, gpad.data());
     nchw::correlate_plane(xpad.data(), pp, taps.data() + (p % s.c) * k * k, geo,
                           y.data() + p * plane);
-    nchw::weight_grad_plane(gpad.data(), xpad.data(), pp, geo, sums.data());
+    // Both weight-gradient paths: the vector one (finite values) and the checked one.
+    nchw::weight_grad_plane(gpad.data(), xpad.data(), pp, geo, grad_finite, sums.data());
     for (int t = 0; t < k * k; ++t) grad[(p % s.c) * k * k + t] += sums[t];
+    nchw::weight_grad_plane(gpad.data(), xpad.data(), pp, geo, false, sums.data());
+    for (int t = 0; t < k * k; ++t) checked_grad[(p % s.c) * k * k + t] += sums[t];
+    // The checked correlation too (planes with non-finite taps take it).
+    nchw::correlate_plane_checked(xpad.data(), pp, taps.data() + (p % s.c) * k * k, geo,
+                                  y_checked.data() + p * plane);
   }
-  int failed = report("nchw correlate", type_name<T>(), s, k,
-                      count_bad<T>(y, correlate_planes(static_cast<long>(s.n) * s.c, s.c, s.h,
-                                                       s.w, x, taps, k, at)));
-  failed += report("nchw weight grad", type_name<T>(), s, k,
-                   count_bad<T>(grad, weight_grad_reference(s, k, g, x, at)));
+  const auto y_want =
+      correlate_planes(static_cast<long>(s.n) * s.c, s.c, s.h, s.w, x, taps, k, at);
+  int failed = report("nchw correlate", type_name<T>(), s, k, count_bad<T>(y, y_want));
+  failed += report("nchw correlate, checked", type_name<T>(), s, k,
+                   count_bad<T>(y_checked, y_want));
+  const auto grad_want = weight_grad_reference(s, k, g, x, at);
+  failed += report("nchw weight grad", type_name<T>(), s, k, count_bad<T>(grad, grad_want));
+  failed += report("nchw weight grad, checked", type_name<T>(), s, k,
+                   count_bad<T>(checked_grad, grad_want));
   return failed;
 }
 
@@ -137,8 +148,8 @@ int check_type(const std::vector<Shape>& shapes, unsigned* seed) {
 
 int main() {
   // Channels: 1, 8 (a float64 vector), 16 (a float32 vector), 19, 33 (vectors plus a tail).
-  // Widths: 1, 3 (< k), 9 (one run plus edges), 21, 37 (runs plus leftovers; 21 and 37 leave
-  // NCHW tails after whole vectors), 64.
+  // Widths: 1, 3 (< k), 9 (edge pixels and leftovers, too narrow for a run of 8 with k >= 3),
+  // 21, 37 (runs plus leftovers; both leave NCHW tails after whole vectors), 64.
   const std::vector<Shape> shapes = {{1, 1, 1, 1},  {2, 8, 3, 9},   {1, 16, 9, 3},
                                      {1, 19, 5, 21}, {1, 33, 8, 37}, {1, 16, 11, 64}};
   unsigned seed = 1;
