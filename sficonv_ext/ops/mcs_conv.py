@@ -70,7 +70,8 @@ def _cpu_auto(x, weight):
     # Measured on a 2-core AVX-512 CPU, [8, 64, 64, 64] float32 (benchmarks/results/mcs_cpu.json):
     # the C++ kernels win by 5-15x wherever the weight gradient or the NCHW layout is involved;
     # with a frozen filter on channels_last input only the forward and the input gradient run,
-    # and there oneDNN's depthwise kernels and ours are level (0.91-1.01x), so oneDNN keeps it.
+    # and there oneDNN's depthwise kernels and ours are about level (0.89-1.01x forward,
+    # 0.97-1.43x input gradient over four runs), so oneDNN keeps it.
     if not _extension.has_cpp_kernels():
         return "torch"
     frozen = weight is None or not weight.requires_grad
