@@ -1,6 +1,9 @@
 // A fixed-width SIMD vector for the CPU kernels, written with GCC/Clang vector extensions: one
-// 64-byte vector of the accumulation type (16 floats or 8 doubles, one AVX-512 register with
-// -march=native on this project's machines, two or four narrower registers elsewhere).
+// register of the widest kind the build targets (-march; setup.py uses native): 64 bytes with
+// AVX-512 (16 floats or 8 doubles), 32 with AVX, else 16. The kernels size their register
+// blocks from it (kRun, kRowBlock): a 64-byte vector on an AVX2 build is two registers, and
+// blocks sized for 32 AVX-512 registers then spilled (2.5-3.5x slower than the previous
+// kernels in an x86-64-v3 build on this project's CPU).
 //
 // Why not plain arrays: GCC kept arrays of accumulators and input windows on the stack (one
 // extra load or store per FMA); vector-typed locals in fully unrolled loops stay in registers.
@@ -23,9 +26,19 @@ namespace cpu {
 // so these must never link against a copy built with other flags.
 namespace {
 
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+// Vector registers the register blocks may plan on: 32 with AVX-512, 16 otherwise on x86-64.
+constexpr bool kManyRegisters = kVectorBytes == 64;
+
 template <typename acc_t>
 struct Lanes {
-  static constexpr int bytes = 64;
+  static constexpr int bytes = kVectorBytes;
   static constexpr int count = bytes / static_cast<int>(sizeof(acc_t));
   typedef acc_t type __attribute__((vector_size(bytes)));
 };
@@ -35,15 +48,17 @@ using Vec = typename Lanes<acc_t>::type;
 
 namespace detail {
 
+constexpr int kFloats = Lanes<float>::count;
+
 // 16-bit storage types widened to float a whole vector at a time: GCC does not vectorise the
 // element-by-element c10 conversions (bfloat16 channels_last ran 3x slower than float32).
-typedef uint16_t U16x16 __attribute__((vector_size(32)));
-typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16xN __attribute__((vector_size(kVectorBytes / 2)));
+typedef uint32_t U32xN __attribute__((vector_size(kVectorBytes)));
 
 inline Vec<float> widen_bfloat16(const void* p) {
-  U16x16 raw;
+  U16xN raw;
   std::memcpy(&raw, p, sizeof(raw));
-  const U32x16 bits = __builtin_convertvector(raw, U32x16) << 16;  // bf16 is float's top half
+  const U32xN bits = __builtin_convertvector(raw, U32xN) << 16;  // bf16 is float's top half
   Vec<float> v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
@@ -51,12 +66,12 @@ inline Vec<float> widen_bfloat16(const void* p) {
 
 // float -> bfloat16 rounding to nearest even, NaN -> 0x7FC0: what c10::BFloat16 does.
 inline void narrow_bfloat16(void* p, const Vec<float>& v) {
-  U32x16 bits;
+  U32xN bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  const U32x16 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-  const U32x16 is_nan = (U32x16)(v != v);  // all ones where NaN
-  const U32x16 out = (rounded & ~is_nan) | ((U32x16{} + 0x7FC0u) & is_nan);
-  const U16x16 narrow = __builtin_convertvector(out, U16x16);
+  const U32xN rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const U32xN is_nan = (U32xN)(v != v);  // all ones where NaN
+  const U32xN out = (rounded & ~is_nan) | ((U32xN{} + 0x7FC0u) & is_nan);
+  const U16xN narrow = __builtin_convertvector(out, U16xN);
   std::memcpy(p, &narrow, sizeof(narrow));
 }
 
@@ -71,13 +86,10 @@ inline Vec<float> widen_half(const c10::Half* p) {
       _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   std::memcpy(&v, &wide, sizeof(v));
 #elif defined(__F16C__) && defined(__AVX__)
-  for (int half = 0; half < 2; ++half) {
-    const __m256 wide =
-        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * half)));
-    std::memcpy(reinterpret_cast<char*>(&v) + 32 * half, &wide, 32);
-  }
+  const __m256 wide = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&v, &wide, sizeof(v));
 #else
-  for (int e = 0; e < Lanes<float>::count; ++e) v[e] = static_cast<float>(p[e]);
+  for (int e = 0; e < kFloats; ++e) v[e] = static_cast<float>(p[e]);
 #endif
   return v;
 }
@@ -90,14 +102,12 @@ inline void narrow_half(c10::Half* p, const Vec<float>& v) {  // rounds to neare
       reinterpret_cast<__m256i*>(p),
       _mm512_maskz_cvtps_ph(0xFFFF, wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif defined(__F16C__) && defined(__AVX__)
-  for (int half = 0; half < 2; ++half) {
-    __m256 wide;
-    std::memcpy(&wide, reinterpret_cast<const char*>(&v) + 32 * half, 32);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8 * half),
-                     _mm256_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  __m256 wide;
+  std::memcpy(&wide, &v, sizeof(wide));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(wide, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  for (int e = 0; e < Lanes<float>::count; ++e) p[e] = static_cast<c10::Half>(v[e]);
+  for (int e = 0; e < kFloats; ++e) p[e] = static_cast<c10::Half>(v[e]);
 #endif
 }
 

@@ -24,7 +24,9 @@ namespace sficonv {
 namespace cpu {
 namespace channels_last {
 
-constexpr int kRun = 8;  // pixels per run: 8 accumulators + a K + 7 pixel window fit 32 registers
+// Pixels per run: with 32 vector registers (AVX-512) 8 accumulators + a K + 7 pixel window
+// fit; with 16, 4 and a K + 3 pixel window do.
+constexpr int kRun = kManyRegisters ? 8 : 4;
 
 // ---- the scalar path: any K, any channel range -------------------------------------------
 

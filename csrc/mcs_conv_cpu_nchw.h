@@ -194,10 +194,14 @@ inline void correlate_rows_k(const acc_t* padded, const PaddedPlane& pp, const a
   }
 }
 
+// Output rows per block: ROWS accumulators + K tap broadcasts + an input vector must fit the
+// vector registers (32 with AVX-512, 16 otherwise).
+constexpr int kRowBlock = kManyRegisters ? 8 : 4;
+
 template <int K, typename scalar_t, typename acc_t>
 void correlate_plane_k(const acc_t* padded, const PaddedPlane& pp, const acc_t* taps,
                        const Geometry& g, scalar_t* out) {
-  constexpr int lanes = Lanes<acc_t>::count, rows = 8;
+  constexpr int lanes = Lanes<acc_t>::count, rows = kRowBlock;
   int64_t i = 0;
   for (; i + rows <= g.h; i += rows)
     for (int64_t j0 = 0; j0 < g.w; j0 += lanes)
