@@ -142,6 +142,15 @@ inline void store_vec(scalar_t* p, const Vec<acc_t>& v) {
   }
 }
 
+// Whether every lane is zero. Finiteness probes sum value * 0 over values: zero while all are
+// finite, NaN once one is not.
+template <typename acc_t>
+inline bool all_zero(const Vec<acc_t>& v) {
+  for (int e = 0; e < Lanes<acc_t>::count; ++e)
+    if (!(v[e] == acc_t(0))) return false;
+  return true;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace sficonv

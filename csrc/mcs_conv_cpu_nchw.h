@@ -43,14 +43,6 @@ struct PaddedPlane {
   int64_t size() const { return rows * stride; }
 };
 
-// Whether every value is zero: v * 0 summed over finite values is zero, and NaN otherwise.
-template <typename acc_t>
-inline bool all_zero(const Vec<acc_t>& v) {
-  for (int e = 0; e < Lanes<acc_t>::count; ++e)
-    if (!(v[e] == acc_t(0))) return false;
-  return true;
-}
-
 // Fills `out` with the plane and its zero padding; returns whether every value is finite.
 template <typename scalar_t, typename acc_t>
 bool fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp, acc_t* out) {

@@ -266,8 +266,9 @@ def test_infinities_make_the_nans_of_the_definition(dtype, layout, channels, whe
             weight[c, 0, 0, 4] = float("inf")
         elif where == "x":
             x[0, c, 0, w - 1] = float("inf")
-        else:
+        else:  # both edges: the left and right runs skip different window columns
             g[1, c, h - 1, 0] = -float("inf")
+            g[0, c, 0, w - 1] = float("inf")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         g = g.contiguous(memory_format=torch.channels_last)
@@ -389,7 +390,8 @@ def test_cpp_kernel_checks_reach_python():
 def test_backends_reports_consistently():
     info = ops.backends()
     assert info["auto_cpu"] == ("cpp" if info["cpp"] else "torch")
-    assert info["auto_cpu_channels_last_frozen"] == "torch"
+    assert info["auto_cpu_channels_last_frozen"] == ("cpp" if info["cpp"] else "torch")
+    assert info["auto_cpu_channels_last_frozen_bfloat16"] == "torch"
     assert set(["cpp", "cuda", "triton", "cuda_archs", "torch"]) <= set(info)
 
 
@@ -400,7 +402,10 @@ def test_auto_rule_on_cpu():
     frozen, learnable = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5, requires_grad=True)
     assert ops.resolve_backend("auto", x, frozen) == "cpp"
     assert ops.resolve_backend("auto", cl, learnable) == "cpp"
-    assert ops.resolve_backend("auto", cl, frozen) == "torch"  # oneDNN measured faster here
+    assert ops.resolve_backend("auto", cl, frozen) == "cpp"
+    # bfloat16 channels_last with a frozen filter: oneDNN measured faster
+    assert ops.resolve_backend("auto", cl.bfloat16(), frozen.bfloat16()) == "torch"
+    assert ops.resolve_backend("auto", cl.bfloat16(), learnable.bfloat16()) == "cpp"
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -31,6 +31,9 @@ def backends():
         "auto_cpu": resolve_backend("auto", torch.empty(1, 2, 1, 1)),
         "auto_cpu_channels_last_frozen": resolve_backend(
             "auto", torch.empty(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)),
+        "auto_cpu_channels_last_frozen_bfloat16": resolve_backend(
+            "auto", torch.empty(1, 2, 2, 2, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last)),
     }
     if cuda_device:
         result["auto_cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))

@@ -67,15 +67,16 @@ def _is_channels_last(x):
 
 
 def _cpu_auto(x, weight):
-    # Measured on a 2-core AVX-512 CPU, [8, 64, 64, 64] float32 (benchmarks/results/mcs_cpu.json):
-    # the C++ kernels win by 5-15x wherever the weight gradient or the NCHW layout is involved;
-    # with a frozen filter on channels_last input only the forward and the input gradient run,
-    # and there oneDNN's depthwise kernels and ours are about level (0.89-1.01x forward,
-    # 0.97-1.43x input gradient over four runs), so oneDNN keeps it.
+    # Measured on a 2-core AVX-512 CPU, [8, 64, 64, 64] (benchmarks/results/mcs_cpu.json): the
+    # C++ kernels win by 5-15x wherever the weight gradient or the NCHW layout is involved. A
+    # frozen filter on channels_last input runs only the forward and the input gradient: there
+    # ours are 1.08-1.30x oneDNN's depthwise kernels in float32 (two runs) and far ahead in
+    # float16, but oneDNN's bfloat16 kernels are faster (forward 0.35 against 0.48 ms), so
+    # bfloat16 keeps oneDNN.
     if not _extension.has_cpp_kernels():
         return "torch"
     frozen = weight is None or not weight.requires_grad
-    return "torch" if (frozen and _is_channels_last(x)) else "cpp"
+    return "torch" if (frozen and _is_channels_last(x) and x.dtype == torch.bfloat16) else "cpp"
 
 
 def resolve_backend(backend, x, weight=None):
@@ -125,7 +126,7 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
     (channels_last stays channels_last); under autocast both inputs are cast to the autocast
     dtype. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
-    frozen filter on channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
+    frozen filter on bfloat16 channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
     for channels_last input and the CUDA kernels for NCHW (else Triton, else PyTorch), as
     measured on an H100), "torch", "cpp", "cuda" or "triton".
     """
