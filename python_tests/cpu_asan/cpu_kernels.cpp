@@ -59,14 +59,26 @@ int report(const char* kernel, const char* type, const Shape& s, int k, int bad)
   return bad ? 1 : 0;
 }
 
+// Seeded random input, gradient and taps ([C][k*k], accumulation type) for one check.
+template <typename T>
+struct Inputs {
+  std::vector<T> x, g;
+  std::vector<acc_of<T>> taps;
+  Inputs(const Shape& s, int k, unsigned seed)
+      : x(random_values<T>(static_cast<size_t>(s.n) * s.c * s.h * s.w, seed)),
+        g(random_values<T>(x.size(), seed + 1)),
+        taps(random_values<acc_of<T>>(static_cast<size_t>(s.c) * k * k, seed + 2)) {}
+};
+
 // channels_last: every row through correlate_row and weight_grad_row.
 template <typename T>
 int check_channels_last(const Shape& s, int k, unsigned seed) {
   using acc_t = acc_of<T>;
   const Geometry geo{s.n, s.c, s.h, s.w, k, k / 2};
-  const size_t size = static_cast<size_t>(s.n) * s.c * s.h * s.w;
-  const auto x = random_values<T>(size, seed), g = random_values<T>(size, seed + 1);
-  const auto taps = random_values<acc_t>(static_cast<size_t>(s.c) * k * k, seed + 2);
+  const Inputs<T> in(s, k, seed);
+  const size_t size = in.x.size();
+  const auto &x = in.x, &g = in.g;
+  const auto& taps = in.taps;
   std::vector<acc_t> taps_t(taps.size());  // [tap][channel], as the kernels read them
   for (int c = 0; c < s.c; ++c)
     for (int t = 0; t < k * k; ++t) taps_t[t * s.c + c] = taps[c * k * k + t];
@@ -99,9 +111,10 @@ template <typename T>
 int check_nchw(const Shape& s, int k, unsigned seed) {
   using acc_t = acc_of<T>;
   const Geometry geo{s.n, s.c, s.h, s.w, k, k / 2};
-  const size_t size = static_cast<size_t>(s.n) * s.c * s.h * s.w;
-  const auto x = random_values<T>(size, seed), g = random_values<T>(size, seed + 1);
-  const auto taps = random_values<acc_t>(static_cast<size_t>(s.c) * k * k, seed + 2);
+  const Inputs<T> in(s, k, seed);
+  const size_t size = in.x.size();
+  const auto &x = in.x, &g = in.g;
+  const auto& taps = in.taps;
   const auto at = [&](long p, int i, int j) { return (p * s.h + i) * static_cast<long>(s.w) + j; };
   const nchw::PaddedPlane pp(geo);
   std::vector<acc_t> xpad(pp.size()), gpad(pp.size());  // exactly what the kernels allocate
