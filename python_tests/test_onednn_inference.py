@@ -1,5 +1,6 @@
-"""fuse_for_inference's oneDNN layers (conv + bias + add + ReLU as one call on a pre-reordered
-weight) against the same model with plain F.conv2d calls and against the eager model."""
+"""fuse_for_inference's oneDNN layers (conv + bias + ReLU as one call on a pre-reordered weight,
+the residual added in place where that is safe) against the same model with plain F.conv2d
+calls and against the eager model."""
 import copy
 import io
 
@@ -9,7 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from sficonv_ext import models
 from sficonv_ext.models.onednn_inference import (OneDNNConvNorm, OneDNNPlainBottleneck,
-                                                 drop_packed_weights, onednn_fusion_available)
+                                                 drop_packed_weights, onednn_fusion_available,
+                                                 residuals_may_be_overwritten)
 
 from conftest import make_pair, rel_err
 
@@ -238,3 +240,55 @@ def test_weights_made_in_inference_mode_are_reordered_every_call(trio):
         for model in (onednn, plain):
             model.network.layer4[1].conv2.weight.mul_(-2.0)  # no version counter to see this
         assert rel_err(onednn(x), plain(x)) < 1e-5
+
+
+def _residual_layers(network):
+    """(layer, its input, its residual): SFIC3 of an identity block and a plain bottleneck."""
+    torch.manual_seed(1)
+    cl = torch.channels_last
+    sfi = (network.layer1[1].SFIC3, torch.randn(1, 64, 9, 11).contiguous(memory_format=cl),
+           torch.randn(1, 256, 9, 11).contiguous(memory_format=cl))
+    plain = (network.layer4[1], None, torch.randn(1, 2048, 3, 5).contiguous(memory_format=cl))
+    return [sfi, plain]
+
+
+def _run(layer, x, residual):
+    return layer(residual) if x is None else layer(x, residual=residual, relu=True)
+
+
+def test_a_residual_is_overwritten_only_where_the_fused_forward_allows(trio):
+    _, onednn, plain = trio
+    for (layer, x, residual), (plain_layer, _, _) in zip(_residual_layers(onednn.network),
+                                                         _residual_layers(plain.network)):
+        kept = residual.clone()
+        with torch.inference_mode():
+            expect = _run(plain_layer, x, residual)
+            outside = _run(layer, x, residual)
+            assert torch.equal(residual, kept)  # a caller's tensor stays as it was
+            with residuals_may_be_overwritten(onednn.network):
+                inside = _run(layer, x, residual)
+        assert rel_err(outside, expect) < 1e-5 and torch.equal(inside, outside)
+        # Inside, the sum was written over the residual (the point of the in-place path).
+        assert inside.data_ptr() == residual.data_ptr()
+
+
+def test_a_hook_anywhere_keeps_every_activation_intact(trio):
+    # A hook keeping a block's output would see it overwritten by the next block's in-place
+    # residual add: with any hook in the network nothing is written in place.
+    _, onednn, plain = trio
+    onednn = copy.deepcopy(onednn)
+    kept = []
+    handle = onednn.network.layer1[0].register_forward_hook(
+        lambda m, i, o: kept.append((o, o.clone())))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        got, ran = _ops_run(onednn, x)
+        expect = plain(x)
+    handle.remove()
+    assert FUSED_OP in ran and FUSED_OP + "_" not in ran
+    held, snapshot = kept[0]
+    assert torch.equal(held, snapshot)
+    assert rel_err(got, expect) < 1e-5
+    with torch.inference_mode():
+        _, ran = _ops_run(onednn, x)  # hook gone: the in-place path runs again
+    assert FUSED_OP + "_" in ran

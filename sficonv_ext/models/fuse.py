@@ -6,7 +6,8 @@ import torch.nn as nn
 
 from ..nn import MCSConv2d, SFIConvNorm
 from .cuda_graph import CUDAGraphInference
-from .onednn_inference import onednn_fusion_available, use_onednn_layers
+from .onednn_inference import (onednn_fusion_available, residuals_may_be_overwritten,
+                               use_onednn_layers)
 from .resnet import PlainBottleneck, SFIResNet
 
 
@@ -52,7 +53,10 @@ class FusedForInference(nn.Module):
     def forward(self, x):
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.network(x)
+        if torch.compiler.is_compiling():
+            return self.network(x)  # the oneDNN layers stand aside there anyway
+        with residuals_may_be_overwritten(self.network):
+            return self.network(x)
 
 
 def fuse_for_inference(model, cuda_graph=False, onednn=True):

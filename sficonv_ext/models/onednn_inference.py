@@ -1,11 +1,11 @@
-"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm, the residual
-add and the ReLU as ONE oneDNN call (post-ops), the weight reordered to oneDNN's blocked layout
-once instead of on every call.
+"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm and ReLU as
+ONE oneDNN call (a post-op), or with an in-place residual add and ReLU after it, the weight
+reordered to oneDNN's blocked layout once instead of on every call.
 
 Why: after folding, CPU inference is ~90% oneDNN convolutions, and eager PyTorch adds two costs
 around each: the weight is reordered on every call (about 1 ms for layer4's 8-9 MB weights on
-the 2-core test CPU) and the add and ReLU are separate passes over the output (about 0.8 ms
-for a ``[8, 256, 64, 64]`` float32 output). benchmarks/results/models_cpu_inference*.json
+the 2-core test CPU) and the ReLU is a separate pass over the output (about 0.8 ms for a
+``[8, 256, 64, 64]`` float32 output). benchmarks/results/models_cpu_inference*.json
 measure the whole model with and without these layers (``fused-inference`` against
 ``fused-inference-unpacked``).
 
@@ -17,9 +17,17 @@ autocast, no gradient wanted, no hook on the convolution, not traced, scripted o
 (torch.compile fuses on its own). Every other call runs the layer it replaced, unchanged: the
 convolution module, then ``batch_norm_act`` (add and ReLU).
 
+Residuals: inside :func:`residuals_may_be_overwritten` (which ``fuse_for_inference``'s model
+enters around its own forward when no module of the network has a hook), a residual is the
+block's own activation that nothing reads afterwards, so the convolution adds it with oneDNN's
+in-place "sum" post-op, writing the result over it. Anywhere else the residual is left alone.
+
 Cost: the reordered weights are a second copy of the convolution weights (about 56 MB for
 SFIConv-ResNet-26 in float32), kept while the model lives.
 """
+import contextlib
+import contextvars
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,6 +61,28 @@ def _hooked(module):
     return bool(module._forward_hooks or module._forward_pre_hooks
                 or nn.modules.module._global_forward_hooks
                 or nn.modules.module._global_forward_pre_hooks)
+
+
+_RESIDUALS_PRIVATE = contextvars.ContextVar("sficonv_ext_residuals_private", default=False)
+
+
+@contextlib.contextmanager
+def residuals_may_be_overwritten(network):
+    """Within this block, the oneDNN layers of ``network`` may write a convolution's output
+    over the residual they add to it. Only sound while ``network`` runs its own forward on its
+    own activations: every residual is then a block input or a downsample output that no one
+    reads after that add. A hook on any module of ``network`` could keep such a tensor, so
+    then nothing is overwritten.
+
+    Why: on the 2-core test CPU (batch 8, float32) the in-place add was the fastest way to add
+    a residual after a 1x1 convolution: 3.66 ms against 4.31 ms as separate add and ReLU at
+    ``[8, 256, 64, 64]``, 2.23 / 2.48 at 16x16."""
+    private = not any(_hooked(module) for module in network.modules())
+    token = _RESIDUALS_PRIVATE.set(private)
+    try:
+        yield
+    finally:
+        _RESIDUALS_PRIVATE.reset(token)
 
 
 class PackedConv:
@@ -120,8 +150,19 @@ class PackedConv:
         if other is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, weight, bias, *args, "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, weight, bias, *args, "add", 1.0, "relu" if relu else None, [], "")
+        if _RESIDUALS_PRIVATE.get():
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                other, x, weight, bias, *args, "add", 1.0, "relu" if relu else None, [], "")
+        # The residual add is NOT oneDNN's "binary add" post-op, which was slower than a
+        # separate in-place add and ReLU on the fresh output at three of SFIConv-ResNet-26's four
+        # shapes (convolution + add + ReLU on the 2-core test CPU, batch 8, float32, 1x1
+        # weights: 4.82 against 4.31 ms to [8, 256, 64, 64], 3.36 / 3.04 at 32x32, 2.94 / 2.48
+        # at 16x16, 2.26 / 2.28 at 8x8). oneDNN's in-place "sum" post-op (above) is faster
+        # still but overwrites the residual, which a caller may still hold; ATen's one-pass
+        # _add_relu_ loses NaNs in its scalar tail.
+        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "none", [], "")
+        y = y.add_(other)
+        return F.relu(y, inplace=True) if relu else y
 
     def drop_cache(self):
         self._cache = None

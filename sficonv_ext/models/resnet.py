@@ -138,8 +138,13 @@ class SFIResNet(nn.Module):
         check_input(self, x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend,
-                                        inplace_ok=True))
+        # The stem's ReLU runs after the max pool, on a map 4x smaller. They commute exactly
+        # (both monotone: the max of the ReLUs is the ReLU of the max), and so do gradients:
+        # a window with a positive max sends its gradient to the same element either way, any
+        # other window sends zero.
+        x = batch_norm_act(self.conv1(x), self.bn1, relu=False, backend=self.norm_backend,
+                           inplace_ok=True)
+        x = F.relu(self.maxpool(x), inplace=True)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 
