@@ -83,10 +83,12 @@ def backends_for(device):
 # The CUDA extension's kernel choices timed side by side on one build (environment read on every
 # call): the default; "cuda-rows", the row-blocked NCHW kernels the tile kernel replaced; and
 # "cuda-tile-mb3"/"-mb4", the tile kernel built for 3 or 4 resident blocks per SM (fewer
-# registers: an experiment, see tile_min_blocks in csrc/mcs_conv_cuda.cu).
+# registers: an experiment, see tile_min_blocks in csrc/mcs_conv_cuda.cu); and
+# "cuda-tile-pipelined", the double-buffered tiles (csrc/mcs_conv_cuda_tiles_pipelined.cuh).
 CUDA_VARIANTS = {"cuda": {}, "cuda-rows": {"SFICONV_CUDA_NCHW_KERNEL": "rows"},
                  "cuda-tile-mb3": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "3"},
-                 "cuda-tile-mb4": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"}}
+                 "cuda-tile-mb4": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"},
+                 "cuda-tile-pipelined": {"SFICONV_CUDA_NCHW_KERNEL": "tiles-pipelined"}}
 CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
                    "SFICONV_CUDA_TILE_MIN_BLOCKS")
 
@@ -152,6 +154,15 @@ def main(argv=None):
     shapes = args.shapes or DEFAULT_SHAPES[device.type]
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     rows = []
+    out = result_path(args.json, f"mcs_{device.type}.json")
+
+    def save(complete):
+        # Rewritten after every shape/dtype/layout group, so a run cut short (scripts/gpu_check.sh
+        # gives this step a time limit) keeps what it measured.
+        write_json(out, {"benchmark": "bench_mcs", "complete": complete, "settings": vars(args),
+                         "machine": machine_info(device), "backends": ops.backends(),
+                         "rows": rows})
+
     for shape_text in shapes:
         shape = tuple(int(v) for v in shape_text.split("x"))
         for dtype_name, layout in [(d, l) for d in dtypes for l in args.layouts]:
@@ -174,6 +185,7 @@ def main(argv=None):
                                  "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
                                  "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
                                  "speedup_vs_torch": results["torch"][phase] / seconds})
+            save(complete=False)
     header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>16} "
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
     print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
@@ -185,9 +197,7 @@ def main(argv=None):
               f"{r['phase']:>16} "
               f"{r['ms']:9.3f} {r['GB/s']:8.1f} {r['pct_copy_bw']:6.1f} "
               f"{r['speedup_vs_torch']:8.2f}")
-    out = result_path(args.json, f"mcs_{device.type}.json")
-    write_json(out, {"benchmark": "bench_mcs", "settings": vars(args),
-                     "machine": machine_info(device), "backends": ops.backends(), "rows": rows})
+    save(complete=True)
     print(f"\nwrote {out}")
 
 

@@ -29,6 +29,7 @@
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_rows.cuh"
 #include "mcs_conv_cuda_tiles.cuh"
+#include "mcs_conv_cuda_tiles_pipelined.cuh"
 
 namespace sficonv {
 namespace {
@@ -261,12 +262,14 @@ std::string env_choice(const char* name, std::initializer_list<const char*> allo
 }
 
 // Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
-// shared-memory tiles (default; 1.7x the row kernel on an H100) or the row-blocked kernel
-// (SFICONV_CUDA_NCHW_KERNEL=rows), kept selectable so benchmarks and tests compare them on the
-// same build.
-bool nchw_tiles_selected() {
-  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles", "rows"}) == "tiles";
+// shared-memory tiles (default; 1.7x the row kernel on an H100), the row-blocked kernel
+// (SFICONV_CUDA_NCHW_KERNEL=rows), or the double-buffered tiles (=tiles-pipelined, an
+// experiment not yet timed on a GPU: mcs_conv_cuda_tiles_pipelined.cuh), kept selectable so
+// benchmarks and tests compare them on the same build.
+std::string nchw_kernel_choice() {
+  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles", "rows", "tiles-pipelined"});
 }
+bool nchw_tiles_selected() { return nchw_kernel_choice() != "rows"; }
 
 // The tile kernel's register budget, an experiment for the next GPU run: Nsight Compute found
 // it at 25% occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks
@@ -334,8 +337,49 @@ void launch_conv_tiles_mb(const at::Tensor& x, const at::Tensor& taps, at::Tenso
   else launch_conv_tiles_k<scalar_t, K, 32, MIN_BLOCKS>(x, taps, y);
 }
 
+// The double-buffered tiles. Its grid fills every SM once at the occupancy the kernel reaches
+// (one wave, no tail), each block looping over planes/gridDim.y planes of its tile position:
+// the loop is what lets a block fetch one plane while it computes another.
+template <typename scalar_t, int K, int TX>
+void launch_conv_tiles_pipelined_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y,
+                                   const tiles::TileGrid& geo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using T = tiles::Tile<K, TX>;
+  using P = tiles::PipelinedTile<scalar_t, K, TX>;
+  auto kernel = tiles::conv_tile_pipelined_kernel<scalar_t, acc_t, K, TX>;
+  int per_sm = 0, sms = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                               tiles::kTileThreads,
+                                                               P::shared_bytes));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  const dim3 full = tile_launch_grid(geo, TX, T::rows);  // gridDim.y = min(planes, kMaxGrid)
+  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sms, 1);
+  const int64_t planes_at_once = (resident + full.x - 1) / full.x;
+  const dim3 grid(full.x, static_cast<unsigned>(std::min<int64_t>(planes_at_once, full.y)));
+  kernel<<<grid, dim3(TX, T::TY), P::shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+      x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
+      static_cast<int>(x.size(1)), geo);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the double-buffered tiles can take x (16-byte copies need whole aligned vectors),
+// and if so launches them.
+template <typename scalar_t, int K>
+bool launch_conv_tiles_pipelined(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+  const int tx = tile_width(x.size(3));
+  const auto geo = tile_grid(x, tx);
+  if (!geo.vector_loads) return false;
+  if (tx == 64) launch_conv_tiles_pipelined_k<scalar_t, K, 64>(x, taps, y, geo);
+  else launch_conv_tiles_pipelined_k<scalar_t, K, 32>(x, taps, y, geo);
+  return true;
+}
+
 template <typename scalar_t, int K>
 void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+  if (nchw_kernel_choice() == "tiles-pipelined" &&
+      launch_conv_tiles_pipelined<scalar_t, K>(x, taps, y))
+    return;
   switch (tile_min_blocks()) {
     case 3: launch_conv_tiles_mb<scalar_t, K, 3>(x, taps, y); break;
     case 4: launch_conv_tiles_mb<scalar_t, K, 4>(x, taps, y); break;

@@ -39,7 +39,9 @@ def test_bench_mcs_writes_every_backend(tmp_path):
     out = tmp_path / "mcs.json"
     _run("bench_mcs.py", "--device", "cpu", "--shapes", "2x4x9x11", "--iters", "1",
          "--warmup", "0", "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["complete"]
     backends = {r["backend"] for r in rows}
     assert "torch" in backends
     assert {(r["layout"], r["phase"]) for r in rows} == {

@@ -13,8 +13,8 @@ from native_checks import HERE, build_and_run, compiler, sanitizer_flags
 PROGRAMS = {
     "rows_kernels": 80,  # 6 shapes x 5 type/filter cases x 2-3 kernels
     # 7 shapes x 6 type/filter/tile-width cases x scalar (+ vector where w allows),
-    # + 7 capped builds
-    "tile_kernels": 75,
+    # + 7 capped builds, + 32 pipelined (6 shapes x 6 cases where w is whole vectors)
+    "tile_kernels": 107,
 }
 
 

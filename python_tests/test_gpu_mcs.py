@@ -116,6 +116,9 @@ NCHW_VARIANTS = {
                   (r"conv_tile_kernel_capped<[^>]*, 3>", r"weight_grad_nchw_kernel<")),
     "tiles-mb4": ({"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"},
                   (r"conv_tile_kernel_capped<[^>]*, 4>", r"weight_grad_nchw_kernel<")),
+    # Double-buffered tiles (cp.async), for inputs whose rows are whole aligned 16-byte vectors.
+    "tiles-pipelined": ({"SFICONV_CUDA_NCHW_KERNEL": "tiles-pipelined"},
+                        (r"conv_tile_pipelined_kernel<", r"weight_grad_nchw_kernel<")),
 }
 CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
                    "SFICONV_CUDA_TILE_MIN_BLOCKS")
@@ -181,14 +184,16 @@ def test_gpu_nchw_variant_runs_its_kernels(monkeypatch, variant):
     assert not [k for k in others if re.search(k, names)], (variant, names)
 
 
+@pytest.mark.parametrize("variant", ["tiles", "tiles-pipelined"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_tile_kernel_unaligned_input_and_many_planes(dtype):
+def test_gpu_tile_kernel_unaligned_input_and_many_planes(monkeypatch, variant, dtype):
     # The tile kernel stages rows with 16-byte loads only when the input address allows it: an
     # input one element past an aligned address (W still a whole number of vectors) must take
     # the scalar path, not fault or misread. And more planes than a grid's y dimension (65535)
     # run the kernel's plane loop.
     if not _available("cuda"):
         pytest.skip("CUDA kernels not built")
+    _select_nchw_variant(monkeypatch, variant)
     shapes = [(2, 3, 19, 64), (70000, 1, 4, 8)]
     for n, c, h, w in shapes:
         flat = torch.randn(n * c * h * w + 1, device="cuda").to(dtype)

@@ -47,7 +47,7 @@ note "build done at ${SECONDS} s"
 "$PY" -m sficonv_ext.info 2>&1 | tee -a "$OUTDIR/summary.txt"
 
 note "== MCSConv kernel benchmark"
-timeout "$(limit 75)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 --warmup 10 \
+timeout "$(limit 90)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 --warmup 10 \
     --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
 note "== fused-layer benchmark (first layer, BatchNorm+add+ReLU epilogue)"
 timeout "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \

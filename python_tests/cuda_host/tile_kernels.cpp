@@ -3,11 +3,13 @@
 // forward, and the input gradient with mirrored taps), with scalar and 16-byte vector staging,
 // both tile widths, float, double and (through c10's host-side BFloat16 and Half) the half
 // types with float accumulation, and gridDim.y capped small so that the plane loop runs. Launch
-// shapes follow csrc/mcs_conv_cuda.cu. Prints one line per check and "ALL OK" when every check
+// shapes follow csrc/mcs_conv_cuda.cu. Also the double-buffered variant
+// (mcs_conv_cuda_tiles_pipelined.cuh). Prints one line per check and "ALL OK" when every check
 // passed.
 #include "cuda_host_emulation.h"
 #include "host_checks.h"
 #include "mcs_conv_cuda_tiles.cuh"
+#include "mcs_conv_cuda_tiles_pipelined.cuh"
 
 #include <c10/util/BFloat16.h>  // header-only; the test adds torch's include folder
 #include <c10/util/Half.h>
@@ -82,6 +84,25 @@ int check_forward(const Case& s, bool vec, const char* type) {
                 count_bad<T>(y, correlate(s, x, taps, K)));
 }
 
+// The double-buffered kernel (vector staging only): gridDim.y stays kMaxY, so blocks loop over
+// several planes and swap buffers.
+template <typename T, int K, int TX>
+int check_pipelined(const Case& s, const char* type) {
+  using P = sficonv::tiles::PipelinedTile<T, K, TX>;
+  using A = acc_of<T>;
+  if (s.w % P::vec != 0) return 0;
+  const size_t count = static_cast<size_t>(s.n) * s.c * s.h * s.w;
+  const auto x = random_values<T>(count, 3);
+  const auto taps = random_values<A>(static_cast<size_t>(s.c) * K * K, 4);
+  std::vector<T> y(count, T(-999));
+  const TileGrid geo = tile_grid<K, TX>(s, true);
+  cuda_host::launch(launch_grid<K, TX>(geo), dim3(TX, Tile<K, TX>::TY), P::shared_bytes, [&] {
+    sficonv::tiles::conv_tile_pipelined_kernel<T, A, K, TX>(x.data(), taps.data(), y.data(),
+                                                             s.c, geo);
+  });
+  return report("pipelined", s, K, TX, true, type, count_bad<T>(y, correlate(s, x, taps, K)));
+}
+
 template <typename T, int K, int TX>
 int check_all(const Case& s, const char* type) {
   // Vector staging only where the launcher allows it: w a whole number of 16-byte vectors.
@@ -107,6 +128,17 @@ int main() {
     bad += check_forward<float, 5, 64, 3>(s, false, "float");
     bad += check_all<c10::BFloat16, 5, 64>(s, "bf16");
     bad += check_all<c10::Half, 5, 32>(s, "half");
+  }
+  // The pipelined kernel; the last shape gives each block four planes (buffers swapped thrice).
+  const Case pipelined_shapes[] = {{2, 2, 70, 128}, {1, 2, 130, 20}, {3, 1, 64, 64},
+                                   {1, 3, 5, 36}, {1, 2, 33, 8}, {2, 5, 9, 40}};
+  for (const Case& s : pipelined_shapes) {
+    bad += check_pipelined<float, 5, 64>(s, "float");
+    bad += check_pipelined<float, 3, 32>(s, "float");
+    bad += check_pipelined<double, 7, 32>(s, "double");
+    bad += check_pipelined<double, 5, 64>(s, "double");
+    bad += check_pipelined<c10::BFloat16, 5, 64>(s, "bf16");
+    bad += check_pipelined<c10::Half, 7, 32>(s, "half");
   }
   std::printf(bad ? "SOME FAILED\n" : "ALL OK\n");
   return bad ? 1 : 0;
