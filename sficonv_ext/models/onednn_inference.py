@@ -1,6 +1,7 @@
-"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm and ReLU as
-ONE oneDNN call (a post-op), or with an in-place residual add and ReLU after it, the weight
-reordered to oneDNN's blocked layout once instead of on every call.
+"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm, its ReLU and
+(where the residual may be overwritten, see below) its residual add as ONE oneDNN call
+(post-ops), else with an in-place add and ReLU after it; the weight reordered to oneDNN's
+blocked layout once instead of on every call.
 
 Why: after folding, CPU inference is ~90% oneDNN convolutions, and eager PyTorch adds two costs
 around each: the weight is reordered on every call (about 1 ms for layer4's 8-9 MB weights on
