@@ -7,8 +7,9 @@ fast as it is (memory throughput, occupancy, registers, stall reasons), not only
     ncu --section SpeedOfLight --section Occupancy python benchmarks/profile_mcs_kernels.py
 
 Each phase is announced on stdout before its kernels run, so the profiler's report can be read
-against it. Phases: forward, backward with the weight gradient (learnable filter), in NCHW and
-channels_last, for the CUDA and Triton backends (those built), float32.
+against it. Phases: first the NCHW forward of each experimental CUDA tile kernel, then forward,
+backward with the weight gradient (learnable filter), in NCHW and channels_last, for the CUDA
+and Triton backends (those built), float32.
 """
 import argparse
 import os
@@ -31,6 +32,33 @@ def backends_here():
     return [b for b, ok in (("cuda", info["cuda"]), ("triton", info["triton_ops"])) if ok]
 
 
+# The NCHW tile kernel's untimed experiments (see csrc/mcs_conv_cuda.cu), profiled first so
+# that the launch limit of gpu_check.sh's ncu call never cuts them: forward only.
+EXPERIMENTS = {"tiles-pipelined": ("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined"),
+               "tiles-mb3": ("SFICONV_CUDA_TILE_MIN_BLOCKS", "3")}
+
+
+def experimental_nchw_forwards(n, c, h, w, k, repeats):
+    x = torch.randn(n, c, h, w, device="cuda")
+    weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
+    for name, (variable, value) in EXPERIMENTS.items():
+        previous = os.environ.get(variable)
+        os.environ[variable] = value  # read by the extension on every call
+        try:
+            with torch.no_grad():
+                ops.mcs_conv(x, weight, backend="cuda")
+                torch.cuda.synchronize()
+                print(f"== phase: cuda nchw forward ({variable}={value})", flush=True)
+                for _ in range(repeats):
+                    ops.mcs_conv(x, weight, backend="cuda")
+                torch.cuda.synchronize()
+        finally:
+            if previous is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = previous
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -40,6 +68,8 @@ def main(argv=None):
     torch.manual_seed(0)
     kernels = (f"SFICONV_CUDA_NCHW_KERNEL={os.environ.get('SFICONV_CUDA_NCHW_KERNEL', 'tiles')}, "
                f"SFICONV_CUDA_FUSED_BACKWARD={os.environ.get('SFICONV_CUDA_FUSED_BACKWARD', '0')}")
+    if "cuda" in backends_here():
+        experimental_nchw_forwards(n, c, h, w, k, args.repeats)
     for layout in ("nchw", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=fmt)
