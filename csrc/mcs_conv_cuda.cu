@@ -337,8 +337,8 @@ void launch_conv_tiles_mb(const at::Tensor& x, const at::Tensor& taps, at::Tenso
   else launch_conv_tiles_k<scalar_t, K, 32, MIN_BLOCKS>(x, taps, y);
 }
 
-// The double-buffered tiles. Its grid fills every SM once at the occupancy the kernel reaches
-// (one wave, no tail), each block looping over planes/gridDim.y planes of its tile position:
+// The double-buffered tiles. Its grid fills every SM at most once at the occupancy the kernel
+// reaches (one wave), each block looping over planes/gridDim.y planes of its tile position:
 // the loop is what lets a block fetch one plane while it computes another.
 template <typename scalar_t, int K, int TX>
 void launch_conv_tiles_pipelined_k(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y,
@@ -355,7 +355,9 @@ void launch_conv_tiles_pipelined_k(const at::Tensor& x, const at::Tensor& taps, 
                                         c10::cuda::current_device()));
   const dim3 full = tile_launch_grid(geo, TX, T::rows);  // gridDim.y = min(planes, kMaxGrid)
   const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sms, 1);
-  const int64_t planes_at_once = (resident + full.x - 1) / full.x;
+  // Rounded down: one block more than fits would make a second wave as long as the first
+  // (every block loops over planes / gridDim.y planes).
+  const int64_t planes_at_once = std::max<int64_t>(resident / full.x, 1);
   const dim3 grid(full.x, static_cast<unsigned>(std::min<int64_t>(planes_at_once, full.y)));
   kernel<<<grid, dim3(TX, T::TY), P::shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<scalar_t>(), taps.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),

@@ -66,6 +66,8 @@ struct PipelinedTile {
   static constexpr int halo_per_thread = (halo + kTileThreads - 1) / kTileThreads;
   static constexpr size_t shared_bytes = 2 * buffer * sizeof(scalar_t);
   static_assert(TX % vec == 0, "the interior must be whole 16-byte vectors");
+  // The launch passes no cudaFuncSetAttribute, so the default 48 KB limit applies.
+  static_assert(shared_bytes <= 48 * 1024, "more dynamic shared memory than a default launch");
 };
 
 // Starts copying the interior of one plane's tile (rows from y0 - pad, columns x0 .. x0 + TX)
