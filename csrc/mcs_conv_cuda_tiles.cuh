@@ -106,6 +106,43 @@ __device__ __forceinline__ void stage_tile(const scalar_t* __restrict__ plane,
   }
 }
 
+// The K*K taps of one plane's channel, into registers.
+template <typename acc_t, int K>
+__device__ __forceinline__ void load_taps(const acc_t* __restrict__ taps, int64_t plane,
+                                          int channels, acc_t (&tap)[K * K]) {
+  const acc_t* tp = taps + (plane % channels) * K * K;
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) tap[t] = tp[t];
+}
+
+// One thread's R outputs down its column, from R + K - 1 staged rows `stride` apart; `first`
+// points at the first row's leftmost window value. Staged values may be in the input type.
+template <typename acc_t, int K, int R, typename staged_t>
+__device__ __forceinline__ void correlate_column(const staged_t* first, int stride,
+                                                 const acc_t (&tap)[K * K], acc_t (&acc)[R]) {
+#pragma unroll
+  for (int o = 0; o < R; ++o) acc[o] = acc_t(0);
+#pragma unroll
+  for (int rr = 0; rr < R + K - 1; ++rr) {
+    const staged_t* row = first + rr * stride;
+    acc_t v[K];
+#pragma unroll
+    for (int b = 0; b < K; ++b) v[b] = static_cast<acc_t>(row[b]);
+    rows::add_row_to_outputs<acc_t, K, R>(v, tap, rr, acc);
+  }
+}
+
+// Writes the R outputs of column ox from row oy0 of one output plane (those inside it).
+template <typename scalar_t, typename acc_t, int R>
+__device__ __forceinline__ void store_column(scalar_t* __restrict__ plane, const TileGrid& geo,
+                                             int oy0, int ox, const acc_t (&acc)[R]) {
+  if (ox >= geo.w) return;
+#pragma unroll
+  for (int o = 0; o < R; ++o)
+    if (oy0 + o < geo.h)
+      plane[static_cast<int64_t>(oy0 + o) * geo.w + ox] = static_cast<scalar_t>(acc[o]);
+}
+
 // The kernel body, shared by the default kernel and the register-capped experiment below.
 template <typename scalar_t, typename acc_t, int K, int TX>
 __device__ __forceinline__ void conv_tile(const scalar_t* __restrict__ x,
@@ -120,31 +157,12 @@ __device__ __forceinline__ void conv_tile(const scalar_t* __restrict__ x,
   const int64_t plane_size = static_cast<int64_t>(geo.h) * geo.w;
   for (int64_t plane = blockIdx.y; plane < geo.planes; plane += gridDim.y) {
     stage_tile<scalar_t, acc_t, K, TX>(x + plane * plane_size, geo, y0, x0, s);
-    const acc_t* tp = taps + (plane % channels) * K * K;
     acc_t tap[K * K];
-#pragma unroll
-    for (int t = 0; t < K * K; ++t) tap[t] = tp[t];
+    load_taps<acc_t, K>(taps, plane, channels, tap);
     __syncthreads();
     acc_t acc[T::R];
-#pragma unroll
-    for (int o = 0; o < T::R; ++o) acc[o] = acc_t(0);
-#pragma unroll
-    for (int rr = 0; rr < T::R + K - 1; ++rr) {
-      const acc_t* row = s + (row0 + rr) * T::shared_w + tx;
-      acc_t v[K];
-#pragma unroll
-      for (int b = 0; b < K; ++b) v[b] = row[b];
-      rows::add_row_to_outputs<acc_t, K, T::R>(v, tap, rr, acc);
-    }
-    const int ox = x0 + tx;
-    if (ox < geo.w) {
-      scalar_t* out = y + plane * plane_size + ox;
-#pragma unroll
-      for (int o = 0; o < T::R; ++o) {
-        const int oy = y0 + row0 + o;
-        if (oy < geo.h) out[static_cast<int64_t>(oy) * geo.w] = static_cast<scalar_t>(acc[o]);
-      }
-    }
+    correlate_column<acc_t, K, T::R>(s + row0 * T::shared_w + tx, T::shared_w, tap, acc);
+    store_column<scalar_t, acc_t, T::R>(y + plane * plane_size, geo, y0 + row0, x0 + tx, acc);
     __syncthreads();  // the next plane restages s
   }
 }

@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "mcs_conv_cuda_tiles.cuh"  // Tile, TileGrid, kTileThreads, rows::add_row_to_outputs
+#include "mcs_conv_cuda_tiles.cuh"  // Tile, TileGrid, kTileThreads, the column helpers
 
 namespace sficonv {
 namespace tiles {
@@ -162,30 +162,12 @@ __global__ void conv_tile_pipelined_kernel(const scalar_t* __restrict__ x,
       start_interior<scalar_t, K, TX>(x + next * plane_size, geo, y0, x0, next_buf, tid);
       load_halo<scalar_t, K, TX>(x + next * plane_size, geo, y0, x0, tid, halo);
     }
-    const acc_t* tp = taps + (plane % channels) * K * K;
     acc_t tap[K * K];
-#pragma unroll
-    for (int t = 0; t < K * K; ++t) tap[t] = tp[t];
+    load_taps<acc_t, K>(taps, plane, channels, tap);
     acc_t acc[T::R];
-#pragma unroll
-    for (int o = 0; o < T::R; ++o) acc[o] = acc_t(0);
-#pragma unroll
-    for (int rr = 0; rr < T::R + K - 1; ++rr) {
-      const scalar_t* row = cur + (row0 + rr) * P::stride + P::lead - P::pad + tx;
-      acc_t v[K];
-#pragma unroll
-      for (int b = 0; b < K; ++b) v[b] = static_cast<acc_t>(row[b]);
-      rows::add_row_to_outputs<acc_t, K, T::R>(v, tap, rr, acc);
-    }
-    const int ox = x0 + tx;
-    if (ox < geo.w) {
-      scalar_t* out = y + plane * plane_size + ox;
-#pragma unroll
-      for (int o = 0; o < T::R; ++o) {
-        const int oy = y0 + row0 + o;
-        if (oy < geo.h) out[static_cast<int64_t>(oy) * geo.w] = static_cast<scalar_t>(acc[o]);
-      }
-    }
+    correlate_column<acc_t, K, T::R>(cur + row0 * P::stride + P::lead - P::pad + tx, P::stride,
+                                     tap, acc);
+    store_column<scalar_t, acc_t, T::R>(y + plane * plane_size, geo, y0 + row0, x0 + tx, acc);
     if (has_next) store_halo<scalar_t, K, TX>(next_buf, tid, halo);
   }
 }
