@@ -11,6 +11,7 @@ Prints a table and writes JSON.
                                                 # CPU: batch 8, float32
 """
 import argparse
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -39,9 +40,10 @@ def parse_args(argv=None):
                    "the published frozen one)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--malloc", default="default", choices=["default", "no-mmap"],
+    p.add_argument("--malloc", default="default", choices=["default", "no-mmap", "cache"],
                    help="CPU: no-mmap keeps large blocks on glibc's heap (as sficonv train "
-                   "does) so the timings are not page faults")
+                   "does), cache runs inside sficonv_ext.cpu_allocator.large_block_cache(): "
+                   "either way the timings are not page faults")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     batch = 64 if args.device.startswith("cuda") else 8
@@ -129,7 +131,12 @@ def _rows(layer, dtype_name, times, baseline):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    set_malloc(args.malloc)
+    with contextlib.ExitStack() as stack:
+        set_malloc(args.malloc, stack)
+        run(args, device)
+
+
+def run(args, device):
     measure = timer(device)
     rows = first_layer_rows(args, device, measure) + norm_act_rows(args, device, measure)
     print(f"Fused layers vs their PyTorch compositions, channels_last, MCS "

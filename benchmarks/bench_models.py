@@ -11,6 +11,7 @@ every timing).
     python benchmarks/bench_models.py --variants reference fast fast-compiled
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 
 import sficonv_ext
 from sficonv_ext import reference
-from sficonv_ext.cpu_allocator import keep_large_blocks_on_heap
+from sficonv_ext.cpu_allocator import keep_large_blocks_on_heap, large_block_cache
 
 from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
@@ -49,19 +50,27 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
                    help="what to compare (default: the eager variants for the device; see "
                         "model_variants.py); the first is the baseline of the 'x ref' columns")
-    p.add_argument("--malloc", default="default", choices=["default", "no-mmap"],
+    p.add_argument("--malloc", default="default", choices=["default", "no-mmap", "cache"],
                    help="'no-mmap': sficonv_ext.cpu_allocator.keep_large_blocks_on_heap() before "
                         "anything is built (glibc: large activations reused from the heap "
-                        "instead of mapped and page-faulted in again on every step)")
+                        "instead of mapped and page-faulted in again on every step); 'cache': "
+                        "the whole run inside sficonv_ext.cpu_allocator.large_block_cache() "
+                        "(the extension's reuse of freed large blocks, undone on exit)")
     p.add_argument("--json", default=None, help="where to write the JSON result "
                    "(default: benchmarks/results/models_<device>.json)")
     return p.parse_args(argv)
 
 
-def set_malloc(mode):
-    """Apply the --malloc choice; exits where it cannot be applied."""
+def set_malloc(mode, stack):
+    """Apply the --malloc choice (``stack``: an ExitStack that holds the cache until the run
+    ends); exits where it cannot be applied."""
     if mode == "no-mmap" and not keep_large_blocks_on_heap():
         raise SystemExit("--malloc no-mmap needs glibc's mallopt, which this C library lacks")
+    if mode == "cache":
+        try:
+            stack.enter_context(large_block_cache())
+        except RuntimeError as error:
+            raise SystemExit(f"--malloc cache: {error}") from None
 
 
 def _sync(device):
@@ -230,8 +239,13 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch sees no CUDA device")
+    with contextlib.ExitStack() as stack:
+        set_malloc(args.malloc, stack)
+        return run(args, device)
+
+
+def run(args, device):
     amp_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
-    set_malloc(args.malloc)
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 2, (args.batch,), device=device)

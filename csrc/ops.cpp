@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cpu_block_cache.h"
 #include "mcs_conv.h"
 #include "norm_act.h"
 
@@ -57,6 +58,10 @@ TORCH_LIBRARY(sficonv_ext, m) {
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
       "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
+  // Not tensor ops: switches for the CPU block cache (sficonv_ext.cpu_allocator).
+  m.def("cpu_block_cache_on(int min_bytes) -> ()", &cpu_block_cache_on);
+  m.def("cpu_block_cache_off() -> ()", &cpu_block_cache_off);
+  m.def("cpu_block_cache_stats() -> int[]", &cpu_block_cache_stats);
 }
 
 TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
@@ -33,6 +35,19 @@ def test_bench_models_writes_every_variant(tmp_path):
         inference_only = name.startswith("fused-inference")
         assert (row.get("train_images_per_s", 0) > 0) == (not inference_only), name
     assert "fused-inference" in text
+
+
+def test_bench_models_runs_inside_the_block_cache(tmp_path):
+    from sficonv_ext.ops import _extension
+    if not _extension.has_cpp_kernels():
+        pytest.skip("--malloc cache needs the compiled extension")
+    out = tmp_path / "models.json"
+    _run("bench_models.py", "--device", "cpu", "--batch", "2", "--size", "64", "--warmup", "0",
+         "--iters", "1", "--rounds", "1", "--malloc", "cache", "--variants", "reference",
+         "fast", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["settings"]["malloc"] == "cache"
+    assert all(r["train_images_per_s"] > 0 for r in result["rows"])
 
 
 def test_bench_mcs_writes_every_backend(tmp_path):
