@@ -7,11 +7,12 @@
 
 namespace sficonv {
 
-// Installs the cache as c10's CPU allocator; blocks of at least min_bytes are reused.
+// Installs the cache over torch's default CPU allocator; blocks of at least min_bytes are
+// reused.
 void cpu_block_cache_on(int64_t min_bytes);
-// Stops caching, frees the cached blocks and puts the previous CPU allocator back.
+// Stops caching, frees the cached blocks and puts torch's default CPU allocator back.
 void cpu_block_cache_off();
-// [on, min_bytes, hits, misses, cached_bytes, live_bytes]
+// [on, min_bytes, hits, misses, evictions, cached_bytes, live_bytes, peak_live_bytes]
 std::vector<int64_t> cpu_block_cache_stats();
 
 }  // namespace sficonv

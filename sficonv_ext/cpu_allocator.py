@@ -6,8 +6,10 @@ glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it on free
 activation is faulted in 4 KB at a time on every step. SFIConv-ResNet's fused activations are
 exactly such blocks (``[8, 256, 64, 64]`` float32 is 32 MiB plus glibc's header), where the
 published network's half-width branches stay below the limit: on the 2-core test CPU the fast
-model trained 24% faster with this setting and the published one no faster
-(benchmarks/results/models_cpu_no_mmap.json against models_cpu.json).
+model trained 24-32% faster with the glibc setting, the published one 4-22% faster (runs of
+2026-11-26 and 2026-11-27; benchmarks/results/models_cpu_no_mmap.json against models_cpu.json).
+
+The rest of this note is about the glibc setting.
 
 The cost is memory: freed blocks stay in the process for reuse, so its resident size stays near
 its peak (a freed block below a live one is never returned; ``M_TRIM_THRESHOLD`` = 1 GiB only
@@ -65,18 +67,24 @@ def _cache_ops():
 
 @contextlib.contextmanager
 def large_block_cache(min_bytes=1 << 20):
-    """Inside the ``with`` block, CPU tensor storage of at least ``min_bytes`` is kept when
+    """While the ``with`` block runs, CPU tensor storage of at least ``min_bytes`` is kept when
     freed and handed out again for a request of the same size (to within 1/16), instead of
     being unmapped and page-faulted in again: what glibc does to blocks above 32 MiB, the size
     of SFIConv-ResNet's fused activations at batch 8, 256x256. On the 2-core test CPU the fast
-    model's train step took 0.47 s inside against 0.69 s with glibc's defaults.
+    model's train step took 0.44 s inside against 0.69 s with glibc's defaults (as fast as
+    :func:`keep_large_blocks_on_heap`).
 
-    Leaving the block frees every cached block and puts torch's CPU allocator back; tensors
-    made inside stay valid and free their memory when they go. Unlike
-    :func:`keep_large_blocks_on_heap` nothing outlives the block, and it works with any C
-    library. The cost, inside: freed large blocks stay in the process, so its resident size
-    stays near its peak. Nested blocks share the outermost one's cache. Smaller blocks, and
-    oneDNN's own scratch memory, are left to the allocator that was there before."""
+    It replaces torch's default CPU allocator for the whole process (every thread) until the
+    outermost block ends (``RuntimeError`` if another CPU allocator is installed). Leaving it
+    frees every cached block and puts torch's allocator back; tensors made inside stay valid
+    and free their memory when they go. Unlike :func:`keep_large_blocks_on_heap` nothing
+    outlives the block, and it works with any C library. The cost, inside: the process keeps
+    freed large blocks, at most as much as keeps (in use + cached) within twice the largest
+    amount ever in use at once (a new size that would go beyond that first frees the blocks
+    cached longest ago; a failed allocation frees them all and retries). oneDNN's own memory
+    (allocated through the same allocator) is cached the same way. A process forked inside (a
+    DataLoader worker) starts with the cache off. Nested blocks keep the outermost one's
+    ``min_bytes``."""
     global _cache_depth
     if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
         raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
@@ -95,11 +103,15 @@ def large_block_cache(min_bytes=1 << 20):
 
 
 def large_block_cache_stats():
-    """The cache's counters as a dict: ``on``, ``min_bytes``, ``hits`` and ``misses`` (requests
-    served from a freed block or not, since the process started), ``cached_bytes`` (freed blocks
-    held for reuse) and ``live_bytes`` (blocks it handed out that are still in use)."""
+    """The cache's counters as a dict: ``on``, ``min_bytes``; since the outermost block was last
+    entered, ``hits`` and ``misses`` (requests served from a freed block or not), ``evictions``
+    (cached blocks freed to stay within the budget), ``live_bytes`` (blocks it handed out that
+    are still in use) and ``peak_live_bytes``; ``cached_bytes`` (freed blocks held for
+    reuse). On leaving the block ``cached_bytes`` and ``live_bytes`` go to 0 (blocks still in
+    use are then torch's to free)."""
     values = list(_cache_ops().cpu_block_cache_stats())
-    keys = ("on", "min_bytes", "hits", "misses", "cached_bytes", "live_bytes")
+    keys = ("on", "min_bytes", "hits", "misses", "evictions", "cached_bytes", "live_bytes",
+            "peak_live_bytes")
     stats = dict(zip(keys, values))
     stats["on"] = bool(stats["on"])
     return stats
