@@ -18,11 +18,12 @@
 // 8, 256x256). Smaller requests go to torch's default CPU allocator.
 //
 // Only installed over torch's default CPU allocator, whose blocks are c10::alloc_cpu's and
-// whose raw deleter is c10::free_cpu: ATen's raw_deallocate (oneDNN allocates through
-// raw_allocate) frees a block with whichever allocator is current at that moment, so every
-// block either allocator hands out must be freeable by the other's raw deleter. Ours caches
-// only blocks it handed out since it was last turned on (their sizes are known: turning off
-// forgets every block, so none can be stale) and frees any other.
+// whose raw deleter frees with c10::free_cpu (after telling the profiler): ATen's
+// raw_deallocate (oneDNN allocates through raw_allocate) frees a block with whichever
+// allocator is current at that moment, so every block either allocator hands out must be
+// freeable by the other's raw deleter. Ours caches only blocks it handed out since it was last
+// turned on (their sizes are known: turning on and off forget every block, and a block made
+// while it goes off is not recorded, so none can be stale) and passes any other to torch's.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -59,7 +60,7 @@ class BlockCache final : public c10::Allocator {
     bool serve = false;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      serve = on_ && n >= min_bytes_;
+      serve = on_ && n >= min_bytes_ && n > 0;
     }
     // The default allocator, called without our lock held.
     if (!serve) return c10::GetDefaultCPUAllocator()->allocate(n);
@@ -69,6 +70,11 @@ class BlockCache final : public c10::Allocator {
     size_t live = 0, reserved = 0;
     {
       std::lock_guard<std::mutex> guard(mutex_);
+      if (!on_) {
+        // Turned off since the check above: recorded now, the block would outlive the
+        // session's bookkeeping (turning off forgets every block). It is alloc_cpu's own.
+        return {block, block, &c10::free_cpu, kCpu};
+      }
       live_[block] = bytes;
       live_bytes_ += bytes;
       peak_live_bytes_ = std::max(peak_live_bytes_, live_bytes_);
@@ -79,8 +85,8 @@ class BlockCache final : public c10::Allocator {
     return {block, block, &return_block, kCpu};
   }
 
-  // raw_deallocate may hand it any CPU block: see return_block.
-  c10::DeleterFnPtr raw_deleter() const override { return &return_block; }
+  // raw_deallocate may hand it any CPU block: see raw_return.
+  c10::DeleterFnPtr raw_deleter() const override { return &raw_return; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -102,7 +108,8 @@ class BlockCache final : public c10::Allocator {
     }
     min_bytes_ = static_cast<size_t>(min_bytes);
     hits_ = misses_ = evictions_ = 0;
-    peak_live_bytes_ = 0;
+    live_.clear();
+    live_bytes_ = peak_live_bytes_ = 0;
     on_ = true;
   }
 
@@ -148,7 +155,9 @@ class BlockCache final : public c10::Allocator {
     uint64_t when;  // order of caching, for freeing the oldest first
   };
 
+  static bool take_back(void* block);
   static void return_block(void* block);
+  static void raw_return(void* block);
 
   std::vector<void*> switch_off_locked() {
     on_ = false;
@@ -241,35 +250,42 @@ BlockCache& cache() {
   return *instance;
 }
 
-// The deleter of every DataPtr the cache hands out, and its raw deleter (ATen's
-// raw_deallocate, with any CPU block). A block it handed out since it was last turned on is
-// cached (or freed if the cache is off now); any other block is freed.
-void BlockCache::return_block(void* block) {
+// A block handed out since the cache was last turned on goes back to the cache (or is freed,
+// if the cache is off now); returns false for any other block, which it leaves alone.
+bool BlockCache::take_back(void* block) {
   BlockCache& self = cache();
-  void* const address = block;
   size_t live = 0, reserved = 0, bytes = 0;
+  bool keep = false;
   {
     std::lock_guard<std::mutex> guard(self.mutex_);
     auto found = self.live_.find(block);
-    if (found != self.live_.end()) {
-      bytes = found->second;
-      self.live_.erase(found);
-      self.live_bytes_ -= bytes;
-      live = self.live_bytes_;
-      reserved = self.live_bytes_ + self.cached_bytes_;
-      if (self.on_) {
-        self.free_[bytes].push_back({block, self.clock_++});
-        self.cached_bytes_ += bytes;
-        reserved += bytes;
-        block = nullptr;
-      }
+    if (found == self.live_.end()) return false;
+    bytes = found->second;
+    self.live_.erase(found);
+    self.live_bytes_ -= bytes;
+    keep = self.on_;
+    if (keep) {
+      self.free_[bytes].push_back({block, self.clock_++});
+      self.cached_bytes_ += bytes;
     }
+    live = self.live_bytes_;
+    reserved = self.live_bytes_ + self.cached_bytes_;
   }
-  if (bytes != 0) {
-    c10::reportMemoryUsageToProfiler(address, -static_cast<int64_t>(bytes), live, reserved,
-                                     kCpu);
-  }
-  if (block != nullptr) c10::free_cpu(block);
+  c10::reportMemoryUsageToProfiler(block, -static_cast<int64_t>(bytes), live, reserved, kCpu);
+  if (!keep) c10::free_cpu(block);
+  return true;
+}
+
+// The deleter of the DataPtrs the cache hands out. A block from before the cache was last
+// turned off is no longer known, and is alloc_cpu's own: freed.
+void BlockCache::return_block(void* block) {
+  if (!take_back(block)) c10::free_cpu(block);
+}
+
+// The raw deleter (ATen's raw_deallocate, with any CPU block): a block from torch's default
+// allocator goes to that allocator's own raw deleter, which also tells the profiler.
+void BlockCache::raw_return(void* block) {
+  if (!take_back(block)) c10::GetDefaultCPUAllocator()->raw_deleter()(block);
 }
 
 }  // namespace

@@ -167,6 +167,31 @@ def test_a_forked_child_starts_with_the_cache_off_and_never_hangs():
     assert (hung, on) == (0, 0)
 
 
+_FORK_INSIDE = textwrap.dedent("""
+    import os
+    import torch
+    from sficonv_ext.cpu_allocator import large_block_cache, large_block_cache_stats
+    with large_block_cache():
+        pid = os.fork()
+        if pid == 0:  # a worker: off on arrival, and free to open a block of its own
+            arrived_on = large_block_cache_stats()["on"]
+            with large_block_cache():
+                own_on = large_block_cache_stats()["on"]
+            os._exit(0 if (not arrived_on and own_on
+                           and not large_block_cache_stats()["on"]) else 1)
+        _, status = os.waitpid(pid, 0)
+        still_on = large_block_cache_stats()["on"]
+    print(os.WEXITSTATUS(status), int(still_on), int(large_block_cache_stats()["on"]))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_may_open_its_own_block():
+    done = subprocess.run([sys.executable, "-c", _FORK_INSIDE], capture_output=True, text=True,
+                          check=True, timeout=300)
+    assert done.stdout.split()[-3:] == ["0", "1", "0"]
+
+
 _OUT_OF_MEMORY = textwrap.dedent("""
     import resource
     import torch

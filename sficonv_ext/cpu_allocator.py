@@ -22,6 +22,7 @@ is reached again on every step anyway.
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import threading
 
 _M_TRIM_THRESHOLD = -1
@@ -55,6 +56,17 @@ _cache_lock = threading.Lock()
 _cache_depth = 0
 
 
+def _forget_blocks_after_fork():
+    # The C++ side turns the cache off in a forked child; the child's count of open blocks
+    # starts again at 0, with a lock no other (now vanished) thread can be holding.
+    global _cache_lock, _cache_depth
+    _cache_lock, _cache_depth = threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_blocks_after_fork)
+
+
 def _cache_ops():
     import torch
 
@@ -81,10 +93,10 @@ def large_block_cache(min_bytes=1 << 20):
     outlives the block, and it works with any C library. The cost, inside: the process keeps
     freed large blocks, at most as much as keeps (in use + cached) within twice the largest
     amount ever in use at once (a new size that would go beyond that first frees the blocks
-    cached longest ago; a failed allocation frees them all and retries). oneDNN's own memory
-    (allocated through the same allocator) is cached the same way. A process forked inside (a
-    DataLoader worker) starts with the cache off. Nested blocks keep the outermost one's
-    ``min_bytes``."""
+    cached longest ago; a large allocation that fails frees them all and retries). oneDNN's
+    own memory (allocated through the same allocator) is cached the same way. A process forked
+    inside (a DataLoader worker) starts with the cache off and may enter a block of its own.
+    Nested blocks keep the outermost one's ``min_bytes``."""
     global _cache_depth
     if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
         raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
@@ -93,13 +105,15 @@ def large_block_cache(min_bytes=1 << 20):
         if _cache_depth == 0:
             ops.cpu_block_cache_on(min_bytes)
         _cache_depth += 1
+    entered_in = os.getpid()
     try:
         yield
     finally:
-        with _cache_lock:
-            _cache_depth -= 1
-            if _cache_depth == 0:
-                ops.cpu_block_cache_off()
+        if os.getpid() == entered_in:  # a forked child leaving it: already off there
+            with _cache_lock:
+                _cache_depth -= 1
+                if _cache_depth == 0:
+                    ops.cpu_block_cache_off()
 
 
 def large_block_cache_stats():
