@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from sficonv_ext import ops
 
 from bench_mcs import timer
-from bench_models import machine_info, result_path, set_malloc, write_json
+from bench_models import (MALLOC_CHOICES, machine_info, result_path, set_malloc,
+                          write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
                    "the published frozen one)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--malloc", default="default", choices=["default", "no-mmap", "cache"],
+    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
                    help="CPU: no-mmap keeps large blocks on glibc's heap (as sficonv train "
                    "does), cache runs inside sficonv_ext.cpu_allocator.large_block_cache(): "
                    "either way the timings are not page faults")

@@ -28,6 +28,7 @@ from sficonv_ext.cpu_allocator import keep_large_blocks_on_heap, large_block_cac
 
 from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
+MALLOC_CHOICES = ("default", "no-mmap", "cache")  # see set_malloc
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
                    help="what to compare (default: the eager variants for the device; see "
                         "model_variants.py); the first is the baseline of the 'x ref' columns")
-    p.add_argument("--malloc", default="default", choices=["default", "no-mmap", "cache"],
+    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
                    help="'no-mmap': sficonv_ext.cpu_allocator.keep_large_blocks_on_heap() before "
                         "anything is built (glibc: large activations reused from the heap "
                         "instead of mapped and page-faulted in again on every step); 'cache': "
