@@ -2,7 +2,7 @@
 import os
 
 from . import distributed, output_folder
-from .cpu_memory import apply_cpu_malloc
+from .cpu_memory import cpu_malloc
 from .data import drop_missing
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message, metrics_of
@@ -25,21 +25,21 @@ def evaluate(cfg):
                         f" give eval a folder of its own, such as {os.path.join(cfg['out'], 'eval')}")
     ctx = distributed.setup(cfg["device"])
     try:
-        return _evaluate(cfg, ctx)
+        with cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:
+            return _evaluate(cfg, ctx, malloc_note)
     finally:
         distributed.teardown(ctx)
 
 
-def _evaluate(cfg, ctx):
+def _evaluate(cfg, ctx, malloc_note):
     out = cfg["out"]
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, log_name="eval.log")
     log = reporter.log
-    note = apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)
-    if note:
-        log(note)
+    if malloc_note:
+        log(malloc_note)
     samples = evaluation_set(cfg["data"], cfg, ctx, log)
     samples, missing = drop_missing(samples, cfg["strict"], log)
     model, path = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,

@@ -3,6 +3,7 @@ set."""
 import contextlib
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,13 @@ def apply_update(optimizer, scaler, scheduler):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    # The schedule counts every step taken, including one the fp16 grad scaler skipped (an
+    # overflow): that keeps it a function of the step number, which resuming relies on. Torch
+    # warns about exactly that case; the order is intended here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        scheduler.step()
 
 
 class EpochTotals:

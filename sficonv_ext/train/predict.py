@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .cpu_memory import apply_cpu_malloc
+from .cpu_memory import cpu_malloc
 from .data import Sample, images_under
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message
@@ -45,7 +45,11 @@ def predict(cfg, inputs):
     ctx = Context(device=resolve_device(cfg["device"]))
     to_stdout = cfg["out"] == "-"
     log = Reporter(True, stream=sys.stderr if to_stdout else None).log  # stdout holds the CSV
-    apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)  # silent: stdout may be piped
+    with cpu_malloc(cfg["cpu_malloc"], ctx.device):  # silent: stdout may be piped
+        return _predict(cfg, inputs, ctx, log, to_stdout)
+
+
+def _predict(cfg, inputs, ctx, log, to_stdout):
     paths = expand_inputs(inputs, cfg["strict"], log)
     if not paths:
         raise UserError(f"no images found in {', '.join(inputs)}")

@@ -13,7 +13,7 @@ from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .architectures import build_model
 from .config import BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, convert
-from .cpu_memory import apply_cpu_malloc
+from .cpu_memory import cpu_malloc
 from .data import class_counts
 from .errors import DataError, NonFiniteLossError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
@@ -241,13 +241,14 @@ def train(cfg, explicit):
     cfg, resume_state, resume_path = resolve_run_config(cfg, explicit)
     ctx = distributed.setup(cfg["device"])
     try:
-        with determinism(cfg["deterministic"], ctx.device):
-            return _train(cfg, ctx, resume_state, resume_path)
+        with determinism(cfg["deterministic"], ctx.device), \
+                cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:
+            return _train(cfg, ctx, resume_state, resume_path, malloc_note)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg, ctx, resume_state, resume_path):
+def _train(cfg, ctx, resume_state, resume_path, malloc_note):
     out = cfg["out"]
     resuming_here = resume_path is not None and (os.path.abspath(os.path.dirname(resume_path))
                                                  == os.path.abspath(out))
@@ -255,9 +256,8 @@ def _train(cfg, ctx, resume_state, resume_path):
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, tensorboard=True)
     log = reporter.log
-    note = apply_cpu_malloc(cfg["cpu_malloc"], ctx.device)
-    if note:
-        log(note)
+    if malloc_note:
+        log(malloc_note)
     if ctx.is_main:
         import yaml
         saved = {k: v for k, v in cfg.items() if k not in NOT_SAVED}
