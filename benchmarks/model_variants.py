@@ -22,7 +22,12 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   ``fused-inference-compiled`` the same under ``torch.compile``; ``fused-inference-frozen``
   under ``torch.compile`` with inductor's freezing (weights as constants: oneDNN prepacking and
   convolution post-op fusion on the CPU);
-  ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only).
+  ``fused-inference-cudagraph`` the same replayed from a CUDA graph (CUDA only);
+  ``fused-inference-lowp`` with the folded weights cast once to the run's autocast dtype (no
+  cast per call; on a float32 run the same as ``fused-inference``);
+  ``fused-inference-cudnn`` with ``cudnn=True`` (each convolution + bias + add + ReLU as one
+  fused cuDNN call, CUDA only) and ``fused-inference-cudnn-cudagraph`` that replayed from a
+  CUDA graph.
 """
 import copy
 from dataclasses import dataclass
@@ -38,7 +43,8 @@ VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast
             "fast-cpp-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
             "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-frozen",
-            "fused-inference-cudagraph")
+            "fused-inference-cudagraph", "fused-inference-lowp", "fused-inference-cudnn",
+            "fused-inference-cudnn-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
             "fused-inference", "fused-inference-unpacked"),
@@ -143,6 +149,15 @@ def build_variants(names, depth, device, amp_dtype):
         "fused-inference-cudagraph": lambda: Variant(
             "fused-inference-cudagraph", models.fuse_for_inference(fast(), cuda_graph=True),
             False, amp_dtype),
+        "fused-inference-lowp": lambda: Variant(
+            "fused-inference-lowp",
+            models.fuse_for_inference(fast()).to(amp_dtype or torch.float32), False, amp_dtype),
+        "fused-inference-cudnn": lambda: Variant(
+            "fused-inference-cudnn", models.fuse_for_inference(fast(), cudnn=True), False,
+            amp_dtype),
+        "fused-inference-cudnn-cudagraph": lambda: Variant(
+            "fused-inference-cudnn-cudagraph",
+            models.fuse_for_inference(fast(), cuda_graph=True, cudnn=True), False, amp_dtype),
     }
     built = {}
     for name in names:

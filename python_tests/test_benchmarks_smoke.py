@@ -96,3 +96,12 @@ def test_profile_driver_runs_every_phase_or_says_it_needs_a_gpu():
     assert done.returncode == 0, done.stderr[-3000:]
     phases = [line for line in done.stdout.splitlines() if line.startswith("== phase")]
     assert len(phases) >= 4 and done.stdout.rstrip().endswith("== done")
+
+
+def test_profile_inference_reports_each_variant_on_the_cpu():
+    text = _run("profile_inference.py", "--device", "cpu", "--batch", "1", "--size", "64",
+                "--dtype", "float32", "--iters", "1", "--top", "2", "--variants", "fast",
+                "fused-inference", "fused-inference-cudnn")
+    assert "profile fast:" in text and "operators per forward" in text
+    assert "mkldnn" in text  # the fused model's oneDNN calls are named among the top ones
+    assert "profile fused-inference-cudnn: not built" in text  # CUDA only, said so

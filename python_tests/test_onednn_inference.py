@@ -151,14 +151,14 @@ def test_copies_and_pickles_work_after_a_forward(trio):
     with torch.inference_mode():
         expect = onednn(x)
     layer = onednn.network.layer1[1].SFIC2
-    assert layer._packed._cache is not None
+    assert layer._fused._cache is not None
     buffer = io.BytesIO()
     torch.save(onednn, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     copied = copy.deepcopy(onednn)
-    assert layer._packed._cache is not None  # copying leaves the original's cache alone
-    assert copied.network.layer1[1].SFIC2._packed._cache is None
+    assert layer._fused._cache is not None  # copying leaves the original's cache alone
+    assert copied.network.layer1[1].SFIC2._fused._cache is None
     with torch.inference_mode():
         assert torch.equal(copied(x), expect)
         assert torch.equal(loaded(x), expect)
@@ -211,7 +211,7 @@ def test_fusing_under_inference_mode_still_caches(trio):
         got = fused(x)
     layer = fused.network.layer1[1].SFIC2
     assert not layer.conv.weight.is_inference()
-    assert layer._packed._cache is not None
+    assert layer._fused._cache is not None
     with torch.inference_mode():
         assert rel_err(got, plain(x)) < 1e-5
 

@@ -10,8 +10,9 @@
 # Sized to finish in about 8 minutes on one H100: every step has its own time limit and all of
 # them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
 # later ones instead of overrunning the whole check. Order (times from the H100 runs of
-# 2026-11-26): build (70-120 s), the kernel and eager model benchmarks (about 100 s), the GPU
-# tests (about 150 s with 8 xdist workers), the compiled models with what is left but 30 s,
+# 2026-11-26): build (70-120 s), the kernel and eager model benchmarks (about 100 s, plus the
+# inference variants added since), the GPU tests (about 150 s with 8 xdist workers), an
+# inference kernel profile (at most 45 s), the compiled models with what is left but 50 s,
 # then an Nsight Compute profile of the MCSConv kernels when ncu is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,21 +54,32 @@ note "== fused-layer benchmark (first layer, BatchNorm+add+ReLU epilogue)"
 timeout "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \
     --json "$OUTDIR/fused_layers_cuda.json" >> "$OUTDIR/bench.log" 2>&1 || status=1
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
-timeout "$(limit 120)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
+# The last three variants are candidates for fuse_for_inference's default on CUDA (weights
+# cast once; cuDNN's fused convolution + bias + add + ReLU), untimed on a GPU so far.
+timeout "$(limit 150)" "$PY" benchmarks/bench_models.py --device cuda --batch 64 --dtype bfloat16 \
     --iters 10 --warmup 3 --rounds 2 --json "$OUTDIR/models_cuda_bfloat16.json" \
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
+    fused-inference-lowp fused-inference-cudnn fused-inference-cudnn-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1 || status=1
 note "== GPU tests"
 # Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 timeout "$(limit 190)" "$PY" -m pytest python_tests/test_gpu_mcs.py python_tests/test_gpu_models.py \
-    python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py -q -p no:cacheprovider \
+    python_tests/test_gpu_cudnn_inference.py python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py -q -p no:cacheprovider \
     $XDIST -rfEP > "$OUTDIR/tests.log" 2>&1 || status=1
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
 # The half-precision model tests print their errors against float32 (-rP keeps them).
 grep -E "against float32" "$OUTDIR/tests.log" | sort | uniq | head -30 >> "$OUTDIR/summary.txt"
 tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
 note "tests done at ${SECONDS} s"
+
+# Why eager fuse_for_inference ran slower than the unfolded model on the H100: kernels per
+# forward and the costliest kernels of each inference variant, into bench.log and the summary.
+note "== inference kernel profile (bfloat16, batch 64)"
+timeout "$(limit_keeping 80 45)" "$PY" benchmarks/profile_inference.py --batch 64 --dtype bfloat16 \
+    >> "$OUTDIR/bench.log" 2>&1 || note "inference profile did not finish (see bench.log)"
+grep -E "^== inference kernel|^profile |^ +[0-9.]+ ms +[0-9.]+%" "$OUTDIR/bench.log" \
+    | head -60 >> "$OUTDIR/summary.txt"
 
 # The compiled variants with the eager float32 reference in the same process (ratios within one
 # run; fused-inference-compiled for the 4x inference target, which fast-compiled missed at

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ..nn import MCSConv2d, SFIConvNorm
 from .cuda_graph import CUDAGraphInference
+from .cudnn_inference import cudnn_fusion_available, use_cudnn_layers
 from .onednn_inference import (onednn_fusion_available, residuals_may_be_overwritten,
                                use_onednn_layers)
 from .resnet import PlainBottleneck, SFIResNet
@@ -59,13 +60,18 @@ class FusedForInference(nn.Module):
             return self.network(x)
 
 
-def fuse_for_inference(model, cuda_graph=False, onednn=True):
+def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=False):
     """Return an eval-only copy of ``model`` with BatchNorm folded into the convolutions and
     weights in channels_last; same outputs as ``model.eval()`` within float32 rounding.
 
     ``onednn=True`` (a CPU model, where torch has oneDNN): the folded convolutions run with
     their residual add and ReLU as one oneDNN call on a pre-reordered weight (see
     ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
+
+    ``cudnn=True`` (a CUDA model; off by default until a GPU run shows it faster): each folded
+    convolution followed by a ReLU runs with its bias, residual add and ReLU as one fused
+    cuDNN call, on weights cast once to the compute dtype (see
+    ``sficonv_ext.models.cudnn_inference``).
 
     ``cuda_graph=True`` (model on a CUDA device): the copy captures its forward in a CUDA graph
     on the first call and replays it afterwards; it then accepts only that call's input shape,
@@ -76,10 +82,24 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True):
     # Normal tensors even when called under inference_mode: weights made there carry no
     # version counter, so the oneDNN layers could not cache their reordered copies.
     with torch.inference_mode(False):
-        return _fuse(model, cuda_graph, onednn)
+        return _fuse(model, cuda_graph, onednn, cudnn)
 
 
-def _fuse(model, cuda_graph, onednn):
+def _device(net):
+    return next(net.parameters()).device
+
+
+def _fuse(model, cuda_graph, onednn, cudnn):
+    if cudnn:
+        if _device(model).type != "cuda":
+            raise ValueError(f"cudnn=True needs the model on a CUDA device; it is on "
+                             f"{_device(model)}")
+        if not cudnn_fusion_available():
+            raise RuntimeError("cudnn=True needs cuDNN and torch's fused cuDNN convolution ops "
+                               "(torch.cudnn_convolution_relu), which this torch build lacks")
+    if cuda_graph and _device(model).type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on "
+                         f"{_device(model)}")
     net = copy.deepcopy(model).eval()
     _fold(net.conv1, net.bn1)
     net.bn1 = nn.Identity()
@@ -97,12 +117,10 @@ def _fuse(model, cuda_graph, onednn):
         p.requires_grad_(False)
     if onednn and _on_cpu(net) and onednn_fusion_available():
         use_onednn_layers(net)
+    if cudnn:
+        use_cudnn_layers(net)
     net = net.to(memory_format=torch.channels_last)
     fused = FusedForInference(net).eval()
     if cuda_graph:
-        device = next(net.parameters()).device
-        if device.type != "cuda":
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on "
-                             f"{device}")
         fused.network = CUDAGraphInference(net).eval()
     return fused

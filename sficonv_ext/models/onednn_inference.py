@@ -30,12 +30,10 @@ import contextlib
 import contextvars
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from .resnet import PlainBottleneck
-from ..nn import SFIConv2d, SFIConvNorm
-from ..ops.norm_act import batch_norm_act
+from .folded_layers import (FoldedConvNorm, FoldedPlainBottleneck, drop_cached_weights, hooked,
+                            output_shape, swap_folded_layers, tracing_or_compiling)
 
 
 def onednn_fusion_available():
@@ -46,22 +44,9 @@ def onednn_fusion_available():
     return hasattr(ns, "_convolution_pointwise") and hasattr(ns, "_reorder_convolution_weight")
 
 
-def _tracing_or_compiling():
-    # TorchScript cannot trace these ops, and torch.compile fuses on its own.
-    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch.jit.is_scripting())
-
-
 def _channels_last_float32_cpu(t):
     return (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 4
             and t.is_contiguous(memory_format=torch.channels_last))
-
-
-def _hooked(module):
-    # A hook on the convolution must see it run: such a layer keeps the plain path.
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 _RESIDUALS_PRIVATE = contextvars.ContextVar("sficonv_ext_residuals_private", default=False)
@@ -78,7 +63,7 @@ def residuals_may_be_overwritten(network):
     Why: on the 2-core test CPU (batch 8, float32) the in-place add was the fastest way to add
     a residual after a 1x1 convolution: 3.66 ms against 4.31 ms as separate add and ReLU at
     ``[8, 256, 64, 64]``, 2.23 / 2.48 at 16x16."""
-    private = not any(_hooked(module) for module in network.modules())
+    private = not any(hooked(module) for module in network.modules())
     token = _RESIDUALS_PRIVATE.set(private)
     try:
         yield
@@ -106,7 +91,7 @@ class PackedConv:
     def can_run(self, x):
         """Whether ``x`` may take the oneDNN path (residual fit is checked separately)."""
         weight, bias = self.module.weight, self.module.bias
-        if (_tracing_or_compiling() or not torch.backends.mkldnn.enabled
+        if (tracing_or_compiling() or not torch.backends.mkldnn.enabled
                 or torch.is_autocast_enabled("cpu") or x.numel() == 0):
             return False
         if not (_channels_last_float32_cpu(x) and weight.dtype == torch.float32
@@ -117,13 +102,13 @@ class PackedConv:
             x.requires_grad or weight.requires_grad or bias.requires_grad)
         return not wants_grad
 
+    @staticmethod
+    def covers(relu, residual):
+        return True  # post-ops for every epilogue: ReLU or none, residual or none
+
     def residual_fits(self, x, other):
-        n, _, h, w = x.shape
-        weight = self.module.weight
-        k = weight.shape[-1]
-        expected = (n, weight.shape[0], h + 2 * self.padding - k + 1,
-                    w + 2 * self.padding - k + 1)
-        return (tuple(other.shape) == expected and _channels_last_float32_cpu(other)
+        return (tuple(other.shape) == output_shape(x, self.module.weight, self.padding)
+                and _channels_last_float32_cpu(other)
                 and not (torch.is_grad_enabled() and other.requires_grad))
 
     def _weight(self, x):
@@ -169,83 +154,25 @@ class PackedConv:
         self._cache = None
 
 
-def _may_fuse(packed, conv, x):
-    """Whether ``x`` may take ``packed``'s oneDNN call (pooling keeps what this checks)."""
-    return not _hooked(conv) and packed.can_run(x)
+class OneDNNConvNorm(FoldedConvNorm):
+    """A folded ``SFIConvNorm`` whose convolution, add and ReLU run as one oneDNN call."""
+
+    fused_conv = PackedConv
 
 
-def _fits(packed, x, residual):
-    return residual is None or packed.residual_fits(x, residual)
+class OneDNNPlainBottleneck(FoldedPlainBottleneck):
+    """A folded ``PlainBottleneck`` whose convolutions run as oneDNN calls."""
 
-
-class OneDNNConvNorm(nn.Module):
-    """A folded ``SFIConvNorm`` (BatchNorm already in ``conv``'s weight and bias) with the same
-    ``forward(x, residual=None, relu=None)``, the same state_dict keys, and, wherever the oneDNN
-    call may not run, the same code path."""
-
-    def __init__(self, layer):
-        super().__init__()
-        conv = layer.conv
-        self.conv, self.bn, self.relu = conv, layer.bn, layer.relu
-        self.pool = None if conv.stride == 1 else ("before" if conv.pool_first else "after")
-        self._packed = PackedConv(conv, conv.kernel_size // 2)
-
-    def forward(self, x, residual=None, relu=None):
-        relu = self.relu if relu is None else relu
-        # Pooling after the convolution sits between it and the epilogue: no post-op fusion.
-        if self.pool != "after" and _may_fuse(self._packed, self.conv, x):
-            pooled = F.avg_pool2d(x, 2) if self.pool == "before" else x
-            if _fits(self._packed, pooled, residual):
-                return self._packed(pooled, residual, relu)
-        return batch_norm_act(self.conv(x), self.bn, residual, relu, inplace_ok=True)
-
-
-class OneDNNPlainBottleneck(nn.Module):
-    """A folded ``PlainBottleneck`` (identity residual) with the same state_dict keys."""
-
-    def __init__(self, block):
-        super().__init__()
-        for i in (1, 2, 3):
-            setattr(self, f"conv{i}", getattr(block, f"conv{i}"))
-            setattr(self, f"bn{i}", getattr(block, f"bn{i}"))
-        self._packed = [PackedConv(self.conv1, 0), PackedConv(self.conv2, 1),
-                        PackedConv(self.conv3, 0)]
-
-    def forward(self, x):
-        out = self._step(0, x, None)
-        out = self._step(1, out, None)
-        # The residual is this block's input, which the caller may still hold: never written.
-        return self._step(2, out, x)
-
-    def _step(self, i, x, residual):
-        conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"bn{i + 1}")
-        packed = self._packed[i]
-        if _may_fuse(packed, conv, x) and _fits(packed, x, residual):
-            return packed(x, residual, relu=True)
-        return batch_norm_act(conv(x), bn, residual, True, inplace_ok=True)
+    fused_conv = PackedConv
 
 
 def use_onednn_layers(network):
     """Swap, in place, every folded ``SFIConvNorm`` over an ``SFIConv2d`` and every folded
     ``PlainBottleneck`` of ``network`` for the oneDNN layers above. Returns how many."""
-    swapped = 0
-    for module in list(network.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, SFIConvNorm) and isinstance(child.conv, SFIConv2d):
-                setattr(module, name, OneDNNConvNorm(child))
-            elif isinstance(child, PlainBottleneck):
-                setattr(module, name, OneDNNPlainBottleneck(child))
-            else:
-                continue
-            swapped += 1
-    return swapped
+    return swap_folded_layers(network, OneDNNConvNorm, OneDNNPlainBottleneck)
 
 
 def drop_packed_weights(model):
     """Forget every reordered weight in ``model`` (rebuilt on the next call): needed only after
     writing weights in a way autograd's version counter does not see (``.data``, NumPy)."""
-    for module in model.modules():
-        for value in vars(module).values():
-            for packed in value if isinstance(value, list) else [value]:
-                if isinstance(packed, PackedConv):
-                    packed.drop_cache()
+    drop_cached_weights(model)
