@@ -27,6 +27,8 @@ def kernel_times(variant, x, iters):
     """(kernels per forward, kernel microseconds per forward, {kernel name: microseconds});
     on a CPU the operators and their self time."""
     on_gpu = x.device.type == "cuda"
+    if variant.channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(x.device.type, dtype=variant.amp_dtype,
                               enabled=variant.amp_dtype is not None)
     model = variant.model.eval()

@@ -3,7 +3,7 @@ fused cuDNN op, with which arguments, and that the model then computes what the 
 model computes. The two cuDNN ops are replaced by a stand-in that binds each call to the op's
 real schema (so a wrong argument order fails here) and computes the op's documented result with
 ``F.conv2d``. The real ops are checked against the plain path on a GPU in
-test_gpu_models.py."""
+test_gpu_cudnn_inference.py."""
 import copy
 
 import pytest
@@ -166,3 +166,94 @@ def test_fuse_for_inference_refuses_cudnn_off_cuda():
     _, fast = make_pair(26, dtype=torch.float32)
     with pytest.raises(ValueError, match="cudnn=True needs the model on a CUDA device"):
         models.fuse_for_inference(fast, cudnn=True)
+
+
+def test_a_moved_or_converted_weight_is_recast(pair, fake):
+    # Module.to() swaps a parameter's storage and keeps its version counter: a cache keyed on
+    # the version alone would serve the weight as it was before.
+    plain, layered = pair
+    plain, layered = copy.deepcopy(plain), copy.deepcopy(layered)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        layered(x)  # fills the caches
+    for model in (layered, plain):
+        model.double()
+        model.network.layer2[0].SFIC2.conv.weight.data.mul_(2.0)  # no version bump
+        model.float()
+    with torch.inference_mode():
+        assert rel_err(layered(x), plain(x)) < 1e-5
+
+
+def test_deterministic_mode_and_wrong_channels_take_the_plain_path(pair, fake):
+    plain, layered = pair
+    x = torch.randn(1, 3, 64, 64)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.inference_mode():
+            assert rel_err(layered(x), plain(x)) < 1e-5
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fake.calls == []
+    layer = layered.network.layer1[1].SFIC2
+    wrong = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="channels"):
+        layer(wrong)  # conv2d's own message
+    assert fake.calls == []
+
+
+def test_no_fused_engine_falls_back_once_and_other_errors_surface(pair, fake, monkeypatch):
+    plain, layered = pair
+    layered = copy.deepcopy(layered)
+    x = torch.randn(1, 3, 64, 64)
+    tried = []
+
+    def no_engine(*args):
+        tried.append(1)
+        raise RuntimeError("GET was unable to find an engine to execute this computation")
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", no_engine)
+    with torch.inference_mode():
+        assert rel_err(layered(x), plain(x)) < 1e-5
+        first = len(tried)
+        assert first > 0
+        layered(x)
+    assert len(tried) == first  # remembered per input signature: not tried again
+
+    def broken(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", broken)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="illegal memory access"):
+        layered(x)
+
+
+def test_forward_mode_ad_keeps_its_tangent(pair, fake):
+    import torch.autograd.forward_ad as fwad
+    plain, layered = pair
+    x, t = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with fwad.dual_level():
+        got = fwad.unpack_dual(layered(fwad.make_dual(x, t)))
+        want = fwad.unpack_dual(plain(fwad.make_dual(x, t)))
+    assert got.tangent is not None and rel_err(got.tangent, want.tangent) < 1e-5
+    assert fake.calls == []
+
+
+def test_casts_made_during_cuda_graph_capture_are_not_cached(pair, fake, monkeypatch):
+    # A captured graph must hold the cast itself, so that its replays see later in-place
+    # changes of the weight (and never read a cached copy that was since freed).
+    _, layered = pair
+    layered = copy.deepcopy(layered)
+    monkeypatch.setattr(cudnn_inference, "_capturing", lambda device: True)
+    with torch.inference_mode():
+        layered(torch.randn(1, 3, 64, 64))
+    assert fake.calls
+    assert all(m._fused._cache is None for m in layered.modules()
+               if isinstance(m, CudnnConvNorm))
+
+
+def test_models_pickled_before_the_attribute_rename_still_load(pair):
+    _, layered = pair
+    layer = copy.deepcopy(layered.network.layer1[1].SFIC2)
+    state = dict(layer.__dict__)
+    state["_packed"] = state.pop("_fused")  # the name until this change
+    fresh = CudnnConvNorm.__new__(CudnnConvNorm)
+    fresh.__setstate__(state)
+    assert fresh._fused is layer._fused and not hasattr(fresh, "_packed")

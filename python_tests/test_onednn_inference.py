@@ -292,3 +292,33 @@ def test_a_hook_anywhere_keeps_every_activation_intact(trio):
     with torch.inference_mode():
         _, ran = _ops_run(onednn, x)  # hook gone: the in-place path runs again
     assert FUSED_OP + "_" in ran
+
+
+def test_forward_mode_ad_takes_the_plain_path_and_keeps_its_tangent(trio):
+    # oneDNN's op has no forward-AD formula: it used to run anyway and drop the tangent.
+    import torch.autograd.forward_ad as fwad
+    _, onednn, plain = trio
+    x, t = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    with fwad.dual_level():
+        got, ran = _ops_run(onednn, fwad.make_dual(x, t))
+        got = fwad.unpack_dual(got)
+        want = fwad.unpack_dual(plain(fwad.make_dual(x, t)))
+    assert FUSED_OP not in ran
+    assert got.tangent is not None and rel_err(got.tangent, want.tangent) < 1e-5
+
+
+def test_a_weight_converted_by_module_to_is_reordered_again(trio):
+    # Module.to() swaps a parameter's storage and keeps its version counter.
+    _, onednn, plain = trio
+    onednn, plain = copy.deepcopy(onednn), copy.deepcopy(plain)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        onednn(x)  # fills the reordered-weight caches
+    for model in (onednn, plain):
+        model.double()
+        model.network.layer2[0].SFIC2.conv.weight.data.mul_(2.0)  # no version bump
+        model.float()
+    with torch.inference_mode():
+        got, ran = _ops_run(onednn, x)
+        assert FUSED_OP in ran
+        assert rel_err(got, plain(x)) < 1e-5

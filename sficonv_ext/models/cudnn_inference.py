@@ -5,7 +5,7 @@ convolution ops that TorchScript's frozen-graph pass uses: ``torch.cudnn_convolu
 bias)``), which build a cuDNN operation graph (convolution, two adds and a ReLU computed in
 float32, one output in the input's dtype).
 
-Why: eager ``fuse_for_inference`` on an H100 (bfloat16, batch 64) ran at 8,737 images/s, slower
+Why (a suspicion, not yet measured): eager ``fuse_for_inference`` on an H100 (bfloat16, batch 64) ran at 8,737 images/s, slower
 than the unfolded fast model (9,452): each folded convolution there is a weight cast, a bias
 cast, the cuDNN convolution, a bias add, the residual add and a ReLU, five passes over the
 output or launches beside the convolution (benchmarks/results/models_cuda_bfloat16_gpu_check
@@ -13,13 +13,18 @@ output or launches beside the convolution (benchmarks/results/models_cuda_bfloat
 layers cache their reordered weights) and the rest is one call.
 
 Off by default: not yet timed on a GPU (``scripts/gpu_check.sh`` benchmarks it as
-``fused-inference-cudnn``; ``python_tests/test_gpu_models.py`` checks it against the plain
-folded model). Used only where it computes what the plain path computes: a CUDA input that is
-4-D, non-empty and channels_last, in float32, float16 or bfloat16 (autocast's dtype on CUDA when
-autocast is on, else the weight's own); cuDNN enabled; no gradient wanted; not traced, scripted
-or compiled; an epilogue with a ReLU (the ops always apply one: a convolution without, such as a
-downsample, keeps the plain path). float32 follows ``torch.backends.cudnn.allow_tf32`` as
-``F.conv2d`` does.
+``fused-inference-cudnn``; ``python_tests/test_gpu_cudnn_inference.py`` checks it against the
+plain folded model, NaN propagation included: PyTorch builds cuDNN's ReLU node without asking
+for NaNs to pass, and a ReLU that turns NaN into 0 would hide a broken input).
+
+Used only where it computes what the plain path computes: a CUDA input that is 4-D, non-empty
+and channels_last, in float32, float16 or bfloat16 (autocast's dtype on CUDA when autocast is
+on, else the weight's own); cuDNN enabled and no deterministic algorithms asked for (the fused
+ops may pick any engine); tensors small enough for 32-bit indexing; no gradient wanted,
+forward-mode included; not traced, scripted or compiled; an epilogue with a ReLU (the ops always
+apply one: a convolution without, such as a downsample, keeps the plain path). float32 follows
+``torch.backends.cudnn.allow_tf32`` as ``F.conv2d`` does. Where cuDNN has no fused engine for a
+call, that input signature takes the plain path from then on.
 """
 import torch
 
@@ -40,6 +45,11 @@ def _channels_last_cuda(t):
             and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def _capturing(device):
+    # Asked only of a CUDA device: without a driver the query itself raises.
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class CudnnFusedConv:
     """The cuDNN path for one folded convolution: ``relu(conv(x) + bias [+ residual])``.
 
@@ -51,11 +61,13 @@ class CudnnFusedConv:
 
     def __init__(self, conv_module, padding):
         self.module, self.padding = conv_module, padding
-        self._cache = None  # (weight, bias, their versions, dtype, cast weight, cast bias)
+        self._cache = None  # (weight, bias, their versions and storage, dtype, cast w, cast b)
+        self._no_engine = set()  # input signatures cuDNN found no fused engine for
 
     def __getstate__(self):
         # Copies and pickles leave the cast weights behind; the live object keeps them.
-        return {"module": self.module, "padding": self.padding, "_cache": None}
+        return {"module": self.module, "padding": self.padding, "_cache": None,
+                "_no_engine": set()}
 
     @staticmethod
     def covers(relu, residual):
@@ -78,11 +90,22 @@ class CudnnFusedConv:
         if (tracing_or_compiling() or not torch.backends.cudnn.enabled or bias is None
                 or not _channels_last_cuda(x) or x.numel() == 0
                 or weight.device != x.device or bias.device != x.device
+                or x.shape[1] != weight.shape[1]  # the plain path gives conv2d's error
                 or self._compute_dtype(x) is None):
+            return False
+        # The fused ops always pick cuDNN engines as non-deterministic ones, and (unlike
+        # F.conv2d) have no fallback for tensors needing 64-bit indexing.
+        if torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled():
+            return False
+        out = output_shape(x, weight, self.padding)
+        if max(x.numel(), out[0] * out[1] * out[2] * out[3]) >= 2**31:
             return False
         wants_grad = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or bias.requires_grad)
         return not wants_grad
+
+    def _signature(self, x):
+        return (tuple(x.shape), self._compute_dtype(x), x.device)
 
     def residual_fits(self, x, other):
         return (tuple(other.shape) == output_shape(x, self.module.weight, self.padding)
@@ -92,18 +115,22 @@ class CudnnFusedConv:
 
     def _weights(self, dtype):
         weight, bias = self.module.weight, self.module.bias
-        if weight.is_inference() or bias.is_inference():
-            # No version counter to notice an in-place change: cast on every call.
+        if weight.is_inference() or bias.is_inference() or _capturing(weight.device):
+            # Cast on every call: an inference tensor has no version counter to notice an
+            # in-place change, and a CUDA graph must hold the cast itself, so that its replays
+            # see later changes to the weight as the plain path's graph does.
             return self._cast(weight, bias, dtype)
         cache = self._cache
-        versions = (weight._version, bias._version)
+        # Module.to() swaps a parameter's storage and keeps its version: both are compared.
+        state = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(),
+                 weight.device)
         if (cache is not None and cache[0] is weight and cache[1] is bias
-                and cache[2] == versions and cache[3] == dtype):
+                and cache[2] == state and cache[3] == dtype):
             return cache[4], cache[5]
         # Normal (not inference-mode) tensors, so they may be used under any grad mode.
         with torch.inference_mode(False):
             cast = self._cast(weight, bias, dtype)
-        self._cache = (weight, bias, versions, dtype) + cast
+        self._cache = (weight, bias, state, dtype) + cast
         return cast
 
     @staticmethod
@@ -113,14 +140,28 @@ class CudnnFusedConv:
                     bias.to(dtype=dtype))
 
     def __call__(self, x, other=None, relu=True):
+        """The fused call's output, or None where cuDNN has no engine for it (remembered for
+        this input signature; the layer then runs the plain path)."""
         assert relu, "the cuDNN ops always apply a ReLU; covers() keeps other calls away"
-        dtype = self._compute_dtype(x)
+        signature = self._signature(x)
+        if signature in self._no_engine:
+            return None
+        dtype = signature[1]
         weight, bias = self._weights(dtype)
         x = x.to(dtype)
         args = ([1, 1], [self.padding] * 2, [1, 1], 1)  # stride, padding, dilation, groups
-        if other is None:
-            return torch.cudnn_convolution_relu(x, weight, bias, *args)
-        return torch.cudnn_convolution_add_relu(x, weight, other.to(dtype), 1.0, bias, *args)
+        try:
+            if other is None:
+                return torch.cudnn_convolution_relu(x, weight, bias, *args)
+            return torch.cudnn_convolution_add_relu(x, weight, other.to(dtype), 1.0, bias,
+                                                    *args)
+        except RuntimeError as error:
+            # ATen's words when no cuDNN engine runs the fused graph (possible for float32
+            # without TF32, where tensor-core engines are left out); anything else is raised.
+            if "unable to find an engine" not in str(error):
+                raise
+            self._no_engine.add(signature)
+            return None
 
     def drop_cache(self):
         self._cache = None

@@ -8,12 +8,14 @@ A layer is built with a *fused convolution*: an object over the layer's ``nn.Con
   gradient wanted, not traced or compiled);
 - ``covers(relu, residual)``: whether the call computes this epilogue;
 - ``residual_fits(x, residual)``: whether this residual may be handed to it;
-- ``__call__(x, residual, relu)``: ``relu(conv(x) + bias [+ residual])``.
+- ``__call__(x, residual, relu)``: ``relu(conv(x) + bias [+ residual])``, or None where the
+  library turns the call down after all (the layer then runs the plain path).
 Every other call runs the layer it replaced, unchanged: the convolution module, then
 ``batch_norm_act`` (add and ReLU), so the state_dict keys, the hooks and every error stay the
 plain path's.
 """
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -26,6 +28,12 @@ def tracing_or_compiling():
     # TorchScript cannot trace these library ops, and torch.compile fuses on its own.
     return (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch.jit.is_scripting())
+
+
+def carries_tangent(*tensors):
+    """Whether any tensor is a forward-mode AD dual tensor: the library ops have no forward-AD
+    formula and would drop its tangent without a word."""
+    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def hooked(module):
@@ -44,11 +52,13 @@ def output_shape(x, weight, padding):
 
 def _may_take_fused_call(fused, conv, x, residual, relu):
     """Everything but the residual's fit (pooling keeps what this checks)."""
-    return not hooked(conv) and fused.covers(relu, residual) and fused.can_run(x)
+    return (not hooked(conv) and fused.covers(relu, residual) and fused.can_run(x)
+            and not carries_tangent(x, conv.weight, conv.bias))
 
 
 def _fits(fused, x, residual):
-    return residual is None or fused.residual_fits(x, residual)
+    return residual is None or (fused.residual_fits(x, residual)
+                                and not carries_tangent(residual))
 
 
 class FoldedConvNorm(nn.Module):
@@ -72,8 +82,16 @@ class FoldedConvNorm(nn.Module):
                                                          relu):
             pooled = F.avg_pool2d(x, 2) if self.pool == "before" else x
             if _fits(self._fused, pooled, residual):
-                return self._fused(pooled, residual, relu)
+                out = self._fused(pooled, residual, relu)
+                if out is not None:  # None: the library could not run this call after all
+                    return out
         return batch_norm_act(self.conv(x), self.bn, residual, relu, inplace_ok=True)
+
+    def __setstate__(self, state):
+        # Whole models pickled before the fused convolution's attribute was renamed.
+        if "_packed" in state:
+            state["_fused"] = state.pop("_packed")
+        super().__setstate__(state)
 
 
 class FoldedPlainBottleneck(nn.Module):
@@ -99,8 +117,15 @@ class FoldedPlainBottleneck(nn.Module):
         conv, bn = getattr(self, f"conv{i + 1}"), getattr(self, f"bn{i + 1}")
         fused = self._fused[i]
         if _may_take_fused_call(fused, conv, x, residual, True) and _fits(fused, x, residual):
-            return fused(x, residual, True)
+            out = fused(x, residual, True)
+            if out is not None:
+                return out
         return batch_norm_act(conv(x), bn, residual, True, inplace_ok=True)
+
+    def __setstate__(self, state):
+        if "_packed" in state:
+            state["_fused"] = state.pop("_packed")
+        super().__setstate__(state)
 
 
 def swap_folded_layers(network, conv_norm_cls, bottleneck_cls):

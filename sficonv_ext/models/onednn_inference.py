@@ -82,7 +82,7 @@ class PackedConv:
 
     def __init__(self, conv_module, padding):
         self.module, self.padding = conv_module, padding
-        self._cache = None  # (weight tensor, its version, reordered weight), read in one step
+        self._cache = None  # (weight tensor, its version and storage, reordered weight)
 
     def __getstate__(self):
         # Copies and pickles leave the reordered weight behind; the live object keeps it.
@@ -117,12 +117,14 @@ class PackedConv:
             # No version counter to notice an in-place change: reorder on every call.
             return self._reorder(weight, x)
         cache = self._cache
-        if cache is not None and cache[0] is weight and cache[1] == weight._version:
+        # Module.to() swaps a parameter's storage and keeps its version: both are compared.
+        state = (weight._version, weight.data_ptr())
+        if cache is not None and cache[0] is weight and cache[1] == state:
             return cache[2]
         # A normal (not inference-mode) tensor, so it may be used under any grad mode.
         with torch.inference_mode(False):
             packed = self._reorder(weight, x)
-        self._cache = (weight, weight._version, packed)
+        self._cache = (weight, state, packed)
         return packed
 
     def _reorder(self, weight, x):
