@@ -5,12 +5,13 @@ convolution ops that TorchScript's frozen-graph pass uses: ``torch.cudnn_convolu
 bias)``), which build a cuDNN operation graph (convolution, two adds and a ReLU computed in
 float32, one output in the input's dtype).
 
-Why (a suspicion, not yet measured): eager ``fuse_for_inference`` on an H100 (bfloat16, batch 64) ran at 8,737 images/s, slower
-than the unfolded fast model (9,452): each folded convolution there is a weight cast, a bias
-cast, the cuDNN convolution, a bias add, the residual add and a ReLU, five passes over the
-output or launches beside the convolution (benchmarks/results/models_cuda_bfloat16_gpu_check
-.json). Here the weight and bias are cast once (cached with their version counters, as the oneDNN
-layers cache their reordered weights) and the rest is one call.
+Why (a suspicion, not yet measured): eager ``fuse_for_inference`` on an H100 (bfloat16, batch
+64) ran at 8,737 images/s, slower than the unfolded fast model (9,452;
+benchmarks/results/models_cuda_bfloat16_gpu_check.json). Under autocast each folded convolution
+there is a weight cast, a bias cast, the cuDNN convolution, a bias add, the residual add and a
+ReLU: five passes over the output or launches beside the convolution. Here the weight and bias
+are cast once (cached with their version counters, as the oneDNN layers cache their reordered
+weights) and the rest is one call.
 
 Off by default: not yet timed on a GPU (``scripts/gpu_check.sh`` benchmarks it as
 ``fused-inference-cudnn``; ``python_tests/test_gpu_cudnn_inference.py`` checks it against the
