@@ -10,12 +10,14 @@
 // While on (process-wide: every thread), a request of at least `min_bytes` is served from a
 // freed block of its size class (sizes rounded up by at most 1/16) or else by c10::alloc_cpu;
 // its DataPtr's deleter returns the block to the cache. The cache holds at most what keeps
-// (in use + cached) within twice the largest amount ever in use at once: a miss that would go
-// beyond that first frees the blocks cached longest ago, and a failed allocation frees them
-// all and tries again. Twice, not once: a training step's blocks are cached between their
-// uses in different size classes, and a once-the-peak budget evicted and page-faulted
-// 15,000-23,000 pages a step back in (0.46 s a step against 0.44 s for the fast model at batch
-// 8, 256x256). Smaller requests go to torch's default CPU allocator.
+// (in use + cached) within a budget times the largest amount ever in use at once (2 by
+// default, set when turned on): a miss that would go beyond that first frees the blocks cached
+// longest ago, and a failed allocation frees them all and tries again. Twice, not once, for
+// training: a step's blocks are cached between their uses in different size classes, and a
+// once-the-peak budget evicted and page-faulted 15,000-23,000 pages a step back in (0.46 s a
+// step against 0.44 s for the fast model at batch 8, 256x256). Inference (sficonv eval and
+// predict) uses once the peak: few activations live at a time there, and twice held up to 60%
+// more memory than glibc. Smaller requests go to torch's default CPU allocator.
 //
 // Only installed over torch's default CPU allocator, whose blocks are c10::alloc_cpu's and
 // whose raw deleter frees with c10::free_cpu (after telling the profiler): ATen's
@@ -92,38 +94,44 @@ class BlockCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  void turn_on(int64_t min_bytes) {
+  // Entering the outermost block turns the cache on; nested ones only count. The count lives
+  // here, so that turning on and counting are one call (a KeyboardInterrupt cannot fall
+  // between them and leave the cache on with nothing left to turn it off).
+  void enter_block(int64_t min_bytes, double budget) {
     TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0, got ", min_bytes);
+    TORCH_CHECK(budget >= 1.0 && budget <= 64.0, "budget must be in [1, 64], got ", budget);
     std::lock_guard<std::mutex> guard(mutex_);
-    TORCH_CHECK(!on_, "the CPU block cache is already on");
-    c10::Allocator* current = c10::GetCPUAllocator();
-    TORCH_CHECK(current == this || current == c10::GetDefaultCPUAllocator(),
-                "the CPU block cache only replaces torch's default CPU allocator, and another "
-                "one is installed");
-    if (current != this) {
-      c10::SetCPUAllocator(this, /*priority=*/0);
-      TORCH_CHECK(c10::GetCPUAllocator() == this,
-                  "could not install the CPU block cache: another CPU allocator was set with a "
-                  "higher priority");
-    }
-    min_bytes_ = static_cast<size_t>(min_bytes);
-    hits_ = misses_ = evictions_ = 0;
-    live_.clear();
-    live_bytes_ = peak_live_bytes_ = 0;
-    on_ = true;
+    if (depth_ == 0) turn_on_locked(min_bytes, budget);
+    ++depth_;
   }
 
-  // Stops caching, frees every cached block and puts torch's default allocator back (if this
-  // one is still the installed one). Blocks still in use are freed when their tensors go, and
-  // are forgotten here, so their raw frees elsewhere leave nothing stale.
-  void turn_off() {
+  // Leaving the outermost block stops caching, frees every cached block and puts torch's
+  // default allocator back (if this one is still the installed one). Blocks still in use are
+  // freed when their tensors go, and are forgotten here, so their raw frees elsewhere leave
+  // nothing stale. A call with no block open (a forked child leaving its parent's) does nothing.
+  void leave_block() {
     std::vector<void*> release;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (!on_) return;
+      if (depth_ == 0) return;
+      if (--depth_ > 0) return;
       release = switch_off_locked();
     }
     for (void* block : release) c10::free_cpu(block);
+  }
+
+  // Frees every cached (not in use) block; returns how many bytes. For callers that know the
+  // sizes they allocate are about to change (an evaluation moving to another image size).
+  int64_t trim() {
+    std::vector<void*> release;
+    size_t freed = 0;
+    {
+      std::lock_guard<std::mutex> guard(mutex_);
+      freed = cached_bytes_;
+      release = evict_locked(0, /*everything=*/true);
+    }
+    for (void* block : release) c10::free_cpu(block);
+    return static_cast<int64_t>(freed);
   }
 
   std::vector<int64_t> stats() {
@@ -145,6 +153,7 @@ class BlockCache final : public c10::Allocator {
   void after_fork_in_child() {
     std::vector<void*> release;
     if (on_) release = switch_off_locked();
+    depth_ = 0;
     mutex_.unlock();
     for (void* block : release) c10::free_cpu(block);
   }
@@ -158,6 +167,26 @@ class BlockCache final : public c10::Allocator {
   static bool take_back(void* block);
   static void return_block(void* block);
   static void raw_return(void* block);
+
+  void turn_on_locked(int64_t min_bytes, double budget) {
+    TORCH_CHECK(!on_, "the CPU block cache is already on");
+    c10::Allocator* current = c10::GetCPUAllocator();
+    TORCH_CHECK(current == this || current == c10::GetDefaultCPUAllocator(),
+                "the CPU block cache only replaces torch's default CPU allocator, and another "
+                "one is installed");
+    if (current != this) {
+      c10::SetCPUAllocator(this, /*priority=*/0);
+      TORCH_CHECK(c10::GetCPUAllocator() == this,
+                  "could not install the CPU block cache: another CPU allocator was set with a "
+                  "higher priority");
+    }
+    min_bytes_ = static_cast<size_t>(min_bytes);
+    budget_ = budget;
+    hits_ = misses_ = evictions_ = 0;
+    live_.clear();
+    live_bytes_ = peak_live_bytes_ = 0;
+    on_ = true;
+  }
 
   std::vector<void*> switch_off_locked() {
     on_ = false;
@@ -189,11 +218,12 @@ class BlockCache final : public c10::Allocator {
     return block;
   }
 
-  // The blocks cached longest ago, until (in use + cached + `incoming`) fits within twice the
-  // largest amount ever in use, or all of them (`everything`).
+  // The blocks cached longest ago, until (in use + cached + `incoming`) fits within `budget_`
+  // times the largest amount ever in use, or all of them (`everything`).
   std::vector<void*> evict_locked(size_t incoming, bool everything) {
     std::vector<void*> release;
-    const size_t budget = std::max(2 * peak_live_bytes_, live_bytes_ + incoming);
+    const size_t budget = std::max(static_cast<size_t>(budget_ * peak_live_bytes_),
+                                   live_bytes_ + incoming);
     while (!free_.empty() && (everything || live_bytes_ + cached_bytes_ + incoming > budget)) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
@@ -232,7 +262,9 @@ class BlockCache final : public c10::Allocator {
 
   std::mutex mutex_;
   bool on_ = false;
+  int64_t depth_ = 0;  // open blocks (enter without exit)
   size_t min_bytes_ = 0;
+  double budget_ = 2.0;  // in use + cached stays within budget_ x the peak in use
   std::map<size_t, std::vector<Cached>> free_;  // size class -> freed blocks, oldest first
   std::unordered_map<void*, size_t> live_;      // blocks handed out while on -> size class
   size_t cached_bytes_ = 0, live_bytes_ = 0, peak_live_bytes_ = 0;
@@ -290,9 +322,13 @@ void BlockCache::raw_return(void* block) {
 
 }  // namespace
 
-void cpu_block_cache_on(int64_t min_bytes) { cache().turn_on(min_bytes); }
+void cpu_block_cache_enter(int64_t min_bytes, double budget) {
+  cache().enter_block(min_bytes, budget);
+}
 
-void cpu_block_cache_off() { cache().turn_off(); }
+void cpu_block_cache_exit() { cache().leave_block(); }
+
+int64_t cpu_block_cache_trim() { return cache().trim(); }
 
 std::vector<int64_t> cpu_block_cache_stats() { return cache().stats(); }
 

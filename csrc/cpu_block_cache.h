@@ -7,11 +7,15 @@
 
 namespace sficonv {
 
-// Installs the cache over torch's default CPU allocator; blocks of at least min_bytes are
-// reused.
-void cpu_block_cache_on(int64_t min_bytes);
-// Stops caching, frees the cached blocks and puts torch's default CPU allocator back.
-void cpu_block_cache_off();
+// Opens a block: the outermost one installs the cache over torch's default CPU allocator
+// (blocks of at least min_bytes are reused; in use + cached stays within budget x the peak in
+// use); nested ones only count.
+void cpu_block_cache_enter(int64_t min_bytes, double budget);
+// Closes a block: the outermost one stops caching, frees the cached blocks and puts torch's
+// default CPU allocator back. Does nothing when no block is open.
+void cpu_block_cache_exit();
+// Frees every cached block now (the cache stays on); returns the bytes freed.
+int64_t cpu_block_cache_trim();
 // [on, min_bytes, hits, misses, evictions, cached_bytes, live_bytes, peak_live_bytes]
 std::vector<int64_t> cpu_block_cache_stats();
 

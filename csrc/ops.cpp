@@ -59,8 +59,9 @@ TORCH_LIBRARY(sficonv_ext, m) {
       "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   // Not tensor ops: switches for the CPU block cache (sficonv_ext.cpu_allocator).
-  m.def("cpu_block_cache_on(int min_bytes) -> ()", &cpu_block_cache_on);
-  m.def("cpu_block_cache_off() -> ()", &cpu_block_cache_off);
+  m.def("cpu_block_cache_enter(int min_bytes, float budget) -> ()", &cpu_block_cache_enter);
+  m.def("cpu_block_cache_exit() -> ()", &cpu_block_cache_exit);
+  m.def("cpu_block_cache_trim() -> int", &cpu_block_cache_trim);
   m.def("cpu_block_cache_stats() -> int[]", &cpu_block_cache_stats);
 }
 

@@ -1,7 +1,8 @@
 """``sficonv_ext.cpu_allocator.large_block_cache``: freed large CPU blocks are reused inside the
 block and only there, tensors outlive it intact, results do not change, what it keeps stays
-within twice the peak in use, a failed allocation empties it, forked children start without it, and
-the page faults it exists to avoid are gone (counted in a fresh process)."""
+within its budget (twice the peak in use by default), a trim or a failed allocation empties it,
+forked children start without it, and the page faults it exists to avoid are gone (counted in a
+fresh process)."""
 import os
 import subprocess
 import sys
@@ -93,6 +94,37 @@ def test_what_it_keeps_stays_within_twice_the_peak_in_use():
         assert stats["cached_bytes"] <= 2 * stats["peak_live_bytes"] < 2 * n
 
 
+def test_a_budget_of_one_keeps_at_most_the_peak_in_use():
+    # The eval/predict setting: nothing cached beyond what was once in use at the same time.
+    with large_block_cache(budget=1.0):
+        n = 2 * MIB
+        for _ in range(20):
+            torch.ones(n // 4)
+            n = int(n * 1.07)
+        stats = large_block_cache_stats()
+        assert stats["live_bytes"] == 0 and stats["evictions"] > 0
+        assert stats["cached_bytes"] <= stats["peak_live_bytes"]
+
+
+def test_trim_frees_what_is_cached_and_leaves_the_cache_on():
+    from sficonv_ext.cpu_allocator import trim_large_block_cache
+    assert trim_large_block_cache() == 0  # off: nothing to free
+    with large_block_cache():
+        kept = torch.ones(MIB)  # in use: never freed by a trim
+        freed = torch.empty(2 * MIB)
+        del freed
+        cached = large_block_cache_stats()["cached_bytes"]
+        assert cached >= 8 * MIB
+        assert trim_large_block_cache() == cached
+        stats = large_block_cache_stats()
+        assert stats["on"] and stats["cached_bytes"] == 0 and stats["live_bytes"] >= 4 * MIB
+        _, misses = _counts()
+        again = torch.empty(2 * MIB)
+        assert _counts()[1] == misses + 1  # the trimmed block is gone
+        del again
+    assert float(kept.sum()) == MIB
+
+
 def test_small_requests_round_to_64_bytes_with_min_bytes_0():
     with large_block_cache(min_bytes=0):
         scalars = [torch.zeros(()) for _ in range(1000)]
@@ -114,6 +146,29 @@ def test_bad_min_bytes(bad):
         with large_block_cache(min_bytes=bad):
             pass
     assert not large_block_cache_stats()["on"]
+
+
+@pytest.mark.parametrize("bad", [0.5, 65, True, "2", float("nan")])
+def test_bad_budget(bad):
+    with pytest.raises(ValueError, match="budget"):
+        with large_block_cache(budget=bad):
+            pass
+    assert not large_block_cache_stats()["on"]
+
+
+def test_an_extension_built_before_the_current_cache_is_refused_clearly(monkeypatch):
+    # A _C built from older sources still loads but lacks these ops: a RuntimeError saying how
+    # to rebuild (which --cpu-malloc cache turns into its fallback), not an AttributeError.
+    import types
+
+    from sficonv_ext import cpu_allocator
+    monkeypatch.setattr(cpu_allocator, "_ops_namespace", lambda: types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="predates the block cache"):
+        with large_block_cache():
+            pass
+    from sficonv_ext.train.cpu_memory import cpu_malloc
+    with cpu_malloc("cache", torch.device("cpu")) as note:
+        assert "--cpu-malloc cache unavailable" in note and "reuse" in note
 
 
 def test_onednn_blocks_may_cross_the_block_boundary():
