@@ -17,7 +17,7 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
 - ``fused-inference``: ``fuse_for_inference(fast)`` (inference only; on the CPU its
-  convolutions run with add and ReLU as oneDNN post-ops on pre-reordered weights);
+  convolutions run with the residual add as a oneDNN post-op on pre-reordered weights);
   ``fused-inference-unpacked`` the same with plain ``F.conv2d`` calls (``onednn=False``);
   ``fused-inference-compiled`` the same under ``torch.compile``; ``fused-inference-frozen``
   under ``torch.compile`` with inductor's freezing (weights as constants: oneDNN prepacking and

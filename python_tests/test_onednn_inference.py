@@ -322,3 +322,32 @@ def test_a_weight_converted_by_module_to_is_reordered_again(trio):
         got, ran = _ops_run(onednn, x)
         assert FUSED_OP in ran
         assert rel_err(got, plain(x)) < 1e-5
+
+
+def test_nan_and_inf_reach_the_output_as_on_the_plain_path(trio):
+    # oneDNN's ReLU post-op maps NaN to 0: one NaN pixel then gave normal-looking logits. The
+    # fused layers must keep every NaN the plain path keeps, through the residual "sum" post-op
+    # too, and for a NaN weight.
+    fast, onednn, plain = trio
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(2, 3, 64, 64)
+        x[1, 0, 10, 10] = bad
+        with torch.inference_mode():
+            got, ran = _ops_run(onednn, x)
+            want = plain(x)
+        assert FUSED_OP in ran
+        assert torch.isnan(want[1]).all() and torch.isfinite(want[0]).all()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), bad
+    layer, layer_plain = onednn.network.layer1[1].SFIC3, plain.network.layer1[1].SFIC3
+    x = torch.randn(1, 64, 16, 16).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 256, 16, 16).contiguous(memory_format=torch.channels_last)
+    residual[0, 3, 4, 5] = float("nan")  # NaN only through the residual
+    with torch.inference_mode(), residuals_may_be_overwritten(onednn.network):
+        want = layer_plain(x, residual=residual.clone(), relu=True)
+        got = layer(x, residual=residual.clone(), relu=True)
+    assert torch.isnan(want).sum() == 1 and torch.equal(torch.isnan(got), torch.isnan(want))
+    broken = copy.deepcopy(onednn)
+    with torch.no_grad():
+        broken.network.layer2[0].SFIC2.conv.weight[0, 0, 0, 0] = float("nan")
+    with torch.inference_mode():
+        assert torch.isnan(broken(torch.randn(1, 3, 64, 64))).all()

@@ -1,6 +1,7 @@
-"""Layers of ``fuse_for_inference`` that hand a folded convolution, its bias, its residual add
-and its ReLU to one library call where one can run it: oneDNN post-ops on the CPU
-(:mod:`.onednn_inference`), cuDNN's fused convolution on CUDA (:mod:`.cudnn_inference`).
+"""Layers of ``fuse_for_inference`` that hand a folded convolution with as much of its epilogue
+(bias, residual add, ReLU) as a library computes exactly to one library call where one can
+run it: oneDNN post-ops on the CPU (:mod:`.onednn_inference`), cuDNN's fused convolution on
+CUDA (:mod:`.cudnn_inference`).
 
 A layer is built with a *fused convolution*: an object over the layer's ``nn.Conv2d`` (or
 ``SFIConv2d``) with
@@ -15,11 +16,11 @@ Every other call runs the layer it replaced, unchanged: the convolution module, 
 plain path's.
 """
 import torch
-import torch.autograd.forward_ad as fwad
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import SFIConv2d, SFIConvNorm
+from ..ops.ad_modes import composite_only
 from ..ops.norm_act import batch_norm_act
 from .resnet import PlainBottleneck
 
@@ -28,12 +29,6 @@ def tracing_or_compiling():
     # TorchScript cannot trace these library ops, and torch.compile fuses on its own.
     return (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch.jit.is_scripting())
-
-
-def carries_tangent(*tensors):
-    """Whether any tensor is a forward-mode AD dual tensor: the library ops have no forward-AD
-    formula and would drop its tangent without a word."""
-    return any(t is not None and fwad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def hooked(module):
@@ -53,12 +48,12 @@ def output_shape(x, weight, padding):
 def _may_take_fused_call(fused, conv, x, residual, relu):
     """Everything but the residual's fit (pooling keeps what this checks)."""
     return (not hooked(conv) and fused.covers(relu, residual) and fused.can_run(x)
-            and not carries_tangent(x, conv.weight, conv.bias))
+            and not composite_only(x, conv.weight, conv.bias))
 
 
 def _fits(fused, x, residual):
     return residual is None or (fused.residual_fits(x, residual)
-                                and not carries_tangent(residual))
+                                and not composite_only(residual))
 
 
 class FoldedConvNorm(nn.Module):

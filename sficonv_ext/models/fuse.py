@@ -65,7 +65,8 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=False):
     weights in channels_last; same outputs as ``model.eval()`` within float32 rounding.
 
     ``onednn=True`` (a CPU model, where torch has oneDNN): the folded convolutions run with
-    their residual add and ReLU as one oneDNN call on a pre-reordered weight (see
+    their residual add as one oneDNN call on a pre-reordered weight, the ReLU in place after it
+    (see
     ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
 
     ``cudnn=True`` (a CUDA model; off by default until a GPU run shows it faster): each folded

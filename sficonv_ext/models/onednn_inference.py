@@ -1,14 +1,17 @@
-"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm, its ReLU and
-(where the residual may be overwritten, see below) its residual add as ONE oneDNN call
-(post-ops), else with an in-place add and ReLU after it; the weight reordered to oneDNN's
-blocked layout once instead of on every call.
+"""CPU layers for ``fuse_for_inference``: a convolution with its folded BatchNorm and (where the
+residual may be overwritten, see below) its residual add as ONE oneDNN call (a post-op), else
+with an in-place add after it; the ReLU in place on the output (oneDNN's ReLU post-op turns
+NaN into 0, see ``PackedConv.__call__``); the weight reordered to oneDNN's blocked layout once
+instead of on every call.
 
-Why: after folding, CPU inference is ~90% oneDNN convolutions, and eager PyTorch adds two costs
+Why: after folding, CPU inference is ~90% oneDNN convolutions, and eager PyTorch adds costs
 around each: the weight is reordered on every call (about 1 ms for layer4's 8-9 MB weights on
-the 2-core test CPU) and the ReLU is a separate pass over the output (about 0.8 ms for a
-``[8, 256, 64, 64]`` float32 output). benchmarks/results/models_cpu_inference*.json
-measure the whole model with and without these layers (``fused-inference`` against
-``fused-inference-unpacked``).
+the 2-core test CPU) and a residual add is a separate pass over the output. The ReLU stays a
+separate pass (about 0.8 ms for a ``[8, 256, 64, 64]`` float32 output): oneDNN's ReLU post-op
+saved it but turned NaN into 0 (until 2026-11-27; dropping it cost 1-3% of inference
+speed, benchmarks/results/models_cpu_inference_nan_safe*.json). The
+benchmarks/results/models_cpu_inference*.json files measure the whole model with and without
+these layers (``fused-inference`` against ``fused-inference-unpacked``).
 
 The oneDNN ops (``torch.ops.mkldnn._convolution_pointwise`` and
 ``_reorder_convolution_weight``) are the ones TorchInductor's CPU freezing pass calls. They are
@@ -104,7 +107,7 @@ class PackedConv:
 
     @staticmethod
     def covers(relu, residual):
-        return True  # post-ops for every epilogue: ReLU or none, residual or none
+        return True  # every epilogue: ReLU or none, residual or none
 
     def residual_fits(self, x, other):
         return (tuple(other.shape) == output_shape(x, self.module.weight, self.padding)
@@ -135,12 +138,20 @@ class PackedConv:
     def __call__(self, x, other=None, relu=False):
         args = ([self.padding] * 2, [1, 1], [1, 1], 1)
         weight, bias = self._weight(x), self.module.bias
+        # The ReLU is NOT oneDNN's "relu" post-op, which turns NaN into 0: one NaN pixel (or a
+        # NaN weight) then gave normal-looking logits where the plain path gives NaN. An
+        # in-place F.relu on the output keeps NaN, at the cost of one more pass over it.
         if other is None:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, weight, bias, *args, "relu" if relu else "none", [], "")
-        if _RESIDUALS_PRIVATE.get():
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                other, x, weight, bias, *args, "add", 1.0, "relu" if relu else None, [], "")
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "none", [], "")
+        elif _RESIDUALS_PRIVATE.get():
+            y = torch.ops.mkldnn._convolution_pointwise_.binary(
+                other, x, weight, bias, *args, "add", 1.0, None, [], "")
+        else:
+            y = self._add_separately(x, weight, bias, args, other)
+        return F.relu(y, inplace=True) if relu else y
+
+    @staticmethod
+    def _add_separately(x, weight, bias, args, other):
         # The residual add is NOT oneDNN's "binary add" post-op, which was slower than a
         # separate in-place add and ReLU on the fresh output at three of SFIConv-ResNet-26's four
         # shapes (convolution + add + ReLU on the 2-core test CPU, batch 8, float32, 1x1
@@ -149,15 +160,14 @@ class PackedConv:
         # still but overwrites the residual, which a caller may still hold; ATen's one-pass
         # _add_relu_ loses NaNs in its scalar tail.
         y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "none", [], "")
-        y = y.add_(other)
-        return F.relu(y, inplace=True) if relu else y
+        return y.add_(other)
 
     def drop_cache(self):
         self._cache = None
 
 
 class OneDNNConvNorm(FoldedConvNorm):
-    """A folded ``SFIConvNorm`` whose convolution, add and ReLU run as one oneDNN call."""
+    """A folded ``SFIConvNorm`` whose convolution and residual add run as one oneDNN call."""
 
     fused_conv = PackedConv
 

@@ -15,6 +15,7 @@ runs it.
 import torch
 import torch.nn.functional as F
 
+from .ad_modes import composite_only, refuse_kernel_backend
 from .autocast import autocast_inputs
 from .mcs_conv import mcs_conv, triton_ops
 
@@ -64,6 +65,8 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)
     _validate(x, weight, mcs_weight, split, bias, backend)
     if backend == "triton":
+        if composite_only(x, weight, mcs_weight, bias):
+            raise refuse_kernel_backend("first_sfi_conv", backend)
         if not fused_first_layer_available(x, weight):
             raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at "
                              f"most {_FUSED_MAX_CHANNELS} input channels and "

@@ -2,6 +2,7 @@
 import torch
 
 from . import _extension
+from .ad_modes import composite_only, refuse_kernel_backend
 from .autocast import autocast_inputs
 from .mcs_torch import mcs_conv_torch
 
@@ -128,10 +129,15 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     dtype. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
     frozen filter on bfloat16 channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
     for channels_last input and the CUDA kernels for NCHW (else Triton, else PyTorch), as
-    measured on an H100), "torch", "cpp", "cuda" or "triton".
+    measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode AD or a
+    ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp formula.
     """
     x, weight = _apply_autocast(x, weight)
     _validate(x, weight, eps, backend)
+    if composite_only(x, weight):
+        if backend not in ("auto", "torch"):
+            raise refuse_kernel_backend("mcs_conv", backend)
+        return mcs_conv_torch(x, weight, constrained, eps)
     chosen = resolve_backend(backend, x, weight)
     if chosen == "torch":
         return mcs_conv_torch(x, weight, constrained, eps)

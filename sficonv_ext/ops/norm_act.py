@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _extension
+from .ad_modes import composite_only, refuse_kernel_backend
 from .mcs_conv import triton_ops
 
 NORM_ACT_BACKENDS = ("auto", "torch", "cpp", "triton")
@@ -88,6 +89,9 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
         raise ValueError(f"residual shape {tuple(residual.shape)} does not match "
                          f"{tuple(x.shape)}")
     path = _resolve(backend, x, bn)
+    if path != "torch" and composite_only(x, residual, getattr(bn, "weight", None),
+                                          getattr(bn, "bias", None)):
+        raise refuse_kernel_backend("batch_norm_act", backend)
     if path == "torch":
         return _torch_path(x, bn, residual, relu, inplace_ok)
     if not isinstance(bn, nn.BatchNorm2d):

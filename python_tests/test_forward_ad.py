@@ -1,0 +1,75 @@
+"""Forward-mode AD and torch.func transforms: the custom kernels have no jvp formula or batching
+rule, so "auto" must take PyTorch ops there (before, the C++ MCSConv kernel and the oneDNN
+inference layers returned their primal and dropped the tangent without a word), and an
+explicitly chosen kernel must be refused."""
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn as nn
+
+from sficonv_ext import models, ops
+
+from conftest import make_pair, rel_err
+
+
+def _tangent(fn, x, t):
+    with fwad.dual_level():
+        return fwad.unpack_dual(fn(fwad.make_dual(x, t))).tangent
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_mcs_conv_tangent_matches_the_pytorch_path(constrained):
+    x, t = torch.randn(2, 4, 9, 11), torch.randn(2, 4, 9, 11)
+    w = torch.randn(4, 1, 5, 5)
+    want = _tangent(lambda i: ops.mcs_conv(i, w, constrained=constrained, backend="torch"), x, t)
+    got = _tangent(lambda i: ops.mcs_conv(i, w, constrained=constrained), x, t)
+    assert got is not None and rel_err(got, want) < 1e-6
+    _, jvp = torch.func.jvp(lambda i: ops.mcs_conv(i, w, constrained=constrained), (x,), (t,))
+    assert rel_err(jvp, want) < 1e-6
+    # A tangent on the weight, through the constraint.
+    tw = torch.randn_like(w)
+    want_w = _tangent(lambda v: ops.mcs_conv(x, v, constrained=constrained, backend="torch"),
+                      w, tw)
+    got_w = _tangent(lambda v: ops.mcs_conv(x, v, constrained=constrained), w, tw)
+    assert rel_err(got_w, want_w) < 1e-6
+
+
+def test_explicit_kernel_backends_are_refused_under_forward_ad():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    with fwad.dual_level(), pytest.raises(ValueError, match="forward-mode"):
+        ops.mcs_conv(fwad.make_dual(x, torch.randn_like(x)), w, backend="cpp")
+    bn = nn.BatchNorm2d(4)
+    with fwad.dual_level(), pytest.raises(ValueError, match="forward-mode"):
+        ops.batch_norm_act(fwad.make_dual(x, torch.randn_like(x)), bn, backend="cpp")
+
+
+def test_model_jvp_matches_finite_differences_in_float64():
+    _, fast = make_pair(26)  # float64
+    fast.eval()
+    x, t = torch.randn(1, 3, 64, 64, dtype=torch.float64), torch.randn(1, 3, 64, 64,
+                                                                       dtype=torch.float64)
+    _, jvp = torch.func.jvp(fast, (x,), (t,))
+    h = 1e-6
+    with torch.no_grad():
+        finite = (fast(x + h * t) - fast(x - h * t)) / (2 * h)
+    assert rel_err(jvp, finite) < 1e-6
+
+
+def test_fused_model_tangent_matches_the_eager_model():
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast.eval()
+    fused = models.fuse_for_inference(fast)  # oneDNN layers on the CPU
+    x, t = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    want = _tangent(fast, x, t)
+    got = _tangent(fused, x, t)
+    assert rel_err(got, want) < 1e-4
+
+
+def test_torch_func_grad_of_the_model_matches_autograd():
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast.eval()
+    x = torch.randn(1, 3, 64, 64)
+    got = torch.func.grad(lambda i: fast(i).square().sum())(x)
+    xi = x.clone().requires_grad_()
+    fast(xi).square().sum().backward()
+    assert rel_err(got, xi.grad) < 1e-5

@@ -1,0 +1,33 @@
+"""Whether forward-mode AD or a ``torch.func`` transform watches a call.
+
+The custom ops of this package (C++, CUDA and Triton kernels, and the oneDNN and cuDNN library
+calls of ``fuse_for_inference``) have backward formulas only: no forward-mode (jvp) formula and
+no vmap batching rule. Under forward-mode AD such a call returns its primal and drops the
+tangent without a word (a silently wrong jvp); under a ``torch.func`` transform it fails deep
+inside torch. So ``"auto"`` takes the pure-PyTorch path there, and an explicitly chosen kernel
+backend is refused with an error that says so.
+"""
+import torch
+import torch.autograd.forward_ad as fwad
+
+
+def _transforms_active():
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+def composite_only(*tensors):
+    """True where a call must take pure-PyTorch ops: a forward-AD dual tensor among
+    ``tensors`` (None entries are skipped), or a ``torch.func`` transform (jvp, vmap, grad,
+    ...) in force."""
+    if _transforms_active():
+        return True
+    return any(isinstance(t, torch.Tensor) and fwad.unpack_dual(t).tangent is not None
+               for t in tensors)
+
+
+def refuse_kernel_backend(op, backend):
+    """The error for an explicit kernel ``backend`` of ``op`` under forward AD or a transform."""
+    return ValueError(f"{op} backend={backend!r} runs a custom kernel, which has no forward-mode "
+                      f"AD formula or torch.func batching rule; under forward-mode AD or "
+                      f"torch.func use backend='auto' (or 'torch'), which takes PyTorch ops there")
