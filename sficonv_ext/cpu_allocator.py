@@ -99,8 +99,9 @@ def large_block_cache(min_bytes=1 << 20, budget=2.0):
     few activations alive at once, so caching up to twice that peak is mostly waste: with 2,
     ``sficonv eval`` held up to 60% more memory than glibc's defaults; with 1 (its setting),
     about the same, still 25-35% faster (README, Performance, CPU)."""
-    if isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0:
-        raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
+    if (isinstance(min_bytes, bool) or not isinstance(min_bytes, int)
+            or not 0 <= min_bytes < 1 << 63):
+        raise ValueError(f"min_bytes must be a non-negative int below 2**63, got {min_bytes!r}")
     if (isinstance(budget, bool) or not isinstance(budget, (int, float))
             or not 1.0 <= budget <= 64.0):
         raise ValueError(f"budget must be a number from 1 to 64, got {budget!r}")

@@ -52,7 +52,10 @@ class FusedForInference(nn.Module):
         return super().train(False)
 
     def forward(self, x):
-        if isinstance(x, torch.Tensor) and x.dim() == 4:
+        # Only a dense 4-D tensor is converted: the network's own checks name what is wrong
+        # with anything else (sparse, nested, wrong rank).
+        if (isinstance(x, torch.Tensor) and not x.is_nested and x.layout == torch.strided
+                and x.dim() == 4):
             x = x.contiguous(memory_format=torch.channels_last)
         if torch.compiler.is_compiling():
             return self.network(x)  # the oneDNN layers stand aside there anyway

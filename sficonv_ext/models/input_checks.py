@@ -1,6 +1,8 @@
 """Clear errors for inputs the network cannot take, raised before any kernel runs."""
 import torch
 
+from ..ops.autocast import autocast_on
+
 
 def _stem_and_stages(size):
     """Spatial size after the stem (7x7 s2 conv, 3x3 s2 max pool) and after each stage."""
@@ -29,6 +31,9 @@ def check_input(model, x):
     dtype (unless autocast is on) with ``H, W >= MIN_INPUT_SIZE``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of shape [N, 3, H, W], got {type(x).__name__}")
+    if x.is_nested:
+        raise ValueError("expected one dense [N, 3, H, W] tensor, got a nested tensor; batch "
+                         "images of one size together (or resize them) instead")
     if x.layout != torch.strided:
         raise ValueError(f"expected a dense (strided) tensor, got layout {x.layout}; convert it "
                          f"with .to_dense()")
@@ -45,7 +50,7 @@ def check_input(model, x):
         raise ValueError(f"input spatial size {h}x{w} is too small: SFIConv-ResNet downsamples "
                          f"32 times and needs at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
     weight_dtype = model.conv1.weight.dtype
-    autocast = torch.is_autocast_enabled(x.device.type)
+    autocast = autocast_on(x.device.type)
     if x.dtype != weight_dtype and not autocast:
         raise TypeError(f"input dtype {x.dtype} does not match the model's parameters "
                         f"({weight_dtype}); call model.to({x.dtype}) or convert the input")

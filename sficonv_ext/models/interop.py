@@ -7,6 +7,7 @@ exact by construction.
 """
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +152,13 @@ def to_official_state_dict(model, layout="wrapper"):
     and ``fc.*``); ``layout="bare"``: the bare network (``conv1.*`` ... ``fc.*``).
     """
     _check_layout(layout)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"to_official_state_dict expects a model from sficonv_ext.models (load a "
+                        f"state_dict into one first), got {type(model).__name__}")
+    if not any(isinstance(m, (FirstSFIConv2d, SFIConv2d)) for m in model.modules()):
+        raise TypeError(f"to_official_state_dict expects an SFIConv model from "
+                        f"sficonv_ext.models, got {type(model).__name__}, which has no SFIConv "
+                        f"layer")
     own = model.state_dict()
     out = OrderedDict()
     for rule in official_rules(model):
@@ -191,7 +199,7 @@ def _depth_hint(model, keys, layout):
     if getattr(model, "depth", None) not in DEPTHS:
         return ""
     found = _blocks_per_stage(keys, layout)
-    if found == DEPTHS[model.depth]:
+    if found == DEPTHS[model.depth] or not any(found):
         return ""
     names = [f"SFIConv-ResNet-{d}" for d, b in DEPTHS.items() if b == found]
     what = names[0] if names else f"blocks per stage {list(found)}"
@@ -205,6 +213,27 @@ def _listing(keys, limit=12):
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def _check_mapping(state_dict):
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"expected a state_dict (a mapping of names to tensors), got "
+                        f"{type(state_dict).__name__}")
+    odd_keys = [k for k in state_dict if not isinstance(k, str)]
+    if odd_keys:
+        raise TypeError(f"state_dict keys must be strings, got {odd_keys[:3]}")
+    odd_values = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if odd_values:
+        raise TypeError(f"state_dict values must be tensors; not for {_listing(odd_values)} "
+                        f"({type(state_dict[odd_values[0]]).__name__})")
+
+
+def _prefix_hint(keys):
+    # A checkpoint saved from nn.DataParallel / DistributedDataParallel.
+    if keys and all(k.startswith("module.") for k in keys):
+        return (" Every key starts with 'module.' (saved from DataParallel or DDP): strip it, "
+                "{k[len('module.'):]: v for k, v in state_dict.items()}, and load that.")
+    return ""
+
+
 def to_own_state_dict(model, state_dict, strict=True):
     """Translate a state_dict in any supported layout into ``model``'s own layout.
 
@@ -213,6 +242,7 @@ def to_own_state_dict(model, state_dict, strict=True):
     Raises ``RuntimeError`` naming the offending keys on a mismatch in strict mode, and on a shape
     mismatch in any mode.
     """
+    _check_mapping(state_dict)
     layout = detect_layout(state_dict)
     if layout == "own":
         return state_dict, None
@@ -228,7 +258,8 @@ def to_own_state_dict(model, state_dict, strict=True):
             msg.append(f"missing keys: {_listing(missing)}.")
         if unexpected:
             msg.append(f"unexpected keys: {_listing(unexpected)}.")
-        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, layout))
+        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, layout)
+                           + _prefix_hint(list(state_dict)))
     bad_shapes = []
     for key, (rule, part) in expected.items():
         if key in state_dict:

@@ -98,7 +98,7 @@ class SFIResNet(nn.Module):
                  mcs_eps=1e-6, channels_last=True):
         super().__init__()
         if depth not in DEPTHS:
-            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.depth, self.num_classes = depth, num_classes

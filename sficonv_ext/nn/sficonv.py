@@ -30,6 +30,16 @@ def pool_before_pointwise(in_channels, out_channels):
     return pool_first <= pool_last
 
 
+def _check_split(layer, name, channels, alpha):
+    # Both branches need a channel: an empty one leaves a zero fan-out (a ZeroDivisionError in
+    # the initialisation) or a layer that is not SFIConv at all.
+    frequency = int(alpha * channels)
+    if not 0 < frequency < channels:
+        raise ValueError(f"{layer}: alpha={alpha} splits {name}={channels} into "
+                         f"{channels - frequency} spatial and {frequency} frequency channels; "
+                         f"both must be at least 1")
+
+
 def _check_stride(stride):
     if stride not in (1, 2):
         raise ValueError(f"SFIConv layers support stride 1 or 2, got {stride}")
@@ -56,6 +66,9 @@ class SFIConv2d(nn.Module):
         _check_stride(stride)
         if kernel_size % 2 == 0:
             raise ValueError(f"SFIConv2d kernel_size must be odd, got {kernel_size}")
+        _check_split("SFIConv2d", "in_channels", in_channels, alpha)
+        if not merge_output:
+            _check_split("SFIConv2d", "out_channels", out_channels, alpha)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.alpha = kernel_size, stride, alpha
         self.merge_output = merge_output
@@ -104,6 +117,9 @@ class FirstSFIConv2d(nn.Module):
         _check_stride(stride)
         if kernel_size % 2 == 0:
             raise ValueError(f"FirstSFIConv2d kernel_size must be odd, got {kernel_size}")
+        if in_channels < 1:
+            raise ValueError(f"FirstSFIConv2d needs in_channels >= 1, got {in_channels}")
+        _check_split("FirstSFIConv2d", "out_channels", out_channels, alpha)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.alpha = kernel_size, stride, alpha
         self.out_spatial = spatial_channels(out_channels, alpha)

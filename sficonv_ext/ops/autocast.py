@@ -4,10 +4,16 @@ floating-point input except float64 is cast to the autocast dtype (float64 stays
 import torch
 
 
+def autocast_on(device_type):
+    """Whether autocast is on for ``device_type``; False for a device type autocast does not
+    know (meta), where asking torch would raise."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_inputs(device_type, *tensors):
     """``tensors`` as autocast would hand them to a convolution on ``device_type`` (None stays
     None); unchanged when autocast is off there."""
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()

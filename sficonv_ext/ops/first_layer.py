@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .ad_modes import composite_only, refuse_kernel_backend
 from .autocast import autocast_inputs
-from .mcs_conv import mcs_conv, triton_ops
+from .mcs_conv import TRITON_DEVICE_HINT, mcs_conv, triton_ops, triton_runs_on
 
 FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -26,7 +26,8 @@ _FUSED_MAX_CHANNELS = 128  # per-program register tile: pixels x padded input ch
 
 def fused_first_layer_available(x, weight):
     """Whether the fused Triton kernel can run this call."""
-    return (triton_ops() is not None and weight.shape[-1] == 1 and weight.shape[-2] == 1
+    return (triton_runs_on(x) and triton_ops() is not None and weight.shape[-1] == 1
+            and weight.shape[-2] == 1
             and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
 
 
@@ -36,6 +37,10 @@ def _validate(x, weight, mcs_weight, split, bias, backend):
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"first_sfi_conv: x and weight must be 4-D, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
+    k_h, k_w = weight.shape[-2:]
+    if k_h != k_w or k_h % 2 == 0:
+        raise ValueError(f"first_sfi_conv: weight must be square with an odd size (padding "
+                         f"k//2 keeps the map's size), got {k_h}x{k_w}")
     if weight.shape[1] != x.shape[1] or mcs_weight.shape[0] != x.shape[1]:
         raise ValueError(f"first_sfi_conv: x has {x.shape[1]} channels, weight expects "
                          f"{weight.shape[1]} and the MCS filter {mcs_weight.shape[0]}")
@@ -70,7 +75,7 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
         if not fused_first_layer_available(x, weight):
             raise ValueError("first_sfi_conv backend='triton' needs Triton, a 1x1 weight, at "
                              f"most {_FUSED_MAX_CHANNELS} input channels and "
-                             "float32/float16/bfloat16")
+                             f"float32/float16/bfloat16 ({TRITON_DEVICE_HINT})")
         return torch.ops.sficonv_ext.first_sfi_conv_triton(x, weight, mcs_weight, bias, split,
                                                            constrained, float(eps))
     pad = weight.shape[-1] // 2

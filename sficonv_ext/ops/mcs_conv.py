@@ -1,4 +1,6 @@
 """``mcs_conv``: the public MCSConv op, validated and dispatched to a backend."""
+import os
+
 import torch
 
 from . import _extension
@@ -23,6 +25,16 @@ def triton_ops():
         except Exception as error:  # no triton, or a triton that does not match torch
             _triton_error = f"{type(error).__name__}: {error}"
     return _triton_module
+
+
+def triton_runs_on(x):
+    """Whether a Triton kernel can run on ``x``'s device: a GPU, or the CPU through Triton's
+    interpreter (``TRITON_INTERPRET=1``, set before triton is imported)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TRITON_DEVICE_HINT = ("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, set before "
+                      "triton is imported, for Triton's CPU interpreter)")
 
 
 def triton_error():
@@ -108,6 +120,8 @@ def resolve_backend(backend, x, weight=None):
                                " (the build needs nvcc and a CUDA build of torch)")
     if backend == "triton" and triton_ops() is None:
         raise RuntimeError(f"backend='triton' is unavailable: {_triton_error}")
+    if backend == "triton" and not triton_runs_on(x):
+        raise ValueError(f"backend='triton' got a tensor on {x.device}: {TRITON_DEVICE_HINT}")
     return backend
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import _extension
 from .ad_modes import composite_only, refuse_kernel_backend
-from .mcs_conv import triton_ops
+from .mcs_conv import TRITON_DEVICE_HINT, triton_ops, triton_runs_on
 
 NORM_ACT_BACKENDS = ("auto", "torch", "cpp", "triton")
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,7 +34,8 @@ _CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _triton_can_run(x, bn, residual):
-    return (triton_ops() is not None and bn.affine and bn.track_running_stats
+    return (triton_runs_on(x) and triton_ops() is not None and bn.affine
+            and bn.track_running_stats
             and x.dtype in _TRITON_DTYPES and x.numel() > 0 and x.dim() == 4
             and (residual is None or residual.shape == x.shape))
 
@@ -88,6 +89,12 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} does not match "
                          f"{tuple(x.shape)}")
+    if residual is not None and residual.device != x.device:
+        # PyTorch's CPU add_ with a meta residual does nothing, and the C++ kernel would read
+        # memory that is not there: refuse instead.
+        raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if residual is not None and not residual.is_floating_point():
+        raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
     path = _resolve(backend, x, bn)
     if path != "torch" and composite_only(x, residual, getattr(bn, "weight", None),
                                           getattr(bn, "bias", None)):
@@ -105,7 +112,7 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if path == "triton" and not _triton_can_run(x, bn, residual):
         raise ValueError("batch_norm_act backend='triton' needs Triton, an affine BatchNorm "
                          "with running statistics and a non-empty float32/float16/bfloat16 4-D "
-                         "input")
+                         f"input ({TRITON_DEVICE_HINT})")
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")

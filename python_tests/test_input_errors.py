@@ -1,0 +1,97 @@
+"""Bad input found by a review of the public API: each now gets a clear error (or, for meta
+tensors, works) instead of a silent wrong answer, a deep internal error or a ZeroDivisionError."""
+import pytest
+import torch
+import torch.nn as nn
+
+from sficonv_ext import models, ops, reference
+from sficonv_ext.nn import FirstSFIConv2d, SFIConv2d
+
+
+def test_batch_norm_act_refuses_a_residual_on_another_device_or_not_floating():
+    x = torch.randn(2, 4, 5, 5)
+    bn = nn.BatchNorm2d(4)
+    # Before: the C++ kernel read garbage, PyTorch's add_ ignored a meta residual.
+    for backend in ("torch", "cpp"):
+        with pytest.raises(ValueError, match="residual is on meta"):
+            ops.batch_norm_act(x, bn, torch.randn(2, 4, 5, 5, device="meta"), backend=backend)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.batch_norm_act(x, bn.eval(), torch.ones(2, 4, 5, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("make", [lambda: SFIConv2d(4, 4, 1, alpha=0),
+                                  lambda: SFIConv2d(4, 4, 1, alpha=1),
+                                  lambda: SFIConv2d(1, 4, 3),
+                                  lambda: FirstSFIConv2d(3, 1, 1)])
+def test_a_split_that_leaves_a_branch_empty_is_refused(make):
+    with pytest.raises(ValueError, match="both must be at least 1"):
+        make()
+
+
+def test_triton_on_the_cpu_without_the_interpreter_says_what_it_needs(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    try:
+        ops.mcs_conv(x, w, backend="triton")
+    except RuntimeError as error:  # no usable Triton at all: its own clear message
+        assert "unavailable" in str(error)
+    except ValueError as error:
+        assert "CUDA tensors (or TRITON_INTERPRET=1" in str(error)
+    else:
+        pytest.fail("backend='triton' ran on a CPU tensor without the interpreter")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.batch_norm_act(x, nn.BatchNorm2d(4), backend="triton")
+
+
+def test_meta_tensors_give_shapes():
+    y = ops.mcs_conv(torch.randn(1, 4, 8, 8, device="meta"),
+                     torch.randn(4, 1, 3, 3, device="meta"))
+    assert y.shape == (1, 4, 8, 8) and y.device.type == "meta"
+    model = models.sfi_resnet26().to("meta").eval()
+    assert model(torch.randn(2, 3, 64, 64, device="meta")).shape == (2, 2)
+
+
+def test_sparse_and_nested_inputs_get_the_networks_own_errors():
+    model = models.sfi_resnet26().eval()
+    fused = models.fuse_for_inference(model)
+    x = torch.randn(1, 3, 64, 64)
+    nested = torch.nested.nested_tensor([torch.randn(3, 64, 64), torch.randn(3, 64, 70)])
+    for net in (model, fused):
+        with pytest.raises(ValueError, match="dense"):
+            net(x.to_sparse())
+        with pytest.raises(ValueError, match="nested tensor"):
+            net(nested)
+
+
+def test_first_sfi_conv_refuses_a_weight_that_is_not_square_and_odd():
+    # Before: a [4, 3, 1, 3] weight padded both sides by 1 and returned 10x8 from 8x8.
+    for shape in ((4, 3, 1, 3), (4, 3, 2, 2)):
+        with pytest.raises(ValueError, match="square with an odd size"):
+            ops.first_sfi_conv(torch.randn(1, 3, 8, 8), torch.randn(*shape),
+                               torch.randn(3, 1, 5, 5), 2)
+
+
+def test_checkpoint_interop_errors_name_the_problem():
+    model = models.sfi_resnet26()
+    with pytest.raises(TypeError, match="no SFIConv layer"):
+        models.to_official_state_dict(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="expects a model"):
+        models.to_official_state_dict(model.state_dict())
+    with pytest.raises(TypeError, match="expected a state_dict"):
+        model.load_state_dict(None)
+    with pytest.raises(TypeError, match="keys must be strings"):
+        model.load_state_dict({1: torch.zeros(1)})
+    with pytest.raises(TypeError, match="conv1.weight"):
+        model.load_state_dict({"conv1.weight": None})
+    published = reference.PublishedTrainingWrapper(26).state_dict()
+    with pytest.raises(RuntimeError, match="starts with 'module.'"):
+        model.load_state_dict({"module." + k: v for k, v in published.items()})
+
+
+def test_argument_errors_show_what_was_given():
+    from sficonv_ext.cpu_allocator import large_block_cache
+    with pytest.raises(ValueError, match="below 2\\*\\*63"):
+        with large_block_cache(1 << 70):
+            pass
+    with pytest.raises(ValueError, match="got '26'"):
+        models.SFIResNet(depth="26")
