@@ -95,3 +95,20 @@ def test_argument_errors_show_what_was_given():
             pass
     with pytest.raises(ValueError, match="got '26'"):
         models.SFIResNet(depth="26")
+
+
+@pytest.mark.parametrize("eps, dtype", [(1e-50, torch.float32), (1e-40, torch.float16),
+                                        (1e39, torch.float32), (1e5, torch.float16)])
+def test_an_eps_the_filter_dtype_cannot_hold_is_refused(eps, dtype):
+    # Before: eps=1e-50 became 0 in float32 and a zero-sum channel turned NaN on every backend.
+    x, w = torch.randn(1, 4, 8, 8, dtype=dtype), torch.randn(4, 1, 3, 3, dtype=dtype)
+    with pytest.raises(ValueError, match="not representable"):
+        ops.mcs_conv(x, w, eps=eps)
+    ops.mcs_conv(x, w, eps=1e-6)  # the default fits every dtype
+
+
+def test_a_float64_input_under_autocast_is_told_why():
+    model = models.sfi_resnet26().eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError,
+                                                                    match="autocast"):
+        model(torch.randn(1, 3, 64, 64, dtype=torch.float64))

@@ -24,6 +24,7 @@ def min_input_size():
 
 
 MIN_INPUT_SIZE = min_input_size()
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_input(model, x):
@@ -51,9 +52,17 @@ def check_input(model, x):
                          f"32 times and needs at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE}")
     weight_dtype = model.conv1.weight.dtype
     autocast = autocast_on(x.device.type)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"expected a float16, bfloat16, float32 or float64 input, got "
+                        f"{x.dtype}")
     if x.dtype != weight_dtype and not autocast:
         raise TypeError(f"input dtype {x.dtype} does not match the model's parameters "
                         f"({weight_dtype}); call model.to({x.dtype}) or convert the input")
+    if autocast and (x.dtype == torch.float64) != (weight_dtype == torch.float64):
+        # Autocast leaves float64 alone (as for F.conv2d), so one float64 side meets a cast one.
+        raise TypeError(f"input dtype {x.dtype} with parameters in {weight_dtype} under "
+                        f"autocast: autocast does not cast float64; convert the input to "
+                        f"float32 (or the model to float64 and turn autocast off)")
     if x.device != model.conv1.weight.device:
         raise ValueError(f"input is on {x.device} but the model is on "
                          f"{model.conv1.weight.device}")

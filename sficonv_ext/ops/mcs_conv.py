@@ -66,6 +66,12 @@ def _validate(x, weight, eps, backend):
         raise TypeError(f"mcs_conv: x is {x.dtype} but weight is {weight.dtype}")
     if not eps > 0:
         raise ValueError(f"mcs_conv: eps must be positive, got {eps}")
+    # The PyTorch path clamps in the filter's dtype (the kernels in at least float32): an eps
+    # that rounds to 0 or overflows there would let a zero-sum channel divide by 0.
+    info = torch.finfo(weight.dtype)
+    if not info.tiny * info.eps <= eps <= info.max:
+        raise ValueError(f"mcs_conv: eps={eps} is not representable in {weight.dtype} (it must "
+                         f"lie in [{info.tiny * info.eps:.3g}, {info.max:.3g}])")
 
 
 def channels_innermost(t):
