@@ -98,7 +98,7 @@ def large_block_cache(min_bytes=1 << 20, budget=2.0):
     budget of 1 evicted and page-faulted 15,000-23,000 pages a step back in. Inference keeps
     few activations alive at once, so caching up to twice that peak is mostly waste: with 2,
     ``sficonv eval`` held up to 60% more memory than glibc's defaults; with 1 (its setting),
-    about the same, still 25-35% faster (README, Performance, CPU)."""
+    about the same, still about 25% faster (README, Performance, CPU)."""
     if (isinstance(min_bytes, bool) or not isinstance(min_bytes, int)
             or not 0 <= min_bytes < 1 << 63):
         raise ValueError(f"min_bytes must be a non-negative int below 2**63, got {min_bytes!r}")

@@ -119,8 +119,8 @@ OPTIONS = [
     Option("cpu_malloc", str, "cache", "CPU runs: how large tensors are kept from being "
            "mapped and page-faulted in again every step. cache: the compiled extension's cache "
            "of freed large blocks, on for this run only (training: about 15%% faster than "
-           "glibc's defaults with less peak memory than reuse; eval/predict: 25-35%% faster, "
-           "caching at most the peak in use; falls back to reuse where it cannot run). reuse: "
+           "glibc's defaults with less peak memory than reuse; eval/predict: about 25%% faster "
+           "than glibc at about its peak memory; falls back to reuse where it cannot run). reuse: "
            "glibc's heap setting (the process keeps what it frees, see "
            "sficonv_ext/cpu_allocator.py). default: glibc's own behaviour", (T, E, P),
            choices=CPU_MALLOC_CHOICES),
