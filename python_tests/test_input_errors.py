@@ -73,10 +73,9 @@ def test_first_sfi_conv_refuses_a_weight_that_is_not_square_and_odd():
 
 def test_checkpoint_interop_errors_name_the_problem():
     model = models.sfi_resnet26()
-    with pytest.raises(TypeError, match="no SFIConv layer"):
-        models.to_official_state_dict(nn.Linear(2, 2))
-    with pytest.raises(TypeError, match="expects a model"):
-        models.to_official_state_dict(model.state_dict())
+    for not_a_model in (nn.Linear(2, 2), model.state_dict(), model.layer1):
+        with pytest.raises(TypeError, match="exports a whole SFIResNet"):
+            models.to_official_state_dict(not_a_model)
     with pytest.raises(TypeError, match="expected a state_dict"):
         model.load_state_dict(None)
     with pytest.raises(TypeError, match="keys must be strings"):

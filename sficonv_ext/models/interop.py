@@ -152,13 +152,11 @@ def to_official_state_dict(model, layout="wrapper"):
     and ``fc.*``); ``layout="bare"``: the bare network (``conv1.*`` ... ``fc.*``).
     """
     _check_layout(layout)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"to_official_state_dict expects a model from sficonv_ext.models (load a "
-                        f"state_dict into one first), got {type(model).__name__}")
-    if not any(isinstance(m, (FirstSFIConv2d, SFIConv2d)) for m in model.modules()):
-        raise TypeError(f"to_official_state_dict expects an SFIConv model from "
-                        f"sficonv_ext.models, got {type(model).__name__}, which has no SFIConv "
-                        f"layer")
+    from .resnet import SFIResNet  # here: resnet imports this module for load_state_dict
+    if not isinstance(model, SFIResNet):
+        raise TypeError(f"to_official_state_dict exports a whole SFIResNet from "
+                        f"sficonv_ext.models (load a state_dict into one first), got "
+                        f"{type(model).__name__}")
     own = model.state_dict()
     out = OrderedDict()
     for rule in official_rules(model):
