@@ -96,7 +96,7 @@ class BlockCache final : public c10::Allocator {
 
   // Entering the outermost block turns the cache on; nested ones only count. The count lives
   // here, so that turning on and counting are one call (a KeyboardInterrupt cannot fall
-  // between them and leave the cache on with nothing left to turn it off).
+  // between them, as it could between two Python statements).
   void enter_block(int64_t min_bytes, double budget) {
     TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0, got ", min_bytes);
     TORCH_CHECK(budget >= 1.0 && budget <= 64.0, "budget must be in [1, 64], got ", budget);

@@ -80,9 +80,13 @@ def test_checkpoint_interop_errors_name_the_problem():
         model.load_state_dict(None)
     with pytest.raises(TypeError, match="keys must be strings"):
         model.load_state_dict({1: torch.zeros(1)})
-    with pytest.raises(TypeError, match="conv1.weight"):
-        model.load_state_dict({"conv1.weight": None})
     published = reference.PublishedTrainingWrapper(26).state_dict()
+    key = "rgb_extract_feature.0.weight"
+    with pytest.raises(TypeError, match=key):
+        model.load_state_dict({**published, key: None})
+    # NumPy values and extra non-tensor entries (strict=False) still load, as before.
+    model.load_state_dict({k: v.numpy() for k, v in published.items()})
+    model.load_state_dict({**model.state_dict(), "epoch": 3}, strict=False)
     with pytest.raises(RuntimeError, match="starts with 'module.'"):
         model.load_state_dict({"module." + k: v for k, v in published.items()})
 
@@ -111,3 +115,16 @@ def test_a_float64_input_under_autocast_is_told_why():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError,
                                                                     match="autocast"):
         model(torch.randn(1, 3, 64, 64, dtype=torch.float64))
+
+
+def test_any_spelling_triton_accepts_turns_the_interpreter_on(monkeypatch):
+    from sficonv_ext.ops.mcs_conv import triton_runs_on
+    x = torch.randn(1, 4, 8, 8)
+    for value, on in (("1", True), ("true", True), ("yes", True), ("0", False)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert triton_runs_on(x) == on, value
+
+
+def test_eps_is_checked_only_where_the_constraint_uses_it():
+    x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
+    ops.mcs_conv(x, w, constrained=False, eps=1e-50)  # a plain depthwise convolution

@@ -17,10 +17,10 @@ bounds what is returned from the top of the heap). A 2 GiB tensor freed under a 
 left 2.5 GB resident against 0.5 GB with glibc's defaults. It is therefore not applied on
 import: it changes how every large block of the whole process is served. The ``sficonv``
 command applies it to its own CPU runs with ``--cpu-malloc reuse``; its default there is the
-scoped cache (``--cpu-malloc cache``): as fast, with a lower peak (one epoch of the built-in
-data at 256 px, batch 8, on the 2-core test CPU: 105.3 s and 2.30 GB peak resident with the
-glibc setting, 106.9 s and 1.78 GB with the cache, 122.5 s and 1.96 GB with glibc's
-defaults).
+scoped cache (``--cpu-malloc cache``): as fast, with a lower training peak (one epoch of the
+built-in data at 256 px, batch 8, on the 2-core test CPU: 105.3 s and 2.30 GB peak resident
+with the glibc setting, 106.9 s and 1.78 GB with the cache, 122.5 s and 1.96 GB with glibc's
+defaults; for eval see the README).
 """
 import contextlib
 import ctypes
@@ -96,9 +96,9 @@ def large_block_cache(min_bytes=1 << 20, budget=2.0):
 
     ``budget`` (1 to 64, default 2): training reuses blocks of many sizes between steps, and a
     budget of 1 evicted and page-faulted 15,000-23,000 pages a step back in. Inference keeps
-    few activations alive at once, so caching up to twice that peak is mostly waste: with 2,
-    ``sficonv eval`` held up to 60% more memory than glibc's defaults; with 1 (its setting),
-    about the same, still about 25% faster (README, Performance, CPU)."""
+    few activations alive at once, so there a lower budget trades speed for memory: on 512 px
+    images ``sficonv eval`` took 10.0-10.5 s and 2.63 GB at 2, 14.0-14.3 s and 1.71-1.76 GB at
+    1, against 17.7-18.9 s and 1.72 GB with glibc's defaults (README, Performance, CPU)."""
     if (isinstance(min_bytes, bool) or not isinstance(min_bytes, int)
             or not 0 <= min_bytes < 1 << 63):
         raise ValueError(f"min_bytes must be a non-negative int below 2**63, got {min_bytes!r}")
@@ -107,7 +107,7 @@ def large_block_cache(min_bytes=1 << 20, budget=2.0):
         raise ValueError(f"budget must be a number from 1 to 64, got {budget!r}")
     ops = _cache_ops()
     # The C++ side counts open blocks: turning on and counting are one call, and so are
-    # counting down and turning off, so an interrupt cannot leave the cache on uncounted.
+    # counting down and turning off (no interrupt can fall between them).
     ops.cpu_block_cache_enter(min_bytes, float(budget))
     entered_in = os.getpid()
     try:
@@ -132,7 +132,7 @@ def trim_large_block_cache():
 def large_block_cache_stats():
     """The cache's counters as a dict: ``on``, ``min_bytes``; since the outermost block was last
     entered, ``hits`` and ``misses`` (requests served from a freed block or not), ``evictions``
-    (cached blocks freed to stay within the budget), ``live_bytes`` (blocks it handed out that
+    (cached blocks freed to stay within the budget, by a trim, or after a failed allocation), ``live_bytes`` (blocks it handed out that
     are still in use) and ``peak_live_bytes``; ``cached_bytes`` (freed blocks held for
     reuse). On leaving the block ``cached_bytes`` and ``live_bytes`` go to 0 (blocks still in
     use are then torch's to free)."""

@@ -105,8 +105,8 @@ class CudnnFusedConv:
             x.requires_grad or weight.requires_grad or bias.requires_grad)
         return not wants_grad
 
-    def _signature(self, x):
-        return (tuple(x.shape), self._compute_dtype(x), x.device)
+    def _signature(self, x, with_residual):
+        return (tuple(x.shape), self._compute_dtype(x), x.device, with_residual)
 
     def residual_fits(self, x, other):
         return (tuple(other.shape) == output_shape(x, self.module.weight, self.padding)
@@ -142,9 +142,9 @@ class CudnnFusedConv:
 
     def __call__(self, x, other=None, relu=True):
         """The fused call's output, or None where cuDNN has no engine for it (remembered for
-        this input signature; the layer then runs the plain path)."""
+        this input signature and op; the layer then runs the plain path)."""
         assert relu, "the cuDNN ops always apply a ReLU; covers() keeps other calls away"
-        signature = self._signature(x)
+        signature = self._signature(x, other is not None)
         if signature in self._no_engine:
             return None
         dtype = signature[1]

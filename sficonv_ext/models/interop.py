@@ -153,6 +153,8 @@ def to_official_state_dict(model, layout="wrapper"):
     """
     _check_layout(layout)
     from .resnet import SFIResNet  # here: resnet imports this module for load_state_dict
+    if getattr(model, "fused_for_inference", False):
+        official_rules(model)  # raises its clear ValueError for a fused model
     if not isinstance(model, SFIResNet):
         raise TypeError(f"to_official_state_dict exports a whole SFIResNet from "
                         f"sficonv_ext.models (load a state_dict into one first), got "
@@ -218,10 +220,15 @@ def _check_mapping(state_dict):
     odd_keys = [k for k in state_dict if not isinstance(k, str)]
     if odd_keys:
         raise TypeError(f"state_dict keys must be strings, got {odd_keys[:3]}")
-    odd_values = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if odd_values:
-        raise TypeError(f"state_dict values must be tensors; not for {_listing(odd_values)} "
-                        f"({type(state_dict[odd_values[0]]).__name__})")
+
+
+def _tensor(state_dict, key):
+    """A published entry as a tensor (NumPy arrays load too); the key is named if it is not."""
+    try:
+        return torch.as_tensor(state_dict[key])
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise TypeError(f"state_dict[{key!r}] is not a tensor ({type(state_dict[key]).__name__}"
+                        f"): {error}") from None
 
 
 def _prefix_hint(keys):
@@ -262,7 +269,7 @@ def to_own_state_dict(model, state_dict, strict=True):
     for key, (rule, part) in expected.items():
         if key in state_dict:
             want = tuple(part.take(own_now[rule.own_key]).shape)
-            got = tuple(torch.as_tensor(state_dict[key]).shape)
+            got = tuple(_tensor(state_dict, key).shape)
             if got != want:
                 bad_shapes.append(f"{key}: checkpoint {list(got)}, model {list(want)}")
     if bad_shapes:
@@ -274,10 +281,10 @@ def to_own_state_dict(model, state_dict, strict=True):
         if not all(_to_layout(p.key, layout) in state_dict for p in sources):
             continue  # only possible with strict=False; reported as missing
         target = own_now[rule.own_key]
-        first = torch.as_tensor(state_dict[_to_layout(sources[0].key, layout)])
+        first = _tensor(state_dict, _to_layout(sources[0].key, layout))
         value = torch.empty(target.shape, dtype=first.dtype, device=first.device)
         for p in sources:
-            part = torch.as_tensor(state_dict[_to_layout(p.key, layout)])
+            part = _tensor(state_dict, _to_layout(p.key, layout))
             p.take(value).copy_(part)
         own[rule.own_key] = value
     return own, _IncompatibleKeys(missing, unexpected)

@@ -1,5 +1,6 @@
 """``mcs_conv``: the public MCSConv op, validated and dispatched to a backend."""
 import os
+import sys
 
 import torch
 
@@ -27,10 +28,18 @@ def triton_ops():
     return _triton_module
 
 
+def _triton_interpreting():
+    triton = sys.modules.get("triton")
+    knobs = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if knobs is not None and hasattr(knobs, "interpret"):
+        return bool(knobs.interpret)  # the setting Triton itself reads (env or code)
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def triton_runs_on(x):
     """Whether a Triton kernel can run on ``x``'s device: a GPU, or the CPU through Triton's
     interpreter (``TRITON_INTERPRET=1``, set before triton is imported)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda or _triton_interpreting()
 
 
 TRITON_DEVICE_HINT = ("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1, set before "
@@ -42,7 +51,7 @@ def triton_error():
     return _triton_error
 
 
-def _validate(x, weight, eps, backend):
+def _validate(x, weight, eps, backend, constrained=True):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for name, t in (("x", x), ("weight", weight)):
@@ -69,7 +78,7 @@ def _validate(x, weight, eps, backend):
     # The PyTorch path clamps in the filter's dtype (the kernels in at least float32): an eps
     # that rounds to 0 or overflows there would let a zero-sum channel divide by 0.
     info = torch.finfo(weight.dtype)
-    if not info.tiny * info.eps <= eps <= info.max:
+    if constrained and not info.tiny * info.eps <= eps <= info.max:
         raise ValueError(f"mcs_conv: eps={eps} is not representable in {weight.dtype} (it must "
                          f"lie in [{info.tiny * info.eps:.3g}, {info.max:.3g}])")
 
@@ -153,7 +162,7 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp formula.
     """
     x, weight = _apply_autocast(x, weight)
-    _validate(x, weight, eps, backend)
+    _validate(x, weight, eps, backend, constrained)
     if composite_only(x, weight):
         if backend not in ("auto", "torch"):
             raise refuse_kernel_backend("mcs_conv", backend)

@@ -119,11 +119,11 @@ OPTIONS = [
     Option("cpu_malloc", str, "cache", "CPU runs: how large tensors are kept from being "
            "mapped and page-faulted in again every step. cache: the compiled extension's cache "
            "of freed large blocks, on for this run only (training: about 15%% faster than "
-           "glibc's defaults with less peak memory than reuse; eval/predict: about 25%% faster "
-           "than glibc at about its peak memory; falls back to reuse where it cannot run). reuse: "
-           "glibc's heap setting (the process keeps what it frees, see "
-           "sficonv_ext/cpu_allocator.py). default: glibc's own behaviour", (T, E, P),
-           choices=CPU_MALLOC_CHOICES),
+           "glibc's defaults with less peak memory than reuse; eval/predict: as fast as reuse, "
+           "less memory with images of many sizes; falls back to reuse where it cannot run). "
+           "reuse: glibc's heap setting (the process keeps what it frees, see "
+           "sficonv_ext/cpu_allocator.py). default: glibc's own behaviour, the least memory",
+           (T, E, P), choices=CPU_MALLOC_CHOICES),
     Option("amp", str, "none", "mixed precision: bf16, fp16 (with a grad scaler) or none",
            (T, E, P), choices=("bf16", "fp16", "none")),
     Option("channels_last", bool, False, "channels_last memory format", (T, E, P), flag=True),

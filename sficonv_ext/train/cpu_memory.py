@@ -5,8 +5,6 @@ import contextlib
 from ..cpu_allocator import keep_large_blocks_on_heap, large_block_cache
 
 CPU_MALLOC_CHOICES = ("reuse", "cache", "default")
-# eval and predict: in use + cached within this many times the peak in use (training keeps 2).
-INFERENCE_CACHE_BUDGET = 1.0
 
 
 def _reuse_note(prefix=""):
@@ -16,7 +14,7 @@ def _reuse_note(prefix=""):
 
 
 @contextlib.contextmanager
-def cpu_malloc(choice, device, cache_budget=2.0):
+def cpu_malloc(choice, device):
     """Apply ``--cpu-malloc`` to the run inside the block; yields a line for the log, or None
     when there is nothing to say (a GPU run, or glibc's defaults asked for).
 
@@ -34,7 +32,7 @@ def cpu_malloc(choice, device, cache_budget=2.0):
         return
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(large_block_cache(budget=cache_budget))
+            stack.enter_context(large_block_cache())
             note = "CPU memory: freed large tensors cached for reuse (--cpu-malloc cache)"
         except RuntimeError as error:
             note = _reuse_note(f"--cpu-malloc cache unavailable ({error}); ")

@@ -2,7 +2,7 @@
 import os
 
 from . import distributed, output_folder
-from .cpu_memory import INFERENCE_CACHE_BUDGET, cpu_malloc
+from .cpu_memory import cpu_malloc
 from .data import drop_missing
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message, metrics_of
@@ -25,7 +25,7 @@ def evaluate(cfg):
                         f" give eval a folder of its own, such as {os.path.join(cfg['out'], 'eval')}")
     ctx = distributed.setup(cfg["device"])
     try:
-        with cpu_malloc(cfg["cpu_malloc"], ctx.device, cache_budget=INFERENCE_CACHE_BUDGET) as malloc_note:
+        with cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:
             return _evaluate(cfg, ctx, malloc_note)
     finally:
         distributed.teardown(ctx)

@@ -33,17 +33,23 @@ def classification_loss(logits, labels):
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
+@contextlib.contextmanager
+def scheduler_order_warning_silenced():
+    """Around a whole training run (once: ``catch_warnings`` on every step would reset the
+    warnings registry and repeat every other once-only warning): the schedule counts every step
+    taken, including one the fp16 grad scaler skipped (an overflow), which keeps it a function
+    of the step number, as resuming needs. Torch warns about exactly that case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
+        yield
+
+
 def apply_update(optimizer, scaler, scheduler):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # The schedule counts every step taken, including one the fp16 grad scaler skipped (an
-    # overflow): that keeps it a function of the step number, which resuming relies on. Torch
-    # warns about exactly that case; the order is intended here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
-                                r"before `optimizer\.step\(\)`")
-        scheduler.step()
+    scheduler.step()
 
 
 class EpochTotals:

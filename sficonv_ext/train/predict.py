@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from .cpu_memory import INFERENCE_CACHE_BUDGET, cpu_malloc
+from .cpu_memory import cpu_malloc
 from .data import Sample, images_under
 from .errors import UserError
 from .evaluation import ScoringSet, failure_message
@@ -45,7 +45,7 @@ def predict(cfg, inputs):
     ctx = Context(device=resolve_device(cfg["device"]))
     to_stdout = cfg["out"] == "-"
     log = Reporter(True, stream=sys.stderr if to_stdout else None).log  # stdout holds the CSV
-    with cpu_malloc(cfg["cpu_malloc"], ctx.device, cache_budget=INFERENCE_CACHE_BUDGET):  # silent: stdout may be piped
+    with cpu_malloc(cfg["cpu_malloc"], ctx.device):  # silent: stdout may be piped
         return _predict(cfg, inputs, ctx, log, to_stdout)
 
 

@@ -18,7 +18,7 @@ from .data import class_counts
 from .errors import DataError, NonFiniteLossError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
 from .images import ImageDataset, collate
-from .loop import EpochTotals, train_epoch
+from .loop import EpochTotals, scheduler_order_warning_silenced, train_epoch
 from .metrics import undefined_reason
 from .plots import save_roc_png
 from .reporting import Reporter, flat_metrics, summary, write_atomic_text, write_json
@@ -242,7 +242,8 @@ def train(cfg, explicit):
     ctx = distributed.setup(cfg["device"])
     try:
         with determinism(cfg["deterministic"], ctx.device), \
-                cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:
+                cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note, \
+                scheduler_order_warning_silenced():
             return _train(cfg, ctx, resume_state, resume_path, malloc_note)
     finally:
         distributed.teardown(ctx)
