@@ -15,9 +15,9 @@
 // longest ago, and a failed allocation frees them all and tries again. Twice, not once, for
 // training: a step's blocks are cached between their uses in different size classes, and a
 // once-the-peak budget evicted and page-faulted 15,000-23,000 pages a step back in (0.46 s a
-// step against 0.44 s for the fast model at batch 8, 256x256). Inference (sficonv eval and
-// predict) uses once the peak: few activations live at a time there, and twice held up to 60%
-// more memory than glibc. Smaller requests go to torch's default CPU allocator.
+// step against 0.44 s for the fast model at batch 8, 256x256). In inference, where few
+// activations live at a time, a lower budget trades speed for memory (README). A trim frees
+// every cached block on request. Smaller requests go to torch's default CPU allocator.
 //
 // Only installed over torch's default CPU allocator, whose blocks are c10::alloc_cpu's and
 // whose raw deleter frees with c10::free_cpu (after telling the profiler): ATen's
