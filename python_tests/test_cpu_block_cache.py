@@ -81,26 +81,29 @@ def test_tensors_made_inside_keep_their_values_after_the_block():
     assert torch.all(after == 7.0)
 
 
+def _drifting_sizes():
+    """One tensor alive at a time, its size drifting up 7% a step (no size class recurs);
+    returns the last size."""
+    n = 2 * MIB
+    for _ in range(20):
+        torch.ones(n // 4)
+        n = int(n * 1.07)
+    return n
+
+
 def test_what_it_keeps_stays_within_twice_the_peak_in_use():
-    # One tensor alive at a time, its size drifting up 7% a step (no size class recurs): the
-    # blocks cached longest ago are freed rather than kept beyond twice the largest use.
+    # The blocks cached longest ago are freed rather than kept beyond twice the largest use.
     with large_block_cache():
-        n = 2 * MIB
-        for _ in range(20):
-            torch.ones(n // 4)
-            n = int(n * 1.07)
+        n = _drifting_sizes()
         stats = large_block_cache_stats()
         assert stats["live_bytes"] == 0 and stats["evictions"] > 0
         assert stats["cached_bytes"] <= 2 * stats["peak_live_bytes"] < 2 * n
 
 
 def test_a_budget_of_one_keeps_at_most_the_peak_in_use():
-    # The eval/predict setting: nothing cached beyond what was once in use at the same time.
+    # Nothing cached beyond what was once in use at the same time.
     with large_block_cache(budget=1.0):
-        n = 2 * MIB
-        for _ in range(20):
-            torch.ones(n // 4)
-            n = int(n * 1.07)
+        _drifting_sizes()
         stats = large_block_cache_stats()
         assert stats["live_bytes"] == 0 and stats["evictions"] > 0
         assert stats["cached_bytes"] <= stats["peak_live_bytes"]

@@ -69,8 +69,7 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=False):
 
     ``onednn=True`` (a CPU model, where torch has oneDNN): the folded convolutions run with
     their residual add as one oneDNN call on a pre-reordered weight, the ReLU in place after it
-    (see
-    ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
+    (see ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
 
     ``cudnn=True`` (a CUDA model; off by default until a GPU run shows it faster): each folded
     convolution followed by a ReLU runs with its bias, residual add and ReLU as one fused
@@ -89,21 +88,14 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=False):
         return _fuse(model, cuda_graph, onednn, cudnn)
 
 
-def _device(net):
-    return next(net.parameters()).device
-
-
 def _fuse(model, cuda_graph, onednn, cudnn):
-    if cudnn:
-        if _device(model).type != "cuda":
-            raise ValueError(f"cudnn=True needs the model on a CUDA device; it is on "
-                             f"{_device(model)}")
-        if not cudnn_fusion_available():
-            raise RuntimeError("cudnn=True needs cuDNN and torch's fused cuDNN convolution ops "
-                               "(torch.cudnn_convolution_relu), which this torch build lacks")
-    if cuda_graph and _device(model).type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on "
-                         f"{_device(model)}")
+    device = next(model.parameters()).device
+    for option, asked in (("cudnn", cudnn), ("cuda_graph", cuda_graph)):
+        if asked and device.type != "cuda":
+            raise ValueError(f"{option}=True needs the model on a CUDA device; it is on {device}")
+    if cudnn and not cudnn_fusion_available():
+        raise RuntimeError("cudnn=True needs cuDNN and torch's fused cuDNN convolution ops "
+                           "(torch.cudnn_convolution_relu), which this torch build lacks")
     net = copy.deepcopy(model).eval()
     _fold(net.conv1, net.bn1)
     net.bn1 = nn.Identity()

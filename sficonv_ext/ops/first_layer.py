@@ -26,8 +26,8 @@ _FUSED_MAX_CHANNELS = 128  # per-program register tile: pixels x padded input ch
 
 def fused_first_layer_available(x, weight):
     """Whether the fused Triton kernel can run this call."""
-    return (triton_runs_on(x) and triton_ops() is not None and weight.shape[-1] == 1
-            and weight.shape[-2] == 1
+    return (triton_runs_on(x) and triton_ops() is not None
+            and weight.shape[-1] == 1 and weight.shape[-2] == 1
             and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
 
 

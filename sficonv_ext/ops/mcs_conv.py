@@ -166,8 +166,9 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     if composite_only(x, weight):
         if backend not in ("auto", "torch"):
             raise refuse_kernel_backend("mcs_conv", backend)
-        return mcs_conv_torch(x, weight, constrained, eps)
-    chosen = resolve_backend(backend, x, weight)
+        chosen = "torch"
+    else:
+        chosen = resolve_backend(backend, x, weight)
     if chosen == "torch":
         return mcs_conv_torch(x, weight, constrained, eps)
     if chosen == "triton":
