@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from sficonv_ext.train import builtin_data, config
-from sficonv_ext.train.data import hold_out, load_samples, read_list_file
+from sficonv_ext.train.data import Sample, hold_out, load_samples, read_list_file
 from sficonv_ext.train.errors import DataError, UserError
 from sficonv_ext.train.sampling import TrainPlan, size_grouped_batches, shard
 from sficonv_ext.train.transforms import (EvalTransform, TrainTransform, perspective_coefficients,
@@ -182,3 +182,62 @@ def test_best_metric_direction():
         assert run.improved({metric: better})
         assert not run.improved({metric: worse})  # a tie keeps the earlier checkpoint
         assert not run.improved({metric: None})
+
+
+def _ffpp_samples(pairs, methods=("Deepfakes", "Face2Face", "FaceSwap"), frames=2):
+    """FaceForensics++-style samples: a real video per id, a fake per (target, source) pair
+    and method, under two compressions."""
+    samples = []
+    for quality in ("c23", "c40"):
+        for vid in sorted({i for pair in pairs for i in pair}):
+            folder = f"original_sequences/youtube/{quality}/frames/{vid}"
+            samples += [Sample(f"{folder}/{f}.png", 0, folder) for f in range(frames)]
+        for method in methods:
+            for target, source in pairs:
+                folder = f"manipulated_sequences/{method}/{quality}/frames/{target}_{source}"
+                samples += [Sample(f"{folder}/{f}.png", 1, folder) for f in range(frames)]
+    return samples
+
+
+def _ids_of(samples):
+    return {i for s in samples for i in s.video.rsplit("/", 1)[1].split("_")}
+
+
+def _target_ids(samples):
+    return {s.video.rsplit("/", 1)[1].split("_")[0] for s in samples}
+
+
+def test_ffpp_hold_out_keeps_every_identity_on_one_side():
+    # FaceForensics++ pairs ids both ways (000_003 and 003_000): a held-out fake's scene,
+    # its face, its twins under other methods and compressions and both real videos are
+    # all held out together.
+    ids = [f"{i:03d}" for i in range(40)]
+    pairs = [(ids[i], ids[i + 1]) for i in range(0, 40, 2)]
+    pairs += [(b, a) for a, b in pairs]
+    samples = _ffpp_samples(pairs)
+    train, val = hold_out(samples, 0.2, seed=3)
+    assert _ids_of(train).isdisjoint(_ids_of(val))
+    assert {s.label for s in val} == {0, 1}
+    assert len(_ids_of(val)) == 8  # 4 of the 20 pairs
+    assert len(train) + len(val) == len(samples)
+
+
+def test_ffpp_hold_out_falls_back_to_target_ids_when_ids_chain_together():
+    # Fakes that link every id to the next would make one group of everything: held out by
+    # target id instead, so a fake never leaves its scene's real video or its method twins.
+    ids = [f"{i:03d}" for i in range(10)]
+    pairs = [(ids[i], ids[(i + 3) % 10]) for i in range(10)]
+    train, val = hold_out(_ffpp_samples(pairs), 0.2, seed=7)
+    assert val and train
+    assert _target_ids(train).isdisjoint(_target_ids(val))
+    assert {s.label for s in val} == {0, 1}
+
+
+def test_builtin_validation_split_does_not_depend_on_the_set_size():
+    # Image i is the same image in a set of any size: a model trained on 500 images must not
+    # meet its training images in the validation split of the 2000-image set.
+    small, large = (set(builtin_data.validation_indices(n)) for n in (500, 2000))
+    assert small == {i for i in large if i < 500}
+    assert 0.15 < len(large) / 2000 < 0.25
+    tiny = builtin_data.validation_indices(8)
+    assert {i % 2 for i in tiny} == {0, 1}  # both classes even in the smallest set

@@ -76,6 +76,17 @@ def test_eval_our_checkpoint(trained):
     assert (tmp / "eval" / "roc.png").is_file()
 
 
+def test_eval_on_builtin_scores_the_runs_own_validation_split(trained, capsys):
+    # Without --builtin-images and --image-size, eval takes the training run's (24 images of
+    # 32 px, cached where the run cached them), not the 2000 images of 64 px of its defaults.
+    tmp, out = trained
+    code = main(["eval", "--checkpoint", str(out / "best.pt"), "--data", "builtin",
+                 "--out", str(tmp / "eval_builtin"), "--workers", "0", "--no-progress"])
+    assert code == 0
+    assert "the checkpoint's training run's set (24 images, 32 px)" in capsys.readouterr().out
+    assert read_json(tmp / "eval_builtin" / "metrics.json")["n"] == 5  # as in training
+
+
 def test_eval_trims_the_block_cache_when_the_image_size_changes(trained, tmp_path,
                                                                 monkeypatch):
     # Blocks kept for one image size fit no request of another: with images of native sizes,

@@ -19,7 +19,7 @@ from .errors import DataError
 # Colour photographs bundled in the scikit-image wheel (never the ones its pooch registry fetches).
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: validation split by a fixed draw per image
 DEFAULT_SEED = 2022
 VAL_FRACTION = 0.2
 
@@ -70,6 +70,24 @@ def _random_crop(photo, size, rng):
     return np.asarray(crop, dtype=np.float64) / 255.0
 
 
+def _validation_draw(i, seed):
+    digest = hashlib.sha256(f"val-{seed}-{i}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def validation_indices(count, seed=DEFAULT_SEED):
+    """The images of a set of ``count`` held out for validation: image ``i`` (the same image
+    in a set of any size) is held out by a fixed draw of its own, so a model trained on the
+    set of one size never meets its training images in the validation split of another.
+    Sets too small to draw an image of each class get the lowest draw of the missing class."""
+    draws = [_validation_draw(i, seed) for i in range(count)]
+    val = {i for i in range(count) if draws[i] < VAL_FRACTION}
+    for label in (0, 1):  # image i is fake when i is odd
+        if not any(i % 2 == label for i in val):
+            val.add(min(range(label, count, 2), key=draws.__getitem__))
+    return sorted(val)
+
+
 def _generate(folder, paths, image_size, count, seed, progress):
     from tqdm import tqdm
 
@@ -87,10 +105,8 @@ def _generate(folder, paths, image_size, count, seed, progress):
         Image.fromarray(np.round(np.clip(crop, 0, 1) * 255).astype(np.uint8)).save(
             os.path.join(folder, name))
         lines.append(f"{name} {label}\n")
-    order = rng.permutation(count)
-    n_val = max(2, int(round(VAL_FRACTION * count)))
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
+    val = validation_indices(count, seed)
+    train = sorted(set(range(count)) - set(val))
     with open(os.path.join(folder, "train.txt"), "w") as f:
         f.writelines(lines[i] for i in train)
     with open(os.path.join(folder, "val.txt"), "w") as f:

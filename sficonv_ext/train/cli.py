@@ -1,14 +1,14 @@
 """The ``sficonv`` command: ``train``, ``eval``, ``predict`` and ``export``.
 
 Every option may also come from a YAML file (``--config``); the command line overrides it.
-Exit status: 0 done, 2 bad input or options, 3 non-finite loss.
+Exit status: 0 done, 2 bad input or options, 3 a non-finite loss or score.
 """
 import argparse
 import sys
 
 from .architectures import ARCHS
 from .config import options_for, read_yaml, resolve
-from .errors import NonFiniteLossError, UserError
+from .errors import NonFiniteError, UserError
 
 DESCRIPTION = """\
 Train, evaluate and apply SFIConv deepfake detectors.
@@ -16,6 +16,7 @@ Train, evaluate and apply SFIConv deepfake detectors.
   sficonv train --data builtin --out runs/demo
   sficonv eval --checkpoint runs/demo/best.pt --data builtin --out runs/demo/eval
   sficonv predict --checkpoint runs/demo/best.pt photos/ --out scores.csv
+  sficonv export --checkpoint runs/demo/best.pt --out best.pkl
 
 Run under torchrun for several GPUs or nodes (DistributedDataParallel; NCCL on GPU, gloo on
 CPU): torchrun --nproc-per-node 2 -m sficonv_ext.train train ...
@@ -118,18 +119,18 @@ def main(argv=None):
         config_file = args.pop("config", None)
         yaml_values = read_yaml(config_file, command) if config_file else {}
         cfg = resolve(command, args, yaml_values)
+        explicit = dict(yaml_values)
+        explicit.update(args)
         if command == "train":
             from .trainer import train
-            explicit = dict(yaml_values)
-            explicit.update(args)
             train(cfg, explicit)
         elif command == "eval":
             from .evaluate import evaluate
-            evaluate(cfg)
+            evaluate(cfg, explicit)
         else:
             from .predict import predict
             predict(cfg, inputs)
-    except NonFiniteLossError as exc:
+    except NonFiniteError as exc:
         print(f"sficonv {command}: error: {exc}", file=sys.stderr)
         return 3
     except UserError as exc:

@@ -4,6 +4,7 @@ set's own defaults, and what a resumed run may not change.
 Precedence, lowest first: defaults, the ``--data builtin`` defaults, the YAML file
 (``--config``), the command line.
 """
+import os
 import sys
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ OPTIONS = [
            "file ('path label' lines), a folder with real/ and fake/, a FaceForensics++-style "
            "tree, or 'builtin'", (T, E), metavar="DATA"),
     Option("val_data", str, None, "validation data (same forms as --data); default: a seeded "
-           "--val-fraction of --data is held out (whole videos for a FaceForensics++ tree)",
+           "--val-fraction of --data is held out (whole identities for a FaceForensics++ tree)",
            metavar="DATA"),
     Option("out", str, None, "output folder (train, eval) or CSV file (predict; - for "
            "standard output, with the log on standard error)", (T, E, P),
@@ -136,7 +137,8 @@ OPTIONS = [
            metavar="DIR|CKPT"),
     Option("overwrite", bool, False, "reuse an output folder that holds another run",
            flag=True),
-    Option("seed", int, 7, "seed for initialisation, data order, augmentation, hold-out"),
+    Option("seed", _non_negative_int, 7, "seed for initialisation, data order, augmentation, "
+           "hold-out"),
     Option("deterministic", bool, False, "deterministic algorithms only (bit-exact reruns and "
            "resumes; can be slower)", flag=True),
     Option("workers", _workers, None, "data-loading processes per process of this command "
@@ -171,10 +173,22 @@ OPTIONS = [
 ]
 BY_NAME = {o.name: o for o in OPTIONS}
 
-# Changing these on resume would silently make a different run.
+# Changing these on resume would silently make a different run (best_metric: best.pt and the
+# recorded best would compare one metric's value with another's).
 FIXED_ON_RESUME = ("data", "val_data", "arch", "batch_size", "accum_steps", "image_size", "lr",
                    "weight_decay", "lr_schedule", "seed", "augment", "val_fraction",
-                   "mcs_learnable", "mcs_init", "builtin_images", "amp")
+                   "mcs_learnable", "mcs_init", "builtin_images", "amp", "best_metric")
+# Options naming files or folders: a run records them as absolute paths, so that it resumes
+# from any working directory, and compares them as such.
+PATH_OPTIONS = ("data", "val_data", "cache_dir")
+
+
+def absolute_path_option(name, value):
+    """``value`` of option ``name`` with a relative path made absolute (``builtin`` and unset
+    values as they are)."""
+    if name not in PATH_OPTIONS or value in (None, "builtin"):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def options_for(command):

@@ -5,7 +5,7 @@ and ``fake/`` subfolders; a FaceForensics++-style tree (``original_sequences/`` 
 ``manipulated_sequences/`` holding one folder of frames per video); or ``builtin``.
 """
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -142,26 +142,81 @@ def drop_missing(samples, strict, log):
 
 
 def hold_out(samples, fraction, seed):
-    """Split off a seeded ``fraction`` for validation, per class, whole videos at a time.
+    """Split off a seeded ``fraction`` for validation, per class, whole groups at a time.
 
-    Returns ``(train, val)``; each keeps the input order. At least one group per class is held
-    out where a class has two or more groups, so the validation set has both classes if it can.
+    Samples without a video are their own group. Frames of videos are grouped so that no
+    face or scene is on both sides: FaceForensics++ names a real video by its id (``000``) and
+    a fake by target and source ids (``000_003``, the same name under every method and
+    compression), so a group is every video linked through a shared id
+    (:func:`_video_groups`). Returns ``(train, val)``; each keeps the input order. At least
+    one group per class is held out where a class has two or more groups, so the validation
+    set has both classes if it can.
     """
-    groups = defaultdict(list)  # (label, group key) -> sample indices
+    groups = _video_groups(samples, fraction)  # group key -> sample indices
     for i, s in enumerate(samples):
-        groups[(s.label, s.video if s.video is not None else i)].append(i)
+        if s.video is None:
+            groups[("sample", i)] = [i]
+    labels_of = {key: {samples[i].label for i in members} for key, members in groups.items()}
     rng = np.random.default_rng(seed)
-    held = set()
-    for label in sorted({key[0] for key in groups}):
-        keys = [k for k in groups if k[0] == label]
+    held_keys = set()
+    for label in sorted({s.label for s in samples}):
+        keys = [k for k in groups if label in labels_of[k]]
         n_val = int(round(fraction * len(keys)))
         if n_val == 0 and len(keys) >= 2 and fraction > 0:
             n_val = 1
-        for j in rng.permutation(len(keys))[:n_val]:
-            held.update(groups[keys[j]])
+        # A group held out for another class may already count towards this one.
+        n_val -= sum(1 for k in keys if k in held_keys)
+        for j in rng.permutation(len(keys)):
+            if n_val <= 0:
+                break
+            if keys[j] not in held_keys:
+                held_keys.add(keys[j])
+                n_val -= 1
+    held = {i for key in held_keys for i in groups[key]}
     train = [s for i, s in enumerate(samples) if i not in held]
     val = [s for i, s in enumerate(samples) if i in held]
     return train, val
+
+
+def _video_ids(video):
+    """The ids a video folder's name links it by: ``000`` -> [000], ``000_003`` -> [000,
+    003] (DeepFakeDetection's ``01_02__scene``: [01, 02]); another name is its own id."""
+    name = os.path.basename(video).split("__", 1)[0]
+    parts = name.split("_")
+    return parts if all(p.isdigit() for p in parts) else [name]
+
+
+def _video_groups(samples, fraction):
+    """Sample indices of videos grouped by linked ids (connected components), or by the first
+    (target) id alone where linking joins more than ``fraction`` of the videos into one group
+    (a data set whose fakes pair every identity with many others): then a held-out fake's
+    source face may still appear in training, but never its scene, its method twins or its
+    real video."""
+    videos = OrderedDict()  # video -> sample indices, in input order
+    for i, s in enumerate(samples):
+        if s.video is not None:
+            videos.setdefault(s.video, []).append(i)
+    parent = {}
+
+    def root(a):
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for video in videos:
+        first, *others = _video_ids(video)
+        for other in others:
+            parent[root(other)] = root(first)
+    sizes = defaultdict(int)
+    for video in videos:
+        sizes[root(_video_ids(video)[0])] += 1
+    linked = not videos or max(sizes.values()) <= max(1, fraction * len(videos))
+    groups = OrderedDict()
+    for video, members in videos.items():
+        target = _video_ids(video)[0]
+        groups.setdefault(("video", root(target) if linked else target), []).extend(members)
+    return groups
 
 
 def class_counts(samples):

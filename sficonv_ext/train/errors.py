@@ -9,5 +9,13 @@ class DataError(UserError):
     """A data set that cannot be used: malformed list file, bad label, nothing to train on."""
 
 
-class NonFiniteLossError(Exception):
+class NonFiniteError(Exception):
+    """The model produced NaN or infinite numbers (exit status 3)."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """Training produced a NaN or infinite loss; the message names the step."""
+
+
+class NonFiniteScoreError(NonFiniteError):
+    """Scoring produced NaN or infinite logits; the message names the images."""

@@ -1,6 +1,7 @@
 """``sficonv eval``: metrics.json and an ROC PNG for a checkpoint on a data set."""
 import os
 
+from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .cpu_memory import cpu_malloc
 from .data import drop_missing
@@ -14,7 +15,9 @@ from .sources import evaluation_set
 from .transforms import EvalTransform
 
 
-def evaluate(cfg):
+def evaluate(cfg, explicit=None):
+    """Run ``sficonv eval``. ``explicit``: the options given on the command line or in YAML
+    (the others may come from the checkpoint's run, see :func:`builtin_settings`)."""
     for name in ("checkpoint", "data", "out"):
         if not cfg.get(name):
             raise UserError(f"eval needs --{name}")
@@ -26,12 +29,34 @@ def evaluate(cfg):
     ctx = distributed.setup(cfg["device"])
     try:
         with cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:
-            return _evaluate(cfg, ctx, malloc_note)
+            return _evaluate(cfg, ctx, malloc_note, explicit or {})
     finally:
         distributed.teardown(ctx)
 
 
-def _evaluate(cfg, ctx, malloc_note):
+def builtin_settings(cfg, explicit, checkpoint, log):
+    """``cfg`` for ``--data builtin``: the built-in set's size and image side of the run that
+    wrote ``checkpoint`` (a loaded object) unless given now, so that eval scores that run's
+    validation split, never its training images."""
+    run = checkpoint.get("config") if ckpt.is_training_checkpoint(checkpoint) else None
+    if not isinstance(run, dict) or run.get("data") != "builtin":
+        return cfg
+    cfg = dict(cfg)
+    taken = []
+    if "builtin_images" not in explicit and run.get("builtin_images"):
+        cfg["builtin_images"] = run["builtin_images"]
+        taken.append(f"{cfg['builtin_images']} images")
+    if "image_size" not in explicit and run.get("image_size"):
+        cfg["builtin_image_size"] = run["image_size"]
+        taken.append(f"{run['image_size']} px")
+    if "cache_dir" not in explicit and run.get("cache_dir"):
+        cfg["cache_dir"] = run["cache_dir"]
+    if taken:
+        log(f"--data builtin: the checkpoint's training run's set ({', '.join(taken)})")
+    return cfg
+
+
+def _evaluate(cfg, ctx, malloc_note, explicit):
     out = cfg["out"]
     if ctx.is_main:
         os.makedirs(out, exist_ok=True)
@@ -40,10 +65,14 @@ def _evaluate(cfg, ctx, malloc_note):
     log = reporter.log
     if malloc_note:
         log(malloc_note)
+    loaded = ckpt.load_file(cfg["checkpoint"])
+    if cfg["data"] == "builtin":
+        cfg = builtin_settings(cfg, explicit, loaded[0], log)
     samples = evaluation_set(cfg["data"], cfg, ctx, log)
     samples, missing = drop_missing(samples, cfg["strict"], log)
     model, path = load_model(cfg["checkpoint"], cfg.get("arch"), ctx.device,
-                             cfg["channels_last"], cfg["compile"], log, fuse=cfg["fuse"])
+                             cfg["channels_last"], cfg["compile"], log, fuse=cfg["fuse"],
+                             loaded=loaded)
     if not samples:
         log(f"no images to evaluate in {cfg['data']}: metrics.json will hold n = 0")
     # Published test transform: no resizing unless --image-size.
@@ -66,7 +95,7 @@ def _evaluate(cfg, ctx, malloc_note):
             log(f"note: {undefined_reason(metrics)}")
         write_json(os.path.join(out, "metrics.json"), metrics)
         roc_path = os.path.join(out, "roc.png")
-        if save_roc_png(scored["labels"], scored["scores"], roc_path, "ROC", metrics["auc"]):
+        if save_roc_png(scored["labels"], scored["margins"], roc_path, "ROC", metrics["auc"]):
             log(f"wrote {roc_path}")
         log(f"{summary(metrics)}")
         log(f"wrote {os.path.join(out, 'metrics.json')}")

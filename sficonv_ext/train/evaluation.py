@@ -1,10 +1,12 @@
 """Scoring a sample list and turning the scores into metrics, shared by training-time
 validation and ``sficonv eval``."""
+import math
 import os
 
 import torch
 
 from ..models.input_checks import MIN_INPUT_SIZE
+from .errors import NonFiniteScoreError
 from .images import ImageDataset, UnreadableImageError, collate, image_size
 from .loop import score
 from .metrics import binary_metrics, video_scores
@@ -56,14 +58,27 @@ class ScoringSet:
         self.local_images = sum(len(b) for b in batches)
 
     def run(self, model, amp="none", channels_last=False, bar=None):
+        """Scores of every sample (gathered on every rank); raises
+        :class:`NonFiniteScoreError` on every rank alike if any logit is NaN or infinite."""
         scored = score(model, self.loader, self.ctx, amp, channels_last, bar)
         scored["failures"] = sorted(scored["failures"] + self.header_failures)
+        bad = [i for i, m in zip(scored["indices"], scored["margins"]) if not math.isfinite(m)]
+        if bad:
+            # NaN would rank anywhere (and argmax calls it a class): no metric or score of
+            # this model can be trusted.
+            shown = ", ".join(self.samples[i].path for i in bad[:3])
+            raise NonFiniteScoreError(
+                f"the model gave NaN or infinite logits for {len(bad)} of "
+                f"{len(scored['indices'])} image(s) ({shown}{' ...' if len(bad) > 3 else ''}):"
+                f" its weights or BatchNorm statistics hold non-finite values, or --amp fp16 "
+                f"overflowed")
         return scored
 
 
 def metrics_of(scored, samples):
     """metrics.json content for scored samples (video-level metrics where videos exist)."""
-    metrics = binary_metrics(scored["labels"], scored["scores"], scored["predictions"])
+    # Ranked by margin (see loop.score); a video is scored by its frames' mean probability.
+    metrics = binary_metrics(scored["labels"], scored["margins"], scored["predictions"])
     n = metrics["n"]
     metrics["loss"] = scored["loss_sum"] / n if n else None
     videos = [samples[i].video for i in scored["indices"]]

@@ -8,14 +8,15 @@ from .errors import UserError
 
 
 def load_model(path, arch, device, channels_last=False, compile_model=False, log=print,
-               fuse=False):
+               fuse=False, loaded=None):
     """Build the network a checkpoint needs and load it (ours, or a published ``best.pkl``).
     ``fuse``: return ``models.fuse_for_inference`` of it (eval-only, BatchNorm folded).
+    ``loaded``: ``ckpt.load_file(path)``'s result where the caller has it already.
 
     ``arch`` None: the checkpoint's own, or sfi_resnet26 for a published file (which does not
     record it). Returns ``(model in eval mode, resolved checkpoint path)``.
     """
-    obj, path = ckpt.load_file(path)
+    obj, path = loaded or ckpt.load_file(path)
     state_dict, saved_arch, options = ckpt.model_weights(obj, path)
     if arch and saved_arch and arch != saved_arch:
         raise UserError(f"--arch {arch} does not match the checkpoint's {saved_arch}")

@@ -128,8 +128,9 @@ def train_epoch(run, epoch, start_step, totals, on_step):
 def score(model, loader, ctx, amp="none", channels_last=False, bar=None):
     """Score every batch of ``loader`` (this rank's share); gather across ranks.
 
-    Returns ``dict(indices, scores, predictions, labels, loss_sum, failures)`` with lists
-    sorted by sample index.
+    Returns ``dict(indices, scores, margins, predictions, labels, loss_sum, failures)`` with
+    lists sorted by sample index: ``scores`` the probability of fake, ``margins`` the logit
+    difference fake - real (the same order, without float rounding to 0 or 1).
     """
     model.eval()
     rows, failures, loss_sum = [], [], 0.0
@@ -151,9 +152,15 @@ def score(model, loader, ctx, amp="none", channels_last=False, bar=None):
             labels = batch.labels.to(ctx.device)
             if (labels >= 0).all():
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            probs = torch.softmax(logits, dim=1)[:, 1].cpu().tolist()
+            # Ranked by the logit margin: a float32 softmax is exactly 1.0 beyond a margin of
+            # about 17, which would tie every confident fake with every confident false
+            # positive. The probability (softmax of class 1 = sigmoid of the margin) is kept
+            # in float64.
+            margins = (logits[:, 1].double() - logits[:, 0].double()).cpu()
+            probs = torch.sigmoid(margins).tolist()
             preds = logits.argmax(dim=1).cpu().tolist()
-            rows += list(zip(batch.indices.tolist(), probs, preds, batch.labels.tolist()))
+            rows += list(zip(batch.indices.tolist(), probs, margins.tolist(), preds,
+                             batch.labels.tolist()))
         if bar is not None:
             bar.update(batch.labels.numel() + len(batch.failures))
     if bar is not None:
@@ -162,5 +169,5 @@ def score(model, loader, ctx, amp="none", channels_last=False, bar=None):
     failures = sorted(distributed.gather_lists(ctx, failures))
     loss_sum = distributed.all_sum(ctx, [loss_sum])[0]
     return {"indices": [r[0] for r in rows], "scores": [r[1] for r in rows],
-            "predictions": [r[2] for r in rows], "labels": [r[3] for r in rows],
-            "loss_sum": loss_sum, "failures": failures}
+            "margins": [r[2] for r in rows], "predictions": [r[3] for r in rows],
+            "labels": [r[4] for r in rows], "loss_sum": loss_sum, "failures": failures}

@@ -39,7 +39,9 @@ def tpr_at_fpr(fpr, tpr, target):
 
 
 def binary_metrics(labels, scores, predictions=None):
-    """Metrics of fake-probability ``scores`` against 0/1 ``labels``."""
+    """Metrics of ``scores`` against 0/1 ``labels``: any score that rises with the chance of
+    fake ranks the same; without ``predictions``, ``scores`` must be probabilities (for
+    accuracy, ``score > 0.5``)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     labels = np.asarray(labels, dtype=np.int64)

@@ -6,7 +6,9 @@ from .distributed import barrier
 
 
 def _builtin(cfg, ctx, log):
-    size = cfg.get("image_size") or BUILTIN_DEFAULTS["image_size"]
+    # eval of a run trained on builtin: that run's image side (see evaluate.builtin_settings).
+    size = (cfg.get("builtin_image_size") or cfg.get("image_size")
+            or BUILTIN_DEFAULTS["image_size"])
 
     def build(log_fn):
         return builtin_data.builtin_lists(size, cfg["builtin_images"],

@@ -12,10 +12,11 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .architectures import build_model
-from .config import BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, convert
+from .config import (BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, PATH_OPTIONS,
+                     absolute_path_option, convert)
 from .cpu_memory import cpu_malloc
 from .data import class_counts
-from .errors import DataError, NonFiniteLossError, UserError
+from .errors import DataError, NonFiniteError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
 from .images import ImageDataset, collate
 from .loop import EpochTotals, scheduler_order_warning_silenced, train_epoch
@@ -27,7 +28,9 @@ from .schedules import make_scheduler
 from .sources import training_sets
 from .transforms import TrainTransform, validation_transform
 
-NOT_SAVED = ("resume", "overwrite", "config")
+# Settings of this invocation, not of the run: never saved, never taken from a resumed run
+# (progress follows whether this process's standard error is a terminal).
+NOT_SAVED = ("resume", "overwrite", "config", "progress")
 
 
 @contextlib.contextmanager
@@ -65,7 +68,9 @@ def merge_resume(saved, explicit):
     cfg = dict(saved)
     cfg.pop("out", None)  # a resumed run writes where it is told, by default beside its checkpoint
     for name, value in explicit.items():
-        if name in FIXED_ON_RESUME and name in saved and saved[name] != value:
+        value = absolute_path_option(name, value)
+        if (name in FIXED_ON_RESUME and name in saved
+                and absolute_path_option(name, saved[name]) != value):
             raise UserError(f"cannot change --{name.replace('_', '-')} when resuming (the run "
                             f"used {saved[name]!r}, now {value!r}); start a new run instead")
         cfg[name] = value
@@ -221,10 +226,13 @@ def resolve_run_config(cfg, explicit):
     state = path = None
     if cfg.get("resume"):
         state, path = _load_resume(cfg["resume"])
+        progress = cfg.get("progress")
         cfg = merge_resume(state["config"], explicit)
-        cfg["resume"] = path
+        cfg["resume"], cfg["progress"] = path, progress
         if not cfg.get("out"):
             cfg["out"] = os.path.dirname(path)
+    for name in PATH_OPTIONS:
+        cfg[name] = absolute_path_option(name, cfg.get(name))
     if not cfg.get("data"):
         raise UserError("train needs --data (a list file, a folder, or 'builtin')")
     if not cfg.get("out"):
@@ -270,40 +278,68 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
         if not train_samples:
             raise DataError(f"the training set from {cfg['data']} is empty: no images to train "
                             f"on")
+        real, fake = class_counts(train_samples)
+        if not real or not fake:
+            # A misspelt real/ or fake/ folder would otherwise train a one-class "detector"
+            # with perfect accuracy.
+            raise DataError(f"the training set from {cfg['data']} has no "
+                            f"{'real' if not real else 'fake'} images ({real} real, {fake} "
+                            f"fake): a detector needs both (label 0 real, 1 fake)")
         run = Run(cfg, ctx, reporter)
         run.build(train_samples)
         epoch, start_step, totals = 0, 0, EpochTotals()
         if resume_state is not None:
             epoch, start_step, totals = run.restore(resume_state, resume_path)
+            if epoch > cfg["epochs"]:
+                raise UserError(f"{resume_path} has trained {epoch} epochs, more than "
+                                f"--epochs {cfg['epochs']}: give --epochs {epoch} or more")
             log(f"resumed {resume_path}: epoch {epoch + 1}, step {start_step} "
                 f"(global step {run.global_step})")
-            if not resuming_here and ctx.is_main:
-                _carry_over(resume_path, run, log)
+            if ctx.is_main:
+                _bring_best(resume_state, resume_path, resuming_here, run, log)
         run.wrap()
         return _epochs(run, train_samples, val_samples, epoch, start_step, totals)
-    except (UserError, NonFiniteLossError) as exc:
+    except (UserError, NonFiniteError) as exc:
         reporter.log_to_file(f"error: {exc}")  # train.log then says why the run stopped
         raise
     finally:
         reporter.close()
 
 
-def _carry_over(resume_path, run, log):
-    """A run resumed into another folder: bring its best checkpoint so far (when it is that
-    run's, by its recorded best) and its history, so the new folder is a whole run even if
-    no later epoch does better."""
-    out = run.cfg["out"]
-    run.reporter.history_csv(run.history)
-    source = os.path.join(os.path.dirname(os.path.abspath(resume_path)), ckpt.BEST)
-    if not run.best or not os.path.isfile(source):
-        return
+def _recorded_best(path):
+    """The ``best`` record of the checkpoint at ``path``; None if it is missing or unreadable."""
+    if not os.path.isfile(path):
+        return None
     try:
-        state, _ = ckpt.load_file(source)
+        state, _ = ckpt.load_file(path)
     except UserError:
+        return None
+    return state.get("best") if isinstance(state, dict) else None
+
+
+def _bring_best(resume_state, resume_path, resuming_here, run, log):
+    """Make the output folder's best.pt the resumed run's recorded best.
+
+    Into another folder: copy the run's best.pt and history, so the new folder is a whole run
+    even if no later epoch does better. In either folder: an epoch's last.pt is written before
+    its best.pt, so a run stopped between the two has a last.pt whose best is its own
+    weights and an older best.pt: best.pt is then written again from last.pt."""
+    out = run.cfg["out"]
+    if not resuming_here:
+        run.reporter.history_csv(run.history)
+    if not run.best:
         return
-    if isinstance(state, dict) and state.get("best") == run.best:
-        shutil.copy2(source, os.path.join(out, ckpt.BEST))
-        log(f"copied {source} (best so far, epoch {run.best['epoch']}) into {out}")
+    source = os.path.join(os.path.dirname(os.path.abspath(resume_path)), ckpt.BEST)
+    if _recorded_best(source) == run.best:
+        if not resuming_here:
+            shutil.copy2(source, os.path.join(out, ckpt.BEST))
+            log(f"copied {source} (best so far, epoch {run.best['epoch']}) into {out}")
+        return
+    progress = resume_state["progress"]
+    if progress["step"] == 0 and progress["epoch"] == run.best["epoch"]:
+        run.save(ckpt.BEST, progress["epoch"], 0, EpochTotals(**progress["totals"]), full=False)
+        log(f"wrote {os.path.join(out, ckpt.BEST)} (best so far, epoch {run.best['epoch']}) "
+            f"from {resume_path}: the run had stopped before writing it")
 
 
 def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):
@@ -390,7 +426,7 @@ def _finish(run, final):
         result["epoch"] = cfg["epochs"]
         result["best"] = run.best
         write_json(os.path.join(out, "metrics.json"), result)
-        if final is not None and save_roc_png(scored["labels"], scored["scores"],
+        if final is not None and save_roc_png(scored["labels"], scored["margins"],
                                               os.path.join(out, "roc.png"),
                                               f"validation ROC, {cfg['arch']}",
                                               result["auc"]):

@@ -1,0 +1,110 @@
+"""What a run records and a resume trusts: best.pt after a stop between checkpoint writes,
+settings a resume may not change, paths that survive another working directory, and runs that
+must not start at all."""
+import os
+
+import pytest
+import torch
+import yaml
+
+from sficonv_ext.train import checkpoint as ckpt
+from sficonv_ext.train.cli import main
+from sficonv_ext.train.config import resolve
+from sficonv_ext.train.trainer import resolve_run_config
+from test_train_support import FAST, real_fake_folder
+
+RUN = ["--image-size", "32", "--batch-size", "4", "--val-fraction", "0.34",
+       "--save-every-minutes", "0", *FAST[2:]]  # FAST without its batch size
+
+
+def _weights_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped (as by a kill) between writing epoch 1's last.pt and its best.pt, started
+    with a relative --data from its own folder."""
+    tmp = tmp_path_factory.mktemp("integrity")
+    real_fake_folder(tmp / "data", 6, 6)
+    save = ckpt.atomic_save
+
+    def stop_before_best(obj, path):
+        if os.path.basename(path) == ckpt.BEST:
+            raise KeyboardInterrupt("stopped between last.pt and best.pt")
+        save(obj, path)
+
+    before = os.getcwd()
+    os.chdir(tmp)
+    ckpt.atomic_save = stop_before_best
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", "--data", "data", "--out", "run", *RUN])
+    finally:
+        ckpt.atomic_save = save
+        os.chdir(before)
+    return tmp
+
+
+def test_resume_rewrites_a_best_pt_the_stop_left_unwritten(stopped_run, capsys):
+    run = stopped_run / "run"
+    assert (run / "last.pt").exists() and not (run / "best.pt").exists()
+    last, _ = ckpt.load_file(str(run / "last.pt"))
+    assert last["best"]["epoch"] == 1 and last["progress"]["epoch"] == 1
+    # The paths a run records are absolute: it resumes from any working directory.
+    assert last["config"]["data"] == str(stopped_run / "data")
+    with open(run / "config.yaml") as f:
+        assert yaml.safe_load(f.read())["data"] == str(stopped_run / "data")
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "stopped before writing it" in capsys.readouterr().out
+    best, _ = ckpt.load_file(str(run / "best.pt"))
+    assert best["best"] == last["best"]
+    assert _weights_equal(best["model"], last["model"])
+
+
+def test_a_resume_may_not_change_the_metric_that_picks_best_pt(stopped_run, capsys):
+    code = main(["train", "--resume", str(stopped_run / "run"), "--best-metric", "loss"])
+    assert code == 2
+    assert "cannot change --best-metric" in capsys.readouterr().err
+
+
+def test_a_resume_from_another_folder_finds_relative_data_and_may_not_shorten_the_run(
+        stopped_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/ here: the run's absolute path must be used
+    run = stopped_run / "run"
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    state, _ = ckpt.load_file(str(run / "last.pt"))
+    assert state["progress"]["epoch"] == 2
+    # The same folder named relatively from another directory is the same data, not a change.
+    monkeypatch.chdir(stopped_run)
+    assert main(["train", "--resume", str(run), "--data", "./data", "--epochs", "2",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
+    assert "has trained 2 epochs, more than --epochs 1" in capsys.readouterr().err
+
+
+def test_progress_is_this_invocations_choice_not_the_runs(stopped_run, tmp_path):
+    state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
+    assert "progress" not in state["config"]
+    state["config"]["progress"] = True  # as runs saved before it stopped being recorded
+    old = tmp_path / "old_last.pt"
+    torch.save(state, old)
+    given = {"resume": str(old)}
+    cfg, _, _ = resolve_run_config(resolve("train", given), given)
+    assert cfg["progress"] is False  # standard error is not a terminal under pytest
+
+
+def test_a_training_set_without_one_class_is_an_error(tmp_path, capsys):
+    real_fake_folder(tmp_path / "data", 6, 0)
+    (tmp_path / "data" / "fakes").mkdir()  # a misspelt fake/
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                 *RUN]) == 2
+    assert "has no fake images (4 real, 0 fake)" in capsys.readouterr().err
+
+
+def test_a_negative_seed_is_refused_like_any_bad_option(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--data", "builtin", "--out", "x", "--seed", "-1"])
+    assert exited.value.code == 2
+    assert "must be 0 or more" in capsys.readouterr().err
