@@ -435,6 +435,9 @@ void launch_weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor& pa
                         int64_t chunks, int64_t chunk_len, int k) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_pixels = x.size(0) * x.size(2) * x.size(3);
+  // This fallback alone puts channels on gridDim.y (the row kernels loop over planes).
+  TORCH_CHECK(x.size(1) <= kMaxGrid, "mcs_conv CUDA kernel: the weight gradient for k = ", k,
+              " in this layout supports at most ", kMaxGrid, " channels, got ", x.size(1));
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(x.size(1)));
   weight_grad_partials<scalar_t, acc_t, K>
       <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -577,10 +580,13 @@ void check_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
 }
 
-// Called after check_inputs: the kernels keep per-image sizes in 32-bit ints.
+// Called after check_inputs: the kernels keep per-image sizes in 32-bit ints, and add a tile,
+// a halo or a row block (under 1024) to H and W before comparing.
 void check_cuda_sizes(const at::Tensor& x) {
-  TORCH_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= INT32_MAX && x.size(3) <= INT32_MAX,
-              "mcs_conv CUDA kernel: C, H and W must each fit in 32 bits, got ", x.sizes());
+  constexpr int64_t kMaxSide = INT32_MAX - 1024;
+  TORCH_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= kMaxSide && x.size(3) <= kMaxSide,
+              "mcs_conv CUDA kernel: C must fit in 32 bits and H and W must be at most ",
+              kMaxSide, ", got ", x.sizes());
 }
 
 }  // namespace
@@ -610,10 +616,6 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x);
   check_cuda_sizes(x);
-  // The weight-gradient grid puts channels on gridDim.y.
-  TORCH_CHECK(!need_weight || x.size(1) <= 65535,
-              "mcs_conv CUDA kernel: the weight gradient supports at most 65535 channels, got ",
-              x.size(1));
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -336,3 +336,34 @@ def test_the_cache_removes_the_page_faults():
     assert faults("cache") < pages / 20
     if _GLIBC:  # glibc maps and unmaps a block this size every time (others may not)
         assert faults("default") > pages / 2
+
+
+class _InterruptedAsEnterReturns:
+    """The op namespace with a Ctrl-C handled as ``cpu_block_cache_enter`` returns: where real
+    SIGINTs landed (2,821 of 3,000 in a review's run left the cache on for good)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def cpu_block_cache_enter(self, *args):
+        self._real.cpu_block_cache_enter(*args)
+        raise KeyboardInterrupt
+
+
+def test_an_interrupt_as_the_cache_turns_on_leaves_it_off(monkeypatch):
+    import sficonv_ext.cpu_allocator as allocator
+    real = torch.ops.sficonv_ext
+    assert not large_block_cache_stats()["on"]
+    monkeypatch.setattr(allocator, "_ops_namespace", lambda: _InterruptedAsEnterReturns(real))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with large_block_cache():
+                pass
+        left_on = large_block_cache_stats()["on"]
+    finally:
+        while large_block_cache_stats()["on"]:  # never leak into the other tests
+            real.cpu_block_cache_exit()
+    assert not left_on

@@ -107,6 +107,35 @@ def test_first_layer_rejects_bad_input():
             ops.first_sfi_conv(x, torch.randn(6, 4, 3, 3), mw, 3, backend="triton")
 
 
+@pytest.mark.parametrize("mcs_shape,constrained,eps,match", [
+    ((4, 1, 4, 4), False, 1e-6, "odd"), ((4, 1, 3, 5), False, 1e-6, r"\[C, 1, k, k\]"),
+    ((4, 2, 3, 3), False, 1e-6, r"\[C, 1, k, k\]"), ((4, 1, 5, 5), True, 0.0, "eps")])
+def test_fused_path_checks_the_mcs_filter_as_the_composed_path_does(mcs_shape, constrained, eps,
+                                                                    match):
+    # The fused kernel indexes a [C, 1, k, k] filter of odd k: anything else read past it.
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 1, 1)
+    mw = torch.rand(*mcs_shape)
+    for backend in ("composed", "triton"):
+        with pytest.raises(ValueError, match=match):
+            ops.first_sfi_conv(x, w, mw, 3, constrained=constrained, eps=eps, backend=backend)
+
+
+@needs_triton
+def test_fused_backward_can_be_differentiated_again():
+    # A gradient penalty differentiates the backward: recomputed through PyTorch's MCSConv,
+    # since the Triton backward ops have no autograd of their own.
+    x, weight, mcs_weight, _, grad = make_inputs(1, 5, 6, 7, 8, "channels_last")
+
+    def penalty_grads(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, mcs_weight)]
+        y = ops.first_sfi_conv(*leaves, 3, constrained=True, backend=backend)
+        gx, = torch.autograd.grad((y * grad).sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), leaves[1:])
+
+    for got, want in zip(penalty_grads("triton"), penalty_grads("composed")):
+        assert rel_err(got.double(), want.double()) < 1e-4
+
+
 GPU_TOLERANCES = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

@@ -73,3 +73,30 @@ def test_torch_func_grad_of_the_model_matches_autograd():
     xi = x.clone().requires_grad_()
     fast(xi).square().sum().backward()
     assert rel_err(got, xi.grad) < 1e-5
+
+
+def test_transforms_after_a_compiled_call_under_forward_ad_still_take_pytorch_ops():
+    # A compiled call under forward AD once made Dynamo compile the transform check as a frame
+    # of its own, its answer baked in: torch.func.grad then ran the C++ kernel and failed, and
+    # vmap fell back to a slow per-sample loop with a warning.
+    import warnings
+    torch._dynamo.reset()
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(4, 1, 3, 3)
+
+    def f(a, b):
+        return ops.mcs_conv(a, b) * 2.0
+
+    compiled = torch.compile(f, backend="eager")
+    try:
+        with fwad.dual_level():
+            out = compiled(fwad.make_dual(x, torch.randn_like(x)), w)
+            assert fwad.unpack_dual(out).tangent is not None
+        want = torch.func.grad(lambda a: f(a, w).sum())(x)
+        got = torch.func.grad(lambda a: compiled(a, w).sum())(x)
+        assert rel_err(got, want) < 1e-6
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            batched = torch.func.vmap(lambda a: compiled(a, w))(torch.stack([x, x + 1]))
+        assert rel_err(batched[1], f(x + 1, w)) < 1e-6
+    finally:
+        torch._dynamo.reset()

@@ -206,6 +206,25 @@ def test_gpu_tile_kernel_unaligned_input_and_many_planes(monkeypatch, variant, d
         assert rel_err(got.double(), want) < FUSED_TOLERANCES[dtype], (n, c, h, w)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension(layout):
+    # Only the fallback weight-gradient kernel (k other than 3, 5, 7) puts channels on a grid
+    # dimension; the row kernels for k = 5 must take 70,000 channels (once refused up front).
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    x = torch.randn(1, 70000, 6, 5, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(70000, 1, 5, 5, device="cuda") + 0.5
+    g = torch.randn_like(x)
+    got = grads("cuda", x, weight, g, True)
+    want = grads("torch", x.double(), weight.double(), g.double(), True)
+    for a, b in zip(got, want):
+        assert rel_err(a.double(), b) < 4 * TOLERANCES[torch.float32]
+    with pytest.raises(RuntimeError, match="at most 65535 channels"):
+        grads("cuda", x, torch.rand(70000, 1, 9, 9, device="cuda") + 0.5, g, True)
+
+
 @pytest.mark.parametrize("name", CUDA_KERNEL_ENV)
 def test_gpu_bad_kernel_choice_is_an_error(monkeypatch, name):
     # A misspelt choice must not silently run the default kernel.

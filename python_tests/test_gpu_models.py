@@ -116,6 +116,25 @@ def test_cuda_graph_inference_replays_and_refuses_other_shapes(amp):
 
 
 @cuda
+def test_cuda_graph_captured_under_inference_mode_replays_outside_it():
+    # The captured input buffer must be a normal tensor: an inference tensor refuses the copy
+    # of a later call made outside inference_mode.
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.cuda().eval()
+    eager = models.fuse_for_inference(fast)
+    graphed = models.fuse_for_inference(fast, cuda_graph=True)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.inference_mode():
+        first = graphed(x)
+    with torch.no_grad():
+        want = eager(x)
+    assert rel_err(first, want) < 1e-5
+    assert rel_err(graphed(x), want) < 1e-5
+    with torch.inference_mode():
+        assert rel_err(graphed(x), want) < 1e-5
+
+
+@cuda
 @pytest.mark.parametrize("dtype", sorted(CASES))
 def test_cuda_fast_model_gradients_match_reference(dtype):
     # The fused first layer and the MCSConv kernels inside a full train step: the gradient of a

@@ -30,7 +30,10 @@ class CUDAGraphInference(nn.Module):
     def _capture(self, x):
         """Warm up, then record ``network`` on x's device. The wrapper's state is set only once
         the capture has succeeded, so a failed capture leaves it uncaptured, not half-made."""
-        static_input = x.detach().clone()
+        # A normal tensor even when captured under inference_mode: later calls outside it copy
+        # into this buffer, which an inference tensor refuses.
+        with torch.inference_mode(False):
+            static_input = x.detach().clone()
         with torch.cuda.device(x.device):
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))

@@ -11,16 +11,19 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 
-def _transforms_active():
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(active is not None and active())
+# Asked inline in composite_only, never from an argument-less helper: after a compiled call
+# under forward AD fell back frame by frame, Dynamo compiled such a helper as a frame of its own
+# and baked its answer (False) in with no guard on the functorch stack, so later
+# torch.func.grad/vmap calls ran the kernels. composite_only's frame has the call's tensors as
+# inputs, whose dispatch-key guards change under a transform.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def composite_only(*tensors):
     """True where a call must take pure-PyTorch ops: a forward-AD dual tensor among
     ``tensors`` (None entries are skipped), or a ``torch.func`` transform (jvp, vmap, grad,
     ...) in force."""
-    if _transforms_active():
+    if _transforms_active is not None and _transforms_active():
         return True
     return any(isinstance(t, torch.Tensor) and fwad.unpack_dual(t).tangent is not None
                for t in tensors)

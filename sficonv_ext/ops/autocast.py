@@ -7,6 +7,10 @@ import torch
 def autocast_on(device_type):
     """Whether autocast is on for ``device_type``; False for a device type autocast does not
     know (meta), where asking torch would raise."""
+    if torch.compiler.is_compiling():
+        # Dynamo of torch 2.11 cannot trace is_autocast_available (a graph break, fatal under
+        # fullgraph=True); a traced tensor is never on a device autocast does not know.
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 

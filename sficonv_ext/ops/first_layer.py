@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .ad_modes import composite_only, refuse_kernel_backend
 from .autocast import autocast_inputs
 from .mcs_conv import TRITON_DEVICE_HINT, mcs_conv, triton_ops, triton_runs_on
+from .mcs_conv import _validate as validate_mcs_call
 
 FIRST_LAYER_BACKENDS = ("auto", "triton", "composed")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,6 +71,9 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)
     _validate(x, weight, mcs_weight, split, bias, backend)
     if backend == "triton":
+        # The composed path's mcs_conv checks its filter and eps; the fused kernel would read
+        # a [C, 1, k, k] filter of odd k past a wrong-shaped one.
+        validate_mcs_call(x, mcs_weight, eps, "auto", constrained)
         if composite_only(x, weight, mcs_weight, bias):
             raise refuse_kernel_backend("first_sfi_conv", backend)
         if not fused_first_layer_available(x, weight):

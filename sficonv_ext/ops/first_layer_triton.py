@@ -103,9 +103,28 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _differentiable_backward(ctx, grad, x, weight, mcs_weight, needs):
+    """The gradients recomputed through the composed path with PyTorch's MCSConv, which
+    autograd can differentiate again (``create_graph=True``); the backward below uses ops
+    that have no autograd of their own."""
+    from .mcs_torch import mcs_conv_torch
+    s, pad = ctx.split, weight.shape[-1] // 2
+    m = mcs_conv_torch(x, mcs_weight, ctx.constrained, ctx.eps)
+    y = torch.cat([torch.nn.functional.conv2d(x, weight[:s], padding=pad),
+                   torch.nn.functional.conv2d(m, weight[s:], padding=pad)], dim=1)
+    inputs = [t for t, need in zip((x, weight, mcs_weight), needs) if need]
+    grads = iter(torch.autograd.grad(y, inputs, grad, create_graph=True))
+    return [next(grads) if need else None for need in needs]
+
+
 def _backward(ctx, grad):
     x, weight, mcs_weight = ctx.saved_tensors
     need_x, need_w, need_mcs, need_b = ctx.needs_input_grad[:4]
+    grad_b = grad.sum(dim=(0, 2, 3)) if (ctx.has_bias and need_b) else None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, x, weight, mcs_weight)):
+        grad_x, grad_w, grad_mcs = _differentiable_backward(
+            ctx, grad, x, weight, mcs_weight, (need_x, need_w, need_mcs))
+        return grad_x, grad_w, grad_mcs, grad_b, None, None, None
     s = ctx.split
     conv_args = ([1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     grad_x = grad_w_s = grad_w_f = grad_mcs = None
@@ -123,7 +142,6 @@ def _backward(ctx, grad):
             if need_x:
                 grad_x = gx_s + gx_f
     grad_w = torch.cat([grad_w_s, grad_w_f]) if need_w else None
-    grad_b = grad.sum(dim=(0, 2, 3)) if (ctx.has_bias and need_b) else None
     return grad_x, grad_w, grad_mcs if need_mcs else None, grad_b, None, None, None
 
 
