@@ -100,3 +100,18 @@ def test_transforms_after_a_compiled_call_under_forward_ad_still_take_pytorch_op
         assert rel_err(batched[1], f(x + 1, w)) < 1e-6
     finally:
         torch._dynamo.reset()
+
+
+def test_a_compiled_call_under_forward_ad_keeps_the_tangent():
+    # torch 2.11's Dynamo traced unpack_dual's tangent as None: the compiled call ran the C++
+    # kernel and returned no tangent (torch 2.14 kept it). Then plain calls go back to the kernel.
+    torch._dynamo.reset()
+    x, t, w = torch.randn(2, 4, 9, 9), torch.randn(2, 4, 9, 9), torch.randn(4, 1, 5, 5)
+    compiled = torch.compile(lambda a: ops.mcs_conv(a, w) * 2.0, backend="eager")
+    try:
+        want = _tangent(lambda a: ops.mcs_conv(a, w, backend="torch") * 2.0, x, t)
+        got = _tangent(compiled, x, t)
+        assert got is not None and rel_err(got, want) < 1e-6
+        assert rel_err(compiled(x), ops.mcs_conv(x, w) * 2.0) < 1e-6
+    finally:
+        torch._dynamo.reset()

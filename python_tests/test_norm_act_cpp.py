@@ -189,6 +189,42 @@ def test_cpp_rejects_bad_input():
         ops.batch_norm_act(x, torch.nn.Identity(), backend="cpp")
 
 
+def test_cpp_refuses_what_batchnorm_refuses_and_passes_an_empty_batch_through():
+    x = torch.randn(2, 4, 5, 5)
+    zero_eps = make_bn(4, dtype=torch.float32)
+    zero_eps.eps = 0.0  # a constant channel would become inf - inf = NaN
+    with pytest.raises(ValueError, match="eps must be positive"):
+        ops.batch_norm_act(x, zero_eps, backend="cpp")
+    with pytest.raises(RuntimeError, match="eps must be positive"):
+        torch.ops.sficonv_ext.batch_norm_act_forward(x, zero_eps.weight, zero_eps.bias, None,
+                                                      True, 0.0)
+    with pytest.raises(TypeError, match="parameters are torch.float64"):
+        ops.batch_norm_act(x, make_bn(4, dtype=torch.float64), backend="cpp")
+    # float32 parameters with bfloat16 x run, as they do in BatchNorm2d.
+    ops.batch_norm_act(x.bfloat16(), make_bn(4, dtype=torch.float32), backend="cpp")
+    bn, plain = make_bn(4, dtype=torch.float32), None
+    plain = copy.deepcopy(bn)
+    empty = torch.randn(0, 4, 5, 5)
+    got = ops.batch_norm_act(empty, bn, backend="cpp")
+    assert got.shape == empty.shape and torch.equal(got, torch.relu(plain(empty)))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(plain, name)), name
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_cpp_variance_keeps_its_precision_for_a_large_mean(kind):
+    # A float32 sum of 1000 + small noise once lost the mean's low bits: the variance came out
+    # 5e-4 to 2e-3 off (PyTorch, which sums in double: 1e-5 to 1e-4 in NCHW).
+    torch.manual_seed(0)
+    x = layout((1000 + 0.01 * torch.randn(8, 16, 32, 32, dtype=torch.float64)).float(), kind)
+    bn = make_bn(16, momentum=1.0, dtype=torch.float32)
+    ops.batch_norm_act(x, bn, relu=False, backend="cpp")
+    want = x.double().var(dim=(0, 2, 3), unbiased=True)
+    assert rel_err(bn.running_var.double(), want) < 2e-5
+    # float32 running statistics hold the mean to half a unit in the last place (6e-5 at 1000).
+    assert (bn.running_mean.double() - x.double().mean(dim=(0, 2, 3))).abs().max() < 7e-5
+
+
 def test_fast_model_trains_identically_with_the_cpp_epilogue():
     # One float64 training step of SFIConv-ResNet-26 with every epilogue through the C++ op,
     # against the same model on the PyTorch path: outputs, gradients and buffers.

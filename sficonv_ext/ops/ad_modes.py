@@ -25,6 +25,12 @@ def composite_only(*tensors):
     ...) in force."""
     if _transforms_active is not None and _transforms_active():
         return True
+    if torch.compiler.is_compiling() and fwad._current_level >= 0:
+        # Dynamo of torch 2.11 traced unpack_dual's tangent as None, so a compiled call under
+        # forward AD ran the kernels and dropped the tangent. Any open dual level takes PyTorch
+        # ops while tracing (slower at worst); the module global is guarded, so leaving the
+        # level recompiles onto the kernels.
+        return True
     return any(isinstance(t, torch.Tensor) and fwad.unpack_dual(t).tangent is not None
                for t in tensors)
 

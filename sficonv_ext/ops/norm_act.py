@@ -96,6 +96,8 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if residual is not None and not residual.is_floating_point():
         raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
     path = _resolve(backend, x, bn)
+    if path != "torch" and x.numel() == 0 and x.dim() == 4:
+        path = "torch"  # nothing to compute: BatchNorm2d's own empty output and stats update
     if path != "torch" and composite_only(x, residual, getattr(bn, "weight", None),
                                           getattr(bn, "bias", None)):
         raise refuse_kernel_backend("batch_norm_act", backend)
@@ -116,6 +118,15 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
+    # What F.batch_norm refuses in training, refused here too (eps 0 turned a constant channel
+    # into NaN; float64 parameters with float32 x ran instead of failing).
+    if not bn.eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {bn.eps}")
+    mixed_ok = x.dtype in (torch.float16, torch.bfloat16) and bn.weight.dtype == torch.float32
+    if bn.weight.dtype != x.dtype and not mixed_ok:
+        raise TypeError(f"batch_norm_act: x is {x.dtype} but the BatchNorm's parameters are "
+                        f"{bn.weight.dtype} (only float16/bfloat16 x may take float32 "
+                        f"parameters)")
     if residual is not None:
         residual = residual.to(x.dtype)
     if path == "cpp":
