@@ -12,6 +12,7 @@ Prints a table and writes JSON.
 """
 import argparse
 import contextlib
+import statistics
 
 import torch
 import torch.nn as nn
@@ -19,9 +20,9 @@ import torch.nn.functional as F
 
 from sficonv_ext import ops
 
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
+                          set_malloc, write_json)
 from bench_mcs import timer
-from bench_models import (MALLOC_CHOICES, machine_info, result_path, set_malloc,
-                          write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,10 +42,9 @@ def parse_args(argv=None):
                    "the published frozen one)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
-                   help="CPU: no-mmap keeps large blocks on glibc's heap (as sficonv train "
-                   "does), cache runs inside sficonv_ext.cpu_allocator.large_block_cache(): "
-                   "either way the timings are not page faults")
+    p.add_argument("--rounds", type=int, default=3, help="rounds in which the paths take turns "
+                   "(the result is the median of the rounds' medians)")
+    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     batch = 64 if args.device.startswith("cuda") else 8
@@ -105,22 +105,32 @@ def norm_act_rows(args, device, measure):
         def call(path, x, residual):
             # The torch path adds in place into BatchNorm's fresh output: x stays intact.
             return ops.batch_norm_act(x, bn, residual, True, backend=path)
-        times = time_paths(paths, call, (x, residual), trainable, g, args, measure)
+        times = time_paths(paths, call, (x, residual), trainable, g, args, measure,
+                           params=(bn.weight, bn.bias))
         rows += _rows("bn+add+relu " + args.norm_shape, dtype_name, times, "torch")
     return rows
 
 
-def time_paths(paths, call, inputs, trainable_inputs, grad, args, measure):
+def time_paths(paths, call, inputs, trainable_inputs, grad, args, measure, params=()):
     """{path: {"forward": s, "forward_backward": s}} for ``call(path, *inputs)``; the
-    forward+backward step runs on ``trainable_inputs`` (leaves that want gradients)."""
-    times = {}
-    for path in paths:
-        with torch.no_grad():
-            forward = measure(lambda: call(path, *inputs), args.warmup, args.iters)
-        train = measure(lambda: call(path, *trainable_inputs).backward(grad), args.warmup,
-                        args.iters)
-        times[path] = {"forward": forward, "forward_backward": train}
-    return times
+    forward+backward step runs on ``trainable_inputs`` and returns the gradients of those that
+    want one and of ``params``. Through torch.autograd.grad, as a training step with
+    zero_grad(set_to_none=True) takes them: .backward() on the same leaves again and again
+    would add an accumulation pass per gradient (10-24% of the CPU epilogue's step). The paths
+    take turns over ``args.rounds`` rounds, so a slow spell of the machine hits them alike."""
+    leaves = [t for t in (*trainable_inputs, *params) if t.requires_grad]
+    samples = {path: {"forward": [], "forward_backward": []} for path in paths}
+    for round_index in range(args.rounds):
+        warmup = args.warmup if round_index == 0 else 1
+        for path in paths:
+            with torch.no_grad():
+                samples[path]["forward"].append(
+                    measure(lambda: call(path, *inputs), warmup, args.iters))
+            samples[path]["forward_backward"].append(measure(
+                lambda: torch.autograd.grad(call(path, *trainable_inputs), leaves, grad),
+                warmup, args.iters))
+    return {path: {phase: statistics.median(values) for phase, values in phases.items()}
+            for path, phases in samples.items()}
 
 
 def _rows(layer, dtype_name, times, baseline):
@@ -139,10 +149,12 @@ def main(argv=None):
 
 def run(args, device):
     measure = timer(device)
+    load_at_start = load_average()
     rows = first_layer_rows(args, device, measure) + norm_act_rows(args, device, measure)
     print(f"Fused layers vs their PyTorch compositions, channels_last, MCS "
           f"{'learnable' if args.learnable else 'frozen'}, device {device} "
-          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}, malloc "
+          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.rounds} rounds of "
+          f"{args.iters}, malloc "
           f"{args.malloc}")
     header = (f"{'layer':>26} {'dtype':>9} {'path':>9} {'phase':>17} {'ms':>9} "
               f"{'x baseline':>11}")
@@ -153,7 +165,8 @@ def run(args, device):
               f"{r['ms']:9.3f} {r['speedup']:11.2f}")
     out = result_path(args.json, f"fused_layers_{device.type}.json")
     write_json(out, {"benchmark": "bench_fused_layers", "settings": vars(args),
-                     "machine": machine_info(device), "rows": rows})
+                     "machine": machine_info(device), "load_average_at_start": load_at_start,
+                     "rows": rows})
     print(f"\nwrote {out}")
 
 

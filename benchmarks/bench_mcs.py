@@ -20,7 +20,8 @@ import torch
 
 from sficonv_ext import ops
 
-from bench_models import machine_info, result_path, write_json
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
+                          set_malloc, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {"cpu": ["8x64x64x64"], "cuda": ["64x64x64x64", "32x64x128x128"]}
@@ -37,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--kernel-size", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds in which the copy and every backend take turns: a kernel's "
+                        "time is the median of its rounds' medians, the copy's the best round")
+    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -141,16 +146,38 @@ def _measure_case(shape, dtype, layout, k, device, backend, measure, args, phase
         inputs = (xr, wr) if need_w else (xr,)
         out[name] = measure(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True),
                             args.warmup, args.iters)
-    # The issue's training figure: one forward and one backward with a learnable weight.
-    if "forward" in out and "backward_xw" in out:
-        out["forward_backward"] = out["forward"] + out["backward_xw"]
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        set_malloc(args.malloc, stack)
+        run(args)
+
+
+def measure_group(shape, dtype, layout, device, measure, args):
+    """``(copy seconds, {backend: {phase: [seconds per round]}})`` for one shape, dtype and
+    layout: the copy and the backends take turns round by round, so a slow spell of a shared
+    machine hits them alike instead of one backend's block."""
+    src = torch.randn(shape, device=device).to(dtype)
+    dst = torch.empty_like(src)
+    copies, samples = [], {}
+    for _ in range(args.rounds):
+        copies.append(measure(lambda: dst.copy_(src), args.warmup, args.iters))
+        for backend in backends_for(device):
+            times = bench_case(shape, dtype, layout, args.kernel_size, device, backend, measure,
+                               args)
+            for phase, seconds in times.items():
+                samples.setdefault(backend, {}).setdefault(phase, []).append(seconds)
+    # The copy's best round: its rate moved by up to 29% between groups of one run.
+    return min(copies), samples
+
+
+def run(args):
     device = torch.device(args.device)
     measure = timer(device)
+    load_at_start = load_average()
     shapes = args.shapes or DEFAULT_SHAPES[device.type]
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     rows = []
@@ -160,7 +187,7 @@ def main(argv=None):
         # Rewritten after every shape/dtype/layout group, so a run cut short (scripts/gpu_check.sh
         # gives this step a time limit) keeps what it measured.
         write_json(out, {"benchmark": "bench_mcs", "complete": complete, "settings": vars(args),
-                         "machine": machine_info(device), "backends": ops.backends(),
+                         "machine": machine_info(device), "load_average_at_start": load_at_start,
                          "rows": rows})
 
     for shape_text in shapes:
@@ -169,14 +196,16 @@ def main(argv=None):
             dtype = DTYPES[dtype_name]
             numel = torch.Size(shape).numel()
             bytes_per = torch.finfo(dtype).bits // 8
-            src = torch.randn(shape, device=device).to(dtype)
-            dst = torch.empty_like(src)
-            copy_s = measure(lambda: dst.copy_(src), args.warmup, args.iters)
+            copy_s, samples = measure_group(shape, dtype, layout, device, measure, args)
             copy_gbs = 2 * numel * bytes_per / copy_s / 1e9
             min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3, "forward_backward": 5}
-            results = {b: bench_case(shape, dtype, layout, args.kernel_size, device, b, measure,
-                                     args)
-                       for b in backends_for(device)}
+            results = {}
+            for backend, phases in samples.items():
+                results[backend] = {phase: statistics.median(v) for phase, v in phases.items()}
+                # The issue's training figure: one forward and one backward, learnable weight.
+                if "forward" in phases and "backward_xw" in phases:
+                    results[backend]["forward_backward"] = (results[backend]["forward"]
+                                                            + results[backend]["backward_xw"])
             for backend, times in results.items():
                 for phase, seconds in times.items():
                     gbs = min_bytes[phase] * numel * bytes_per / seconds / 1e9
@@ -184,12 +213,14 @@ def main(argv=None):
                                  "backend": backend,
                                  "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
                                  "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
-                                 "speedup_vs_torch": results["torch"][phase] / seconds})
+                                 "speedup_vs_torch": results["torch"][phase] / seconds,
+                                 "round_ms": [v * 1e3 for v in samples[backend].get(phase, [])]})
             save(complete=False)
     header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>16} "
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
     print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
-          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.iters}")
+          f"({machine_info(device).get('gpu', 'CPU')}), median of {args.rounds} rounds of "
+          f"{args.iters}, malloc {args.malloc}")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -12,23 +12,18 @@ every timing).
 """
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-import sficonv_ext
 from sficonv_ext import reference
-from sficonv_ext.cpu_allocator import keep_large_blocks_on_heap, large_block_cache
 
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
+                          set_malloc, write_json)
 from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
-MALLOC_CHOICES = ("default", "no-mmap", "cache")  # see set_malloc
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,27 +46,13 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
                    help="what to compare (default: the eager variants for the device; see "
                         "model_variants.py); the first is the baseline of the 'x ref' columns")
-    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES,
-                   help="'no-mmap': sficonv_ext.cpu_allocator.keep_large_blocks_on_heap() before "
-                        "anything is built (glibc: large activations reused from the heap "
-                        "instead of mapped and page-faulted in again on every step); 'cache': "
-                        "the whole run inside sficonv_ext.cpu_allocator.large_block_cache() "
-                        "(the extension's reuse of freed large blocks, undone on exit)")
+    p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every variant, as "
+                        "sficonv train sets it on CUDA (autotuning falls in the warm-up)")
     p.add_argument("--json", default=None, help="where to write the JSON result "
                    "(default: benchmarks/results/models_<device>.json)")
     return p.parse_args(argv)
-
-
-def set_malloc(mode, stack):
-    """Apply the --malloc choice (``stack``: an ExitStack that holds the cache until the run
-    ends); exits where it cannot be applied."""
-    if mode == "no-mmap" and not keep_large_blocks_on_heap():
-        raise SystemExit("--malloc no-mmap needs glibc's mallopt, which this C library lacks")
-    if mode == "cache":
-        try:
-            stack.enter_context(large_block_cache())
-        except RuntimeError as error:
-            raise SystemExit(f"--malloc cache: {error}") from None
 
 
 def _sync(device):
@@ -167,44 +148,16 @@ def _medians(times, errors):
     return {key: statistics.median(v) for key, v in times.items() if v and key not in errors}
 
 
-def machine_info(device):
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "sficonv_ext": sficonv_ext.__version__, "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
-        if names:
-            info["cpu_model"] = names[0]
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def result_path(explicit, name):
-    """Where a benchmark writes its JSON: ``explicit`` (--json), else benchmarks/results/name.
-    The folder is created."""
-    out = explicit or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    return out
-
-
-def write_json(path, result):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-
-
 def print_table(rows, batch):
+    """The table; the 'x ref' columns are ratios to the first variant, named above it (a
+    baseline that failed to build would otherwise silently be another)."""
+    ref = rows[0]
+    print(f"x ref: images/s relative to {ref['variant']!r}"
+          + (" (NOT BUILT: the ratios are missing)" if "build_error" in ref else ""))
     header = (f"{'variant':26} {'train img/s':>12} {'x ref':>7} {'infer img/s':>12} {'x ref':>7}"
-              f" {'train peak MiB':>15}")
+              f" {'step adds MiB':>14}")
     print(header)
     print("-" * len(header))
-    ref = rows[0]
     for r in rows:
         def cell(key):
             if key.replace("_s", "_error") in r:
@@ -217,7 +170,7 @@ def print_table(rows, batch):
             print(f"{r['variant']:26} {'not built':>12}")
             continue
         peak = r.get("train_peak_bytes")
-        peak_text = f"{peak / 2**20:15.0f}" if peak is not None else f"{'-':>15}"
+        peak_text = f"{peak / 2**20:14.0f}" if peak is not None else f"{'-':>14}"
         print(f"{r['variant']:26} {cell('train_s')} {cell('infer_s')} {peak_text}")
 
 
@@ -240,6 +193,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda asked for, but torch sees no CUDA device")
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     with contextlib.ExitStack() as stack:
         set_malloc(args.malloc, stack)
         return run(args, device)
@@ -259,11 +214,12 @@ def run(args, device):
         else:
             variants[name] = make_steps(variant, x, target, args)
     out = result_path(args.json, f"models_{device.type}.json")
+    load_at_start = load_average()
 
     def save(medians, memory, errors, complete=False):
         rows = collect_rows(variants, medians, memory, errors, build_errors)
         result = {"benchmark": "bench_models", "complete": complete, "settings": vars(args),
-                  "machine": machine_info(device),
+                  "machine": machine_info(device), "load_average_at_start": load_at_start,
                   "rows": [{**r, **{k.replace("_s", "_images_per_s"): args.batch / r[k]
                                     for k in ("train_s", "infer_s") if k in r}} for r in rows]}
         write_json(out, result)

@@ -35,6 +35,7 @@ def test_bench_models_writes_every_variant(tmp_path):
         inference_only = name.startswith("fused-inference")
         assert (row.get("train_images_per_s", 0) > 0) == (not inference_only), name
     assert "fused-inference" in text
+    assert "x ref: images/s relative to 'reference'" in text
 
 
 def test_bench_models_runs_inside_the_block_cache(tmp_path):
@@ -53,10 +54,14 @@ def test_bench_models_runs_inside_the_block_cache(tmp_path):
 def test_bench_mcs_writes_every_backend(tmp_path):
     out = tmp_path / "mcs.json"
     _run("bench_mcs.py", "--device", "cpu", "--shapes", "2x4x9x11", "--iters", "1",
-         "--warmup", "0", "--json", str(out))
+         "--warmup", "0", "--rounds", "2", "--malloc", "no-mmap", "--json", str(out))
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert result["complete"]
+    assert result["complete"] and result["settings"]["malloc"] == "no-mmap"
+    # Where the numbers came from: the code, the load, the kernels "auto" had.
+    machine = result["machine"]
+    assert {"git_commit", "load_average_1min", "backends"} <= set(machine)
+    assert all(len(r["round_ms"]) == 2 for r in rows if r["phase"] != "forward_backward")
     backends = {r["backend"] for r in rows}
     assert "torch" in backends
     assert {(r["layout"], r["phase"]) for r in rows} == {
@@ -75,7 +80,7 @@ def test_bench_fused_layers_on_the_cpu_times_every_path(tmp_path):
     out = tmp_path / "layers.json"
     _run("bench_fused_layers.py", "--device", "cpu", "--shape", "2x4x9x11",
          "--norm-shape", "2x6x5x7", "--out-channels", "4", "--iters", "1", "--warmup", "0",
-         "--malloc", "no-mmap", "--json", str(out))
+         "--malloc", "no-mmap", "--rounds", "2", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     epilogue = {"torch", "cpp"} if ops.backends()["cpp"] else {"torch"}
     assert {(r["layer"].split()[0], r["path"]) for r in rows} == (

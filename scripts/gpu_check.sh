@@ -61,16 +61,20 @@ note "build done at ${SECONDS} s"
 "$PY" -m sficonv_ext.info 2>&1 | tee -a "$OUTDIR/summary.txt"
 
 note "== MCSConv kernel benchmark"
-step "MCSConv benchmark" "$(limit 90)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 50 \
-    --warmup 10 --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1
+# Two interleaved rounds of 30 calls (about the 50 calls of one round before): a kernel's time
+# is the median of its rounds, the copy's the best round.
+step "MCSConv benchmark" "$(limit 90)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 30 \
+    --rounds 2 --warmup 10 --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1
 note "== fused-layer benchmark (first layer, BatchNorm+add+ReLU epilogue)"
 step "fused-layer benchmark" "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \
-    --json "$OUTDIR/fused_layers_cuda.json" >> "$OUTDIR/bench.log" 2>&1
+    --iters 25 --rounds 2 --json "$OUTDIR/fused_layers_cuda.json" >> "$OUTDIR/bench.log" 2>&1
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
 # The last three variants are candidates for fuse_for_inference's default on CUDA (weights
 # cast once; cuDNN's fused convolution + bias + add + ReLU), untimed on a GPU so far.
+# --cudnn-benchmark: cuDNN's autotuned algorithms for every variant, as sficonv train runs
+# (the 2026-11-26 runs used its heuristics).
 step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/bench_models.py --device cuda \
-    --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 \
+    --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_bfloat16.json" \
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
     fused-inference-lowp fused-inference-cudnn fused-inference-cudnn-cudagraph \
@@ -100,7 +104,7 @@ note "tests done at ${SECONDS} s"
 # numbers are issue 4's targets.
 note "== compiled models (bfloat16, batch 64)"
 step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench_models.py \
-    --device cuda --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 1 \
+    --device cuda --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_compiled.json" \
     --variants reference fused-inference-compiled fast-compiled plain-compiled reference-compiled \
     >> "$OUTDIR/bench.log" 2>&1
