@@ -112,6 +112,11 @@ def test_a_compiled_call_under_forward_ad_keeps_the_tangent():
         want = _tangent(lambda a: ops.mcs_conv(a, w, backend="torch") * 2.0, x, t)
         got = _tangent(compiled, x, t)
         assert got is not None and rel_err(got, want) < 1e-6
-        assert rel_err(compiled(x), ops.mcs_conv(x, w) * 2.0) < 1e-6
+        with torch.profiler.profile() as prof:  # the dual level closed: the kernel again
+            plain = compiled(x)
+        assert rel_err(plain, ops.mcs_conv(x, w) * 2.0) < 1e-6
+        names = {e.key for e in prof.key_averages()}
+        if ops.backends()["cpp"]:
+            assert "sficonv_ext::mcs_conv_forward" in names, names
     finally:
         torch._dynamo.reset()

@@ -233,6 +233,30 @@ def test_ffpp_hold_out_falls_back_to_target_ids_when_ids_chain_together():
     assert {s.label for s in val} == {0, 1}
 
 
+def test_ffpp_hold_out_falls_back_only_for_the_group_that_links_too_much():
+    # A DeepFakeDetection-like block (every actor paired with every other) forms one linked
+    # group larger than the held-out share; FaceForensics++'s swap pairs must stay linked.
+    ids = [f"{i:03d}" for i in range(40)]
+    pairs = [(ids[i], ids[i + 1]) for i in range(0, 40, 2)]
+    pairs += [(b, a) for a, b in pairs]
+    samples = _ffpp_samples(pairs, frames=1)
+    actors = [f"{i:02d}" for i in range(12)]
+    for a in actors:
+        folder = f"original_sequences/actors/c23/frames/{a}__talking"
+        samples.append(Sample(f"{folder}/0.png", 0, folder))
+        for b in actors:
+            if a != b:
+                folder = f"manipulated_sequences/DeepFakeDetection/c23/frames/{a}_{b}__talking"
+                samples.append(Sample(f"{folder}/0.png", 1, folder))
+    train, val = hold_out(samples, 0.2, seed=5)
+    assert _youtube_ids(train).isdisjoint(_youtube_ids(val))
+    assert _youtube_ids(val)  # the linked pairs still take part in the hold-out
+
+
+def _youtube_ids(samples):
+    return _ids_of([s for s in samples if "DeepFake" not in s.video and "actors" not in s.video])
+
+
 def test_builtin_validation_split_does_not_depend_on_the_set_size():
     # Image i is the same image in a set of any size: a model trained on 500 images must not
     # meet its training images in the validation split of the 2000-image set.

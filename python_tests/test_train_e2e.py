@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sficonv_ext import models, reference
+from sficonv_ext.train import builtin_data
 from sficonv_ext.train import checkpoint as ckpt
 from sficonv_ext.train.cli import main
 from sficonv_ext.train.transforms import to_normalized_tensor
@@ -85,6 +86,23 @@ def test_eval_on_builtin_scores_the_runs_own_validation_split(trained, capsys):
     assert code == 0
     assert "the checkpoint's training run's set (24 images, 32 px)" in capsys.readouterr().out
     assert read_json(tmp / "eval_builtin" / "metrics.json")["n"] == 5  # as in training
+
+
+def test_a_checkpoint_of_the_earlier_builtin_split_is_refused(trained, tmp_path, capsys):
+    # The built-in images are the same files as before 2026-11-27, but that split held out
+    # others: such a run would be scored on (or resumed into) its own training images.
+    tmp, out = trained
+    state, _ = ckpt.load_file(str(out / "last.pt"))
+    assert state["builtin_split"] == builtin_data.SPLIT_VERSION
+    del state["builtin_split"]  # as written before the split was recorded
+    old = tmp_path / "old" / "last.pt"
+    old.parent.mkdir()
+    torch.save(state, old)
+    assert main(["eval", "--checkpoint", str(old), "--data", "builtin", "--out",
+                 str(tmp_path / "eval"), "--workers", "0", "--no-progress"]) == 2
+    assert "earlier validation split" in capsys.readouterr().err
+    assert main(["train", "--resume", str(old), "--no-progress"]) == 2
+    assert "earlier validation split" in capsys.readouterr().err
 
 
 def test_eval_trims_the_block_cache_when_the_image_size_changes(trained, tmp_path,

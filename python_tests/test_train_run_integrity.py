@@ -82,6 +82,8 @@ def test_a_resume_from_another_folder_finds_relative_data_and_may_not_shorten_th
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--epochs", "1"]) == 2
     assert "has trained 2 epochs, more than --epochs 1" in capsys.readouterr().err
+    with open(run / "config.yaml") as f:  # the refused resume wrote nothing
+        assert yaml.safe_load(f.read())["epochs"] == 2
 
 
 def test_progress_is_this_invocations_choice_not_the_runs(stopped_run, tmp_path):

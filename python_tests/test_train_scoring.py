@@ -11,6 +11,7 @@ from sficonv_ext.train.errors import NonFiniteScoreError
 from sficonv_ext.train.evaluation import ScoringSet, metrics_of
 from sficonv_ext.train.images import Batch
 from sficonv_ext.train.loop import score
+from sficonv_ext.train.metrics import mean_probability_log_odds
 from sficonv_ext.train.transforms import EvalTransform
 from test_train_support import write_image
 
@@ -71,3 +72,19 @@ def test_non_finite_logits_are_an_error_that_names_the_images(tmp_path):
         scoring.run(NanForWideImages())
     fine = ScoringSet(samples[::2], EvalTransform(None), 4, Context(), workers=0)
     assert fine.run(NanForWideImages())["margins"] == [1.0, 1.0]
+
+
+def test_videos_are_ranked_by_the_log_odds_of_their_mean_probability():
+    # One frame per video: margins 40-50 (fakes) and 38 (a real) all have mean probability 1.0
+    # in float64; their log-odds keep the order.
+    loader = [_batch([[0.0, 40.0], [0.0, 45.0], [0.0, 50.0], [0.0, 38.0], [5.0, 0.0]],
+                     [1, 1, 1, 0, 0], 0)]
+    scored = score(LogitsInPixels(), loader, Context())
+    samples = [Sample(f"v{i}/0.png", y, f"v{i}") for i, y in enumerate(scored["labels"])]
+    video = metrics_of(scored, samples)["video"]
+    assert video["auc"] == 1.0 and video["eer"] == 0.0 and video["acc"] == 0.8
+    # It is the log-odds of the mean probability where that can be formed.
+    margins = [-1.5, 0.3, 2.0]
+    mean = sum(1 / (1 + math.exp(-m)) for m in margins) / 3
+    assert math.isclose(mean_probability_log_odds(margins), math.log(mean / (1 - mean)),
+                        rel_tol=1e-12)

@@ -121,7 +121,8 @@ def _backward(ctx, grad):
     x, weight, mcs_weight = ctx.saved_tensors
     need_x, need_w, need_mcs, need_b = ctx.needs_input_grad[:4]
     grad_b = grad.sum(dim=(0, 2, 3)) if (ctx.has_bias and need_b) else None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad, x, weight, mcs_weight)):
+    if (torch.is_grad_enabled() and any((need_x, need_w, need_mcs))
+            and any(t.requires_grad for t in (grad, x, weight, mcs_weight))):
         grad_x, grad_w, grad_mcs = _differentiable_backward(
             ctx, grad, x, weight, mcs_weight, (need_x, need_w, need_mcs))
         return grad_x, grad_w, grad_mcs, grad_b, None, None, None

@@ -20,6 +20,10 @@ from .errors import DataError
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
           "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
 FORMAT_VERSION = 3  # 3: validation split by a fixed draw per image
+# The validation split's version, recorded in every checkpoint of a run on the built-in set:
+# the images of version 2 were the same files, but its split (a permutation drawn after them)
+# held out other images, so a run of it would meet its training images in this split.
+SPLIT_VERSION = 3
 DEFAULT_SEED = 2022
 VAL_FRACTION = 0.2
 
@@ -86,6 +90,17 @@ def validation_indices(count, seed=DEFAULT_SEED):
         if not any(i % 2 == label for i in val):
             val.add(min(range(label, count, 2), key=draws.__getitem__))
     return sorted(val)
+
+
+def check_split_version(recorded, checkpoint, action):
+    """Refuse to ``action`` (resume, evaluate) a checkpoint of a run on the built-in set whose
+    validation split was another version's (``recorded``: its ``builtin_split``; None before it
+    was recorded)."""
+    if recorded != SPLIT_VERSION:
+        raise DataError(f"{checkpoint} was trained on the built-in data set's earlier "
+                        f"validation split, which held out other images: this version's "
+                        f"split would hold images it trained on. Cannot {action} on --data "
+                        f"builtin; use another data set or train a new run")
 
 
 def _generate(folder, paths, image_size, count, seed, progress):

@@ -187,11 +187,10 @@ def _video_ids(video):
 
 
 def _video_groups(samples, fraction):
-    """Sample indices of videos grouped by linked ids (connected components), or by the first
-    (target) id alone where linking joins more than ``fraction`` of the videos into one group
-    (a data set whose fakes pair every identity with many others): then a held-out fake's
-    source face may still appear in training, but never its scene, its method twins or its
-    real video."""
+    """Sample indices of videos grouped by linked ids (connected components). A component of
+    more than ``fraction`` of the videos (fakes that pair every identity with many others) is
+    grouped by first (target) id instead: a held-out fake's source face may then appear in
+    training, but never its scene, its method twins or its real video."""
     videos = OrderedDict()  # video -> sample indices, in input order
     for i, s in enumerate(samples):
         if s.video is not None:
@@ -211,11 +210,15 @@ def _video_groups(samples, fraction):
     sizes = defaultdict(int)
     for video in videos:
         sizes[root(_video_ids(video)[0])] += 1
-    linked = not videos or max(sizes.values()) <= max(1, fraction * len(videos))
+    limit = max(1, fraction * len(videos))
     groups = OrderedDict()
     for video, members in videos.items():
         target = _video_ids(video)[0]
-        groups.setdefault(("video", root(target) if linked else target), []).extend(members)
+        # Per linked group: one that pairs many ids (DeepFakeDetection's actors) falls back to
+        # target ids alone, and the rest of the tree stays linked.
+        component = root(target)
+        key = ("linked", component) if sizes[component] <= limit else ("target", target)
+        groups.setdefault(key, []).extend(members)
     return groups
 
 

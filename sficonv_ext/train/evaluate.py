@@ -1,6 +1,7 @@
 """``sficonv eval``: metrics.json and an ROC PNG for a checkpoint on a data set."""
 import os
 
+from . import builtin_data
 from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .cpu_memory import cpu_malloc
@@ -41,6 +42,8 @@ def builtin_settings(cfg, explicit, checkpoint, log):
     run = checkpoint.get("config") if ckpt.is_training_checkpoint(checkpoint) else None
     if not isinstance(run, dict) or run.get("data") != "builtin":
         return cfg
+    builtin_data.check_split_version(checkpoint.get("builtin_split"), cfg["checkpoint"],
+                                     "evaluate it")
     cfg = dict(cfg)
     taken = []
     if "builtin_images" not in explicit and run.get("builtin_images"):

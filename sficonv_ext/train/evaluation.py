@@ -3,13 +3,14 @@ validation and ``sficonv eval``."""
 import math
 import os
 
+import numpy as np
 import torch
 
 from ..models.input_checks import MIN_INPUT_SIZE
 from .errors import NonFiniteScoreError
 from .images import ImageDataset, UnreadableImageError, collate, image_size
 from .loop import score
-from .metrics import binary_metrics, video_scores
+from .metrics import binary_metrics, mean_probability_log_odds, video_scores
 from .sampling import ListBatchSampler, shard, size_grouped_batches
 
 
@@ -77,14 +78,17 @@ class ScoringSet:
 
 def metrics_of(scored, samples):
     """metrics.json content for scored samples (video-level metrics where videos exist)."""
-    # Ranked by margin (see loop.score); a video is scored by its frames' mean probability.
+    # Ranked by margin (see loop.score).
     metrics = binary_metrics(scored["labels"], scored["margins"], scored["predictions"])
     n = metrics["n"]
     metrics["loss"] = scored["loss_sum"] / n if n else None
     videos = [samples[i].video for i in scored["indices"]]
     if n and all(v is not None for v in videos):
-        _, labels, means = video_scores(videos, scored["labels"], scored["scores"])
-        metrics["video"] = binary_metrics(labels, means)
+        # A video is scored by its frames' mean probability, ranked by that mean's log-odds
+        # (from the margins: the mean itself rounds to 1.0 for confident videos).
+        _, labels, log_odds = video_scores(videos, scored["labels"], scored["margins"],
+                                           reduce=mean_probability_log_odds)
+        metrics["video"] = binary_metrics(labels, log_odds, (log_odds > 0).astype(np.int64))
     metrics["skipped"] = len(scored["failures"])
     return metrics
 

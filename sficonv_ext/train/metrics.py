@@ -64,8 +64,19 @@ def binary_metrics(labels, scores, predictions=None):
     return out
 
 
-def video_scores(videos, labels, scores):
-    """Mean frame score per video: ``(video ids, video labels, video scores)``.
+def mean_probability_log_odds(margins):
+    """The log-odds of the mean of ``sigmoid(margins)``, without forming the probabilities: a
+    mean probability is exactly 1.0 in float64 beyond a margin of about 37, which would tie
+    confident fakes with confident false positives. Rises with the mean probability."""
+    margins = np.asarray(margins, dtype=np.float64)
+    log_p = -np.logaddexp(0.0, -margins)    # log sigmoid(m)
+    log_q = -np.logaddexp(0.0, margins)     # log (1 - sigmoid(m))
+    return float(np.logaddexp.reduce(log_p) - np.logaddexp.reduce(log_q))
+
+
+def video_scores(videos, labels, scores, reduce=np.mean):
+    """``reduce`` of the frame scores per video (default: the mean):
+    ``(video ids, video labels, video scores)``.
 
     Raises ValueError if a video's frames disagree on the label.
     """
@@ -79,7 +90,7 @@ def video_scores(videos, labels, scores):
             raise ValueError(f"video {v!r} has frames labelled both real and fake")
         ids.append(v)
         video_labels.append(frame_labels.pop())
-        means.append(float(np.mean([s for _, s in frames])))
+        means.append(float(reduce(np.array([s for _, s in frames]))))
     return ids, np.array(video_labels), np.array(means)
 
 

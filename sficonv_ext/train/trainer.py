@@ -11,6 +11,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed, output_folder
+from . import builtin_data
 from .architectures import build_model
 from .config import (BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, PATH_OPTIONS,
                      absolute_path_option, convert)
@@ -161,6 +162,9 @@ class Run:
                          "num_samples": self.plan.num_samples,
                          "totals": totals.state_dict()},
             "best": self.best, "history": self.history,
+            # Which validation split of --data builtin the run used (see builtin_data).
+            "builtin_split": (builtin_data.SPLIT_VERSION if self.cfg["data"] == "builtin"
+                              else None),
             "config": {k: v for k, v in self.cfg.items() if k not in NOT_SAVED},
         }
         if full:
@@ -233,6 +237,8 @@ def resolve_run_config(cfg, explicit):
             cfg["out"] = os.path.dirname(path)
     for name in PATH_OPTIONS:
         cfg[name] = absolute_path_option(name, cfg.get(name))
+    if state is not None:
+        _check_resumable(state, path, cfg)
     if not cfg.get("data"):
         raise UserError("train needs --data (a list file, a folder, or 'builtin')")
     if not cfg.get("out"):
@@ -242,6 +248,16 @@ def resolve_run_config(cfg, explicit):
     for name in ("epochs", "batch_size", "lr"):
         convert(BY_NAME[name], cfg[name], "option")
     return cfg, state, path
+
+
+def _check_resumable(state, path, cfg):
+    """Refuse a resume that would not continue the same run (before anything is written)."""
+    done = state["progress"]["epoch"]
+    if done > cfg["epochs"]:
+        raise UserError(f"{path} has trained {done} epochs, more than --epochs {cfg['epochs']}: "
+                        f"give --epochs {done} or more")
+    if cfg.get("data") == "builtin":
+        builtin_data.check_split_version(state.get("builtin_split"), path, "resume it")
 
 
 def train(cfg, explicit):
@@ -290,9 +306,6 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
         epoch, start_step, totals = 0, 0, EpochTotals()
         if resume_state is not None:
             epoch, start_step, totals = run.restore(resume_state, resume_path)
-            if epoch > cfg["epochs"]:
-                raise UserError(f"{resume_path} has trained {epoch} epochs, more than "
-                                f"--epochs {cfg['epochs']}: give --epochs {epoch} or more")
             log(f"resumed {resume_path}: epoch {epoch + 1}, step {start_step} "
                 f"(global step {run.global_step})")
             if ctx.is_main:
@@ -340,6 +353,10 @@ def _bring_best(resume_state, resume_path, resuming_here, run, log):
         run.save(ckpt.BEST, progress["epoch"], 0, EpochTotals(**progress["totals"]), full=False)
         log(f"wrote {os.path.join(out, ckpt.BEST)} (best so far, epoch {run.best['epoch']}) "
             f"from {resume_path}: the run had stopped before writing it")
+    else:
+        log(f"warning: no best.pt of epoch {run.best['epoch']} (the run's recorded best) beside "
+            f"{resume_path}, and its weights are not in it: {out} has no best.pt until an epoch "
+            f"does better than {run.best['metric']} {run.best['value']:.4g}")
 
 
 def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):
