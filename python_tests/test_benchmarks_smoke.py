@@ -110,3 +110,13 @@ def test_profile_inference_reports_each_variant_on_the_cpu():
     assert "profile fast:" in text and "operators per forward" in text
     assert "mkldnn" in text  # the fused model's oneDNN calls are named among the top ones
     assert "profile fused-inference-cudnn: not built" in text  # CUDA only, said so
+
+
+def test_train_step_profile_sums_operators_into_kinds():
+    text = _run("profile_train_step.py", "--variants", "fast", "plain", "--batch", "2",
+                "--size", "64", "--iters", "1")
+    for name in ("fast", "plain"):
+        line = next(l for l in text.splitlines() if l.startswith(f"{name}: "))
+        assert "GFLOP" in line and "ms a step" in line
+    assert "convolution backward" in text and "convolution forward" in text
+    assert "MCSConv" in text  # the fast model's first layer; the plain twin has none

@@ -1,0 +1,153 @@
+"""Where one training step (forward, backward, Adam) spends its time, per model variant: the
+time of every ATen operator call summed into kinds (convolution forward and backward,
+BatchNorm, ReLU, adds, pooling, MCSConv, Adam, the rest), and the step's FLOPs
+(torch.utils.flop_counter). The README's CPU breakdown of the fast model's step, and its 144
+GFLOP, come from this script.
+
+On the CPU each operator call is timed as it returns (a dispatch mode around the whole step,
+backward included: CPU operators are synchronous), which adds a few per cent; torch.profiler
+added about 45% to the same step and spread it unevenly. On CUDA, the profiler's device time.
+
+    python benchmarks/profile_train_step.py --malloc no-mmap             # CPU, batch 8, 256 px
+    python benchmarks/profile_train_step.py --variants fast plain --batch 2 --size 64
+"""
+import argparse
+import collections
+import contextlib
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench_common import MALLOC_CHOICES, MALLOC_HELP, load_average, set_malloc
+from model_variants import VARIANTS, build_variants
+
+# Operator name fragments -> kind, first match wins (ATen names, and this package's ops).
+KINDS = (
+    ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
+    ("convolution forward", ("convolution", "conv2d", "mkldnn_convolution")),
+    ("MCSConv", ("mcs_conv",)),
+    ("BatchNorm", ("batch_norm", "native_batch_norm", "batch_norm_act")),
+    ("ReLU", ("relu", "threshold_backward")),
+    ("pooling", ("pool",)),
+    ("adds", ("add", "sum")),
+    ("Adam", ("adam", "_foreach")),
+    ("copies and layout", ("copy", "contiguous", "clone", "cat", "to", "empty", "zero", "fill")),
+)
+
+
+def kind_of(name):
+    lowered = name.lower()
+    for kind, fragments in KINDS:
+        if any(f in lowered for f in fragments):
+            return kind
+    return "other"
+
+
+def make_train_step(variant, x, target):
+    model = variant.model.train()
+    if variant.channels_last_input:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(x.device.type, dtype=variant.amp_dtype,
+                              enabled=variant.amp_dtype is not None)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                           fused=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+    return step
+
+
+class OperatorTimer(TorchDispatchMode):
+    """Milliseconds per ATen operator (CPU: each call is synchronous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.ms[str(func.overloadpacket)] += (time.perf_counter() - start) * 1000
+        return out
+
+
+def profile_step(step, device, iters):
+    """(wall seconds per step, {kind: ms per step}, {operator: ms per step}) over ``iters``."""
+    per_op = collections.Counter()
+    start = time.perf_counter()
+    if device.type == "cuda":
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                step()
+            torch.cuda.synchronize(device)
+        for avg in prof.key_averages():
+            if avg.self_device_time_total > 0:
+                per_op[avg.key] += avg.self_device_time_total / iters / 1000
+    else:
+        timer = OperatorTimer()
+        with timer:
+            for _ in range(iters):
+                step()
+        per_op.update({op: ms / iters for op, ms in timer.ms.items()})
+    wall = (time.perf_counter() - start) / iters
+    per_kind = collections.Counter()
+    for name, ms in per_op.items():
+        per_kind[kind_of(name)] += ms
+    return wall, per_kind, per_op
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=26)
+    parser.add_argument("--iters", type=int, default=3, help="profiled steps (after 2 warm-up)")
+    parser.add_argument("--top", type=int, default=6, help="operators listed per variant")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["reference", "fast",
+                                                                              "plain"])
+    parser.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_train_step.py: no CUDA device")
+    with contextlib.ExitStack() as stack:
+        set_malloc(args.malloc, stack)
+        run(args, device)
+
+
+def run(args, device):
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    target = torch.randint(0, 2, (args.batch,), device=device)
+    print(f"== train step profile: SFIConv-ResNet-{args.depth}, batch {args.batch}, "
+          f"{args.size}x{args.size}, float32, {device}, malloc {args.malloc}, "
+          f"{torch.get_num_threads()} threads, load average {load_average()}")
+    for name, variant in build_variants(args.variants, args.depth, device, None).items():
+        if isinstance(variant, str) or not variant.trainable:
+            print(f"{name}: not profiled ({variant if isinstance(variant, str) else 'no train'})")
+            continue
+        step = make_train_step(variant, x, target)
+        for _ in range(2):  # warm-up: oneDNN primitives, allocator state, lazy init
+            step()
+        with FlopCounterMode(display=False) as flops:
+            step()
+        wall, per_kind, per_op = profile_step(step, device, args.iters)
+        total = sum(per_kind.values())
+        print(f"{name}: {wall * 1000:.1f} ms a step (timed), {flops.get_total_flops() / 1e9:.1f}"
+              f" GFLOP; operator time {total:.1f} ms:")
+        for kind, ms in per_kind.most_common():
+            print(f"    {ms:8.1f} ms  {100 * ms / total:5.1f}%  {kind}")
+        for op, ms in per_op.most_common(args.top):
+            print(f"        {ms:8.1f} ms  {op[:90]}")
+
+
+if __name__ == "__main__":
+    main()
