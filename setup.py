@@ -4,8 +4,9 @@
 Install with ``pip install -e . --no-build-isolation`` (the extension builds against the torch
 already installed). Environment:
   SFICONV_SKIP_CUDA=1    build the CPU extension only
-  FORCE_CUDA=1           build CUDA kernels even if no GPU is visible (nvcc is still required)
-  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0+PTX")
+  FORCE_CUDA=1           fail unless the CUDA kernels can be built (by default they are built
+                         when torch is a CUDA build and nvcc is found, GPU or not)
+  TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0+PTX", also when set empty)
   MAX_JOBS               parallel compile jobs (read by torch's ninja build)
   SFICONV_CPU_ARCH       -march for the CPU kernels (default "native"; "" for the baseline)
 """
@@ -15,6 +16,7 @@ import os
 import shutil
 import site
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -36,11 +38,18 @@ def _wheel_cuda_includes():
 def _write_build_config(archs):
     # A generated header (not in git) carries the CUDA architectures into the binary, so that
     # `python -m sficonv_ext.info` reports what was really compiled.
+    # Rewritten only when it changes: a new mtime would make ninja recompile ops.cpp each time.
     folder = os.path.join(HERE, "csrc", "generated")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "build_config.h"), "w") as f:
-        f.write("// Written by setup.py at build time.\n#pragma once\n")
-        f.write(f"#define SFICONV_CUDA_ARCHS {json.dumps(archs)}\n")
+    path = os.path.join(folder, "build_config.h")
+    text = ("// Written by setup.py at build time.\n#pragma once\n"
+            f"#define SFICONV_CUDA_ARCHS {json.dumps(archs)}\n")
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:
+                return
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _has_cudart(root):
@@ -95,10 +104,22 @@ def _extensions():
     from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                            CUDAExtension)
 
-    with_cuda = (os.environ.get("SFICONV_SKIP_CUDA", "0") != "1" and bool(cuda)
-                 and CUDA_HOME is not None and torch.version.cuda is not None
-                 and (torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
-                      or os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))))
+    if "pip-build-env" in torch.__file__:
+        print("sficonv_ext: building against the torch of an isolated build environment "
+              f"({torch.__version__}), not the one installed: the extension may not import. "
+              "Install with `pip install -e . --no-build-isolation`.", file=sys.stderr)
+    # CUDA kernels need nvcc: a visible GPU with a runtime-only toolkit gets the CPU build.
+    nvcc_found = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    skip = os.environ.get("SFICONV_SKIP_CUDA", "0") == "1"
+    with_cuda = not skip and bool(cuda) and torch.version.cuda is not None and nvcc_found
+    why_not = ("SFICONV_SKIP_CUDA=1 is set" if skip else
+               "torch is not a CUDA build" if torch.version.cuda is None else
+               "nvcc was not found (set CUDA_HOME to a CUDA toolkit)")
+    if os.environ.get("FORCE_CUDA", "0") == "1" and not with_cuda:
+        raise SystemExit(f"sficonv_ext: FORCE_CUDA=1, but the CUDA kernels cannot be built: "
+                         f"{why_not}")
+    print("sficonv_ext: building the C++ and CUDA kernels" if with_cuda else
+          f"sficonv_ext: building the C++ kernels only ({why_not})", file=sys.stderr)
     # The C++ standard is left to torch (it needs C++20 from 2.10 on). The CPU kernels' inner
     # loops are written for the compiler to vectorise; -march=native lets it use the widest
     # vectors of the machine that builds them (set SFICONV_CPU_ARCH to target another, e.g.
@@ -120,7 +141,9 @@ def _extensions():
                   "will run on one thread", file=sys.stderr)
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+            # Empty would make torch detect the visible GPUs (and crash without one).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         _write_build_config(os.environ["TORCH_CUDA_ARCH_LIST"].replace(";", " "))
         include_dirs += _wheel_cuda_includes()
         ext = CUDAExtension(
@@ -130,7 +153,22 @@ def _extensions():
     else:
         ext = CppExtension("sficonv_ext._C", cpp, include_dirs=include_dirs,
                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _incremental(BuildExtension.with_options(use_ninja=True))}
+
+
+def _incremental(build_ext_class):
+    """``build_ext`` whose objects stay under build/: pip's editable install builds in a fresh
+    temporary folder each time, so ninja recompiled every source (1-2 minutes) on every
+    `pip install -e .` and make target. Kept, ninja rebuilds only what changed (a new torch
+    changes every command line, so everything then)."""
+
+    class IncrementalBuildExtension(build_ext_class):
+        def finalize_options(self):
+            super().finalize_options()
+            tag = f"{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+            self.build_temp = os.path.join(HERE, "build", f"temp.{tag}")
+
+    return IncrementalBuildExtension
 
 
 ext_modules, cmdclass = _extensions()

@@ -30,9 +30,14 @@ namespace sficonv {
 #define SFICONV_CUDA_ARCHS ""
 #endif
 
+// The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
+// every op added, removed or re-typed below, so that a binary built from older sources is
+// reported as such ("rebuild"), not half-used.
+constexpr int kExtensionApi = 2;
+
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
-  std::string info = "cpu=1";
+  std::string info = "api=" + std::to_string(kExtensionApi) + ";cpu=1";
 #ifdef _OPENMP
   info += ";openmp=1";  // at::parallel_for runs threads (see setup.py)
 #else

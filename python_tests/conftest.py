@@ -11,6 +11,18 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from sficonv_ext import models, ops, reference  # noqa: E402
+from sficonv_ext.ops import _extension  # noqa: E402
+
+
+def pytest_sessionstart(session):
+    # `make test` (and so CI) and scripts/gpu_check.sh set these: without them a build whose
+    # binary does not load would skip every kernel test and the run would still pass.
+    if os.environ.get("SFICONV_REQUIRE_EXTENSION") == "1" and not _extension.has_cpp_kernels():
+        pytest.exit(f"SFICONV_REQUIRE_EXTENSION=1 but the compiled extension is not loaded: "
+                    f"{_extension.LOAD_ERROR or 'sficonv_ext._C was not built'}", returncode=3)
+    if os.environ.get("SFICONV_REQUIRE_CUDA") == "1" and not _extension.has_cuda_kernels():
+        pytest.exit("SFICONV_REQUIRE_CUDA=1 but the extension has no CUDA kernels "
+                    f"({_extension.LOAD_ERROR or 'built without them'})", returncode=3)
 
 
 def rel_err(a, b):

@@ -24,9 +24,15 @@ except RuntimeError as error:
 """
 
 
-def _run_with_package_copy(tmp_path, extension_bytes, prelude=""):
+def _run_with_package_copy(tmp_path, extension_bytes, prelude="", expected_api=None):
     copy = tmp_path / "sficonv_ext"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    if expected_api is not None:  # Python sources newer than the binary
+        loader = copy / "ops" / "_extension.py"
+        text = loader.read_text()
+        assert 'EXTENSION_API = "' in text
+        loader.write_text(text.replace('EXTENSION_API = "', f'EXTENSION_API = "{expected_api}'
+                                       '" or "', 1))
     if extension_bytes is not None:
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
         (copy / f"_C{suffix}").write_bytes(extension_bytes)
@@ -42,6 +48,32 @@ def test_broken_extension_warns_with_rebuild_command_and_falls_back(tmp_path):
     assert "failed to import" in out and "pip install -e . --no-build-isolation" in out
     assert "AUTO: torch (1, 2, 6, 6)" in out
     assert "CPP:" in out and "rebuild" in out
+
+
+def test_extension_built_from_older_sources_is_reported_not_half_used(tmp_path):
+    # After a pull that changes the ops, the old binary still imports; registering against its
+    # missing ops made `import sficonv_ext` fail. It must count as not loaded, with the hint.
+    import glob
+
+    import pytest
+    built = glob.glob(os.path.join(PACKAGE, "_C*.so"))
+    if not built:
+        pytest.skip("the C++ extension is not built")
+    with open(built[0], "rb") as f:
+        binary = f.read()
+    out = _run_with_package_copy(tmp_path, binary, expected_api="999")
+    assert "out of date" in out and "these sources expect 999" in out
+    assert "pip install -e . --no-build-isolation" in out
+    assert "AUTO: torch (1, 2, 6, 6)" in out
+    assert "CPP:" in out and "out of date" in out
+
+
+def test_stale_reason_reads_the_interface_version():
+    from sficonv_ext.ops import _extension
+    current = f"api={_extension.EXTENSION_API};cpu=1;openmp=1;cuda=0"
+    assert _extension.stale_reason(current) is None
+    assert "unversioned" in _extension.stale_reason("cpu=1;openmp=1;cuda=0")
+    assert "predates" in _extension.stale_reason(None)
 
 
 def test_missing_extension_is_quiet_and_uses_pytorch(tmp_path):

@@ -84,6 +84,8 @@ note "== GPU tests"
 # Without it the tests run one by one and may not finish in their time (noted).
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 note "pytest-xdist: ${XDIST:-not installed, tests run serially}"
+# SFICONV_REQUIRE_*: a build whose CUDA kernels did not load fails here instead of skipping.
+SFICONV_REQUIRE_EXTENSION=1 SFICONV_REQUIRE_CUDA=1 \
 step "GPU tests" "$(limit 190)" "$PY" -m pytest python_tests/test_gpu_mcs.py \
     python_tests/test_gpu_models.py python_tests/test_gpu_cudnn_inference.py \
     python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py \

@@ -17,14 +17,43 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _C = None
 LOAD_ERROR = None
 
+# The interface this Python code expects of the binary (csrc/ops.cpp kExtensionApi): a binary
+# built from older sources still imports after a pull, and registering fake kernels against
+# its missing ops made `import sficonv_ext` itself fail.
+EXTENSION_API = "2"
+
+
+def stale_reason(build_info_text):
+    """Why a binary whose ``build_info()`` says ``build_info_text`` (None: it has no
+    build_info) does not match these sources, or None."""
+    if build_info_text is None:
+        return "it predates build_info"
+    pairs = dict(item.split("=", 1) for item in build_info_text.split(";") if "=" in item)
+    if pairs.get("api") != EXTENSION_API:
+        return (f"it was built from other sources (interface {pairs.get('api', 'unversioned')}, "
+                f"these sources expect {EXTENSION_API})")
+    return None
+
+
+def _stale_reason():
+    ops = torch.ops.sficonv_ext
+    return stale_reason(ops.build_info() if hasattr(ops, "build_info") else None)
+
+
 try:
     from .. import _C  # noqa: F401  (importing registers torch.ops.sficonv_ext.*)
 except ImportError as error:  # never built, or built against another torch
     if glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")) or glob.glob(
             os.path.join(_PACKAGE_DIR, "_C*.pyd")):
         LOAD_ERROR = f"sficonv_ext._C exists but failed to import ({error}); {REBUILD_HINT}"
-        warnings.warn(LOAD_ERROR + ". Falling back to the pure-PyTorch and Triton kernels.",
-                      RuntimeWarning, stacklevel=2)
+else:
+    _reason = _stale_reason()
+    if _reason is not None:
+        _C = None  # its ops stay registered but unused: every path falls back
+        LOAD_ERROR = f"sficonv_ext._C is out of date: {_reason}; {REBUILD_HINT}"
+if LOAD_ERROR:
+    warnings.warn(LOAD_ERROR + ". Falling back to the pure-PyTorch and Triton kernels.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def has_cpp_kernels():
