@@ -35,18 +35,23 @@ def _seed():
     torch.manual_seed(1234)
 
 
-def make_pair(depth, dtype=torch.float64, layout="wrapper"):
-    """A published model and a fast model holding the same weights."""
-    ref = (reference.PublishedTrainingWrapper(depth) if layout == "wrapper"
-           else reference.SFIConvResNet(reference.DEPTHS[depth])).to(dtype)
-    # Random BatchNorm statistics and affine terms, so eval mode is not an identity.
+def randomise_batchnorms(model):
+    """Random statistics and affine terms in every BatchNorm of ``model``: eval mode is then no
+    identity, and a branch normalised by another branch's BatchNorm changes the output."""
     with torch.no_grad():
-        for m in ref.modules():
+        for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
+
+
+def make_pair(depth, dtype=torch.float64, layout="wrapper"):
+    """A published model and a fast model holding the same weights."""
+    ref = (reference.PublishedTrainingWrapper(depth) if layout == "wrapper"
+           else reference.SFIConvResNet(reference.DEPTHS[depth])).to(dtype)
+    randomise_batchnorms(ref)
     fast = getattr(models, f"sfi_resnet{depth}")().to(dtype)
     fast.load_state_dict(ref.state_dict())
     return ref, fast

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from sficonv_ext import reference
 from sficonv_ext.reference import layers
 
+from conftest import randomise_batchnorms
+
 # SPEC section 3.
 SPEC_DEPTHS = {26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
@@ -89,23 +91,11 @@ def spec_forward(sd, x, depths, train):
     return x.mean(dim=(2, 3)) @ sd["fc.weight"].T + sd["fc.bias"]
 
 
-def _distinct_batchnorms(model):
-    # Distinct affine terms and statistics per BatchNorm, so a branch normalised by the other
-    # branch's BatchNorm changes the output.
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-
-
 @pytest.mark.parametrize("depth,size", [(26, (64, 64)), (26, (65, 97)), (50, (67, 61))])
 @pytest.mark.parametrize("train", [False, True])
 def test_reference_computes_what_spec_states(depth, size, train):
     net = reference.SFIConvResNet(SPEC_DEPTHS[depth]).double()
-    _distinct_batchnorms(net)
+    randomise_batchnorms(net)
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(2, 3, *size, dtype=torch.float64)
     net.train(train)
