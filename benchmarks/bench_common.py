@@ -57,6 +57,18 @@ def load_average():
         return None
 
 
+def warn_if_loaded():
+    """The load average, with a warning printed when it exceeds the core count: every CPU
+    timing of the run then shares the cores (an OpenMP thread descheduled mid-region stalls
+    the whole region), and a median does not protect against that."""
+    load = load_average()
+    cores = os.cpu_count() or 1
+    if load is not None and load > cores:
+        print(f"warning: load average {load} on {cores} cores: other work shares this machine, "
+              f"CPU timings of this run are not comparable", flush=True)
+    return load
+
+
 def machine_info(device):
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "sficonv_ext": sficonv_ext.__version__, "git_commit": _git_commit(),

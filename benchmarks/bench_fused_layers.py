@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from sficonv_ext import ops
 
-from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
-                          set_malloc, write_json)
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, machine_info, result_path, set_malloc,
+                          warn_if_loaded, write_json)
 from bench_mcs import timer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,7 +149,7 @@ def main(argv=None):
 
 def run(args, device):
     measure = timer(device)
-    load_at_start = load_average()
+    load_at_start = warn_if_loaded()
     rows = first_layer_rows(args, device, measure) + norm_act_rows(args, device, measure)
     print(f"Fused layers vs their PyTorch compositions, channels_last, MCS "
           f"{'learnable' if args.learnable else 'frozen'}, device {device} "

@@ -20,8 +20,8 @@ import torch
 
 from sficonv_ext import ops
 
-from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
-                          set_malloc, write_json)
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, machine_info, result_path, set_malloc,
+                          warn_if_loaded, write_json)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {"cpu": ["8x64x64x64"], "cuda": ["64x64x64x64", "32x64x128x128"]}
@@ -177,7 +177,7 @@ def measure_group(shape, dtype, layout, device, measure, args):
 def run(args):
     device = torch.device(args.device)
     measure = timer(device)
-    load_at_start = load_average()
+    load_at_start = warn_if_loaded()
     shapes = args.shapes or DEFAULT_SHAPES[device.type]
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     rows = []

@@ -20,8 +20,8 @@ import torch
 
 from sficonv_ext import reference
 
-from bench_common import (MALLOC_CHOICES, MALLOC_HELP, load_average, machine_info, result_path,
-                          set_malloc, write_json)
+from bench_common import (MALLOC_CHOICES, MALLOC_HELP, machine_info, result_path, set_malloc,
+                          warn_if_loaded, write_json)
 from model_variants import DEFAULT_VARIANTS, VARIANTS, build_variants
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,7 +214,7 @@ def run(args, device):
         else:
             variants[name] = make_steps(variant, x, target, args)
     out = result_path(args.json, f"models_{device.type}.json")
-    load_at_start = load_average()
+    load_at_start = warn_if_loaded()
 
     def save(medians, memory, errors, complete=False):
         rows = collect_rows(variants, medians, memory, errors, build_errors)

@@ -120,3 +120,14 @@ def test_train_step_profile_sums_operators_into_kinds():
         assert "GFLOP" in line and "ms a step" in line
     assert "convolution backward" in text and "convolution forward" in text
     assert "MCSConv" in text  # the fast model's first layer; the plain twin has none
+
+
+def test_a_loaded_machine_is_named_in_the_output(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_common
+    monkeypatch.setattr(bench_common.os, "getloadavg", lambda: (64.0, 1.0, 1.0))
+    assert bench_common.warn_if_loaded() == 64.0
+    assert "not comparable" in capsys.readouterr().out
+    monkeypatch.setattr(bench_common.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    bench_common.warn_if_loaded()
+    assert capsys.readouterr().out == ""
