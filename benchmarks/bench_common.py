@@ -2,6 +2,7 @@
 JSON goes, and the machine record each JSON carries (versions, git commit, load, settings that
 move timings), so that a number can be traced to the code and the conditions it came from."""
 import datetime
+import functools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ def set_malloc(mode, stack):
             raise SystemExit(f"--malloc cache: {error}") from None
 
 
+@functools.lru_cache(maxsize=None)  # once a run: the benchmarks save after every measurement
 def _git_commit():
     folder = os.path.dirname(os.path.abspath(__file__))
     try:

@@ -62,13 +62,18 @@ def test_matches_plain_fused_and_eager_model(trio, shape):
     assert rel_err(got, eager) < 1e-4
 
 
+def _assert_fused_matches_plain(onednn, plain, x):
+    """The oneDNN model ran its fused op on ``x`` and gave the plain folded model's output."""
+    got, ran = _ops_run(onednn, x)
+    assert FUSED_OP in ran
+    assert rel_err(got, plain(x)) < 1e-5
+
+
 def test_no_grad_mode_and_non_contiguous_input(trio):
     _, onednn, plain = trio
     x = torch.randn(2, 3, 80, 130)[..., ::2]  # strided view
     with torch.no_grad():
-        got, ran = _ops_run(onednn, x)
-        assert FUSED_OP in ran
-        assert rel_err(got, plain(x)) < 1e-5
+        _assert_fused_matches_plain(onednn, plain, x)
 
 
 def test_input_that_wants_a_gradient_takes_the_plain_path(trio):
@@ -319,9 +324,7 @@ def test_a_weight_converted_by_module_to_is_reordered_again(trio):
         model.network.layer2[0].SFIC2.conv.weight.data.mul_(2.0)  # no version bump
         model.float()
     with torch.inference_mode():
-        got, ran = _ops_run(onednn, x)
-        assert FUSED_OP in ran
-        assert rel_err(got, plain(x)) < 1e-5
+        _assert_fused_matches_plain(onednn, plain, x)
 
 
 def test_nan_and_inf_reach_the_output_as_on_the_plain_path(trio):
