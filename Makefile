@@ -22,8 +22,9 @@ test: install
 demo: install
 	$(BIN)/sficonv train --data builtin --out runs/demo --overwrite
 
+# On the CPU even where a GPU is present; into runs/, so the committed results stay as measured.
 bench: install
-	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_models.py --device cpu --json runs/bench/models_cpu.json
 
 clean:
 	rm -rf build *.egg-info sficonv_ext/_C*.so

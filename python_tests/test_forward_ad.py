@@ -75,6 +75,25 @@ def test_torch_func_grad_of_the_model_matches_autograd():
     assert rel_err(got, xi.grad) < 1e-5
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_per_sample_gradients_with_vmap_match_autograd(fuse):
+    # The model's entry conversion to channels_last is not implemented under vmap: the input
+    # keeps its layout there (the weights stay channels_last).
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast.eval()
+    model = models.fuse_for_inference(fast) if fuse else fast
+    x = torch.randn(2, 3, 64, 64)
+
+    def loss(sample):
+        return model(sample.unsqueeze(0)).square().sum()
+
+    got = torch.func.vmap(torch.func.grad(loss))(x)
+    for i in range(2):
+        xi = x[i:i + 1].clone().requires_grad_()
+        model(xi).square().sum().backward()
+        assert rel_err(got[i:i + 1], xi.grad) < 1e-5
+
+
 def test_transforms_after_a_compiled_call_under_forward_ad_still_take_pytorch_ops():
     # A compiled call under forward AD once made Dynamo compile the transform check as a frame
     # of its own, its answer baked in: torch.func.grad then ran the C++ kernel and failed, and

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sficonv_ext import models
+from sficonv_ext.nn import SplitBatchNorm2d
 
 from conftest import make_pair, rel_err
 
@@ -41,6 +42,36 @@ def test_fused_model_is_eval_only_and_not_exportable():
         models.to_official_state_dict(fused)
     with pytest.raises(TypeError):
         models.fuse_for_inference(torch.nn.Linear(2, 2))
+    # The inner network, which users reach as fused.network, is marked too.
+    with pytest.raises(ValueError, match="fused for inference"):
+        models.to_official_state_dict(fused.network)
+    with pytest.raises(ValueError, match="fused for inference already"):
+        models.fuse_for_inference(fused.network)
+
+
+def test_fuse_refuses_a_batchnorm_without_running_statistics():
+    model = models.sfi_resnet26().eval()
+    model.layer2[0].SFIC1.bn = SplitBatchNorm2d(
+        model.layer2[0].SFIC1.bn.num_features, track_running_stats=False)
+    with pytest.raises(ValueError, match="cannot be folded"):
+        models.fuse_for_inference(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fuse_keeps_low_precision_convolutions_beside_float32_batchnorms(dtype):
+    # The "BatchNorm in float32" recipe: folding must not promote the weights to float32.
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.to(dtype).eval()
+    for m in fast.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.float()
+    fused = models.fuse_for_inference(fast)
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = fused(x.to(dtype))
+        assert got.dtype == dtype
+        assert rel_err(got.float(), fast.float()(x)) < (0.1 if dtype == torch.bfloat16 else 0.02)
 
 
 def test_fuse_leaves_the_original_untouched():

@@ -135,6 +135,28 @@ def test_cuda_graph_captured_under_inference_mode_replays_outside_it():
 
 
 @cuda
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_cuda_graph_captures_again_after_the_weights_change(cudnn):
+    # A replay reads the weights at their captured addresses (and the cuDNN layers' cast
+    # copies of them): new weights, loaded in place or assigned, must be used, not the old.
+    if cudnn and not models.cudnn_inference.cudnn_fusion_available():
+        pytest.skip("this torch build lacks the fused cuDNN convolution ops")
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast = fast.cuda().eval()
+    graphed = models.fuse_for_inference(fast, cuda_graph=True, cudnn=cudnn)
+    other = models.fuse_for_inference(make_pair(26, dtype=torch.float32)[1].cuda().eval(),
+                                      cudnn=cudnn)
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    first = graphed(x)
+    for assign in (False, True):
+        graphed.network.network.load_state_dict(other.network.state_dict(), assign=assign)
+        with torch.no_grad():
+            want = other(x)
+        assert rel_err(want, first) > 1e-2  # the two models differ
+        assert rel_err(graphed(x), want) < 1e-5
+
+
+@cuda
 @pytest.mark.parametrize("dtype", sorted(CASES))
 def test_cuda_fast_model_gradients_match_reference(dtype):
     # The fused first layer and the MCSConv kernels inside a full train step: the gradient of a

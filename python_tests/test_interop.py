@@ -105,3 +105,88 @@ def test_non_strict_load_reports_published_names():
 def test_bad_layout_name():
     with pytest.raises(ValueError, match="layout"):
         models.to_official_state_dict(models.sfi_resnet26(), "mainnet")
+
+
+def test_non_strict_load_fills_the_parts_present_of_a_fused_tensor():
+    # One published block of a fused weight (or half of a BatchNorm pair) missing: the others
+    # load, and the missing region keeps the model's current values, as torch keeps a
+    # missing tensor.
+    ref = reference.sfi_resnet26()
+    sd = ref.state_dict()
+    sd.pop("layer2.0.SFIC2.conv.f2s.weight")
+    sd.pop("layer1.0.SFIC1.bn_f.running_var")
+    fast = models.sfi_resnet26()
+    before = fast.layer2[0].SFIC2.conv.weight.detach().clone()
+    result = fast.load_state_dict(sd, strict=False)
+    assert sorted(result.missing_keys) == ["layer1.0.SFIC1.bn_f.running_var",
+                                           "layer2.0.SFIC2.conv.f2s.weight"]
+    conv = fast.layer2[0].SFIC2.conv
+    o, i = conv.out_spatial, conv.in_spatial
+    torch.testing.assert_close(conv.weight[:o, :i], sd["layer2.0.SFIC2.conv.s2s.weight"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight[o:, :i], sd["layer2.0.SFIC2.conv.s2f.weight"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight[o:, i:], sd["layer2.0.SFIC2.conv.f2f.weight"],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(conv.weight[:o, i:], before[:o, i:], rtol=0, atol=0)
+    bn = fast.layer1[0].SFIC1.bn
+    torch.testing.assert_close(bn.running_var[:bn.spatial], sd["layer1.0.SFIC1.bn_s.running_var"],
+                               rtol=0, atol=0)
+
+
+def test_assign_keeps_the_models_memory_format():
+    fast = models.sfi_resnet26()
+    sd = reference.PublishedTrainingWrapper(26).state_dict()
+    fast.load_state_dict(sd, assign=True)
+    assert fast.layer1[0].SFIC2.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_data_parallel_prefix_and_whole_checkpoints_are_named():
+    fast = models.sfi_resnet26()
+    for sd in (fast.state_dict(), reference.PublishedTrainingWrapper(26).state_dict()):
+        prefixed = {f"module.{k}": v for k, v in sd.items()}
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match="starts with 'module.'"):
+                fast.load_state_dict(prefixed, strict=strict)
+    whole = {"epoch": 3, "state_dict": fast.state_dict(), "optimizer": {"state": {}}}
+    with pytest.raises(TypeError, match=r"checkpoint\['state_dict'\]"):
+        fast.load_state_dict(whole, strict=False)  # would otherwise load nothing
+
+
+def test_wrong_depth_hint_gives_the_builder_and_the_cli_flag():
+    with pytest.raises(RuntimeError, match=r"sfi_resnet50 \(on the command line: --arch "
+                                           r"sfi_resnet50\)"):
+        models.sfi_resnet26().load_state_dict(reference.sfi_resnet50().state_dict())
+
+
+def test_a_raw_learnable_filter_is_refused_by_a_frozen_model():
+    # The raw weight of a learnable MCSConv has the frozen filter's key: loaded as it is, the
+    # frozen model would compute with an unconstrained filter.
+    learnable = models.sfi_resnet26(mcs_learnable=True)
+    with torch.no_grad():
+        learnable.layer1[0].SFIC1.conv.mcs.weight.mul_(1.01)
+    with pytest.raises(RuntimeError, match="mcs_learnable=True"):
+        models.sfi_resnet26().load_state_dict(learnable.state_dict())
+    models.sfi_resnet26(mcs_learnable=True).load_state_dict(learnable.state_dict())
+    # A constrained filter made in float32 and stored in another dtype still loads.
+    for dtype in (torch.float64, torch.bfloat16):
+        frozen = models.sfi_resnet26().to(dtype)
+        models.sfi_resnet26().load_state_dict(frozen.state_dict())
+
+
+def test_export_warns_when_a_learnable_sum_was_clamped():
+    fast = models.sfi_resnet26(mcs_learnable=True, mcs_init="stable")
+    mcs = fast.layer1[0].SFIC1.conv.mcs
+    with torch.no_grad():
+        mcs.weight[0].mul_(1e-8)  # off-centre sum 1e-8 < eps: clamped
+        mcs.weight[0, 0, 2, 2] = -1
+    with pytest.warns(UserWarning, match=r"channels \[0\]"):
+        models.to_official_state_dict(fast, "bare")
+
+
+def test_sync_batchnorm_model_exports_and_loads_the_published_layout():
+    fast = torch.nn.SyncBatchNorm.convert_sync_batchnorm(models.sfi_resnet26())
+    exported = models.to_official_state_dict(fast, "wrapper")
+    assert set(exported) == set(reference.PublishedTrainingWrapper(26).state_dict())
+    reference.PublishedTrainingWrapper(26).load_state_dict(exported)
+    fast.load_state_dict(exported)

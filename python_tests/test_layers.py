@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sficonv_ext import models
 from sficonv_ext import nn as sfi_nn
 from sficonv_ext import reference
 from sficonv_ext.models.interop import load_official
@@ -143,3 +144,30 @@ def test_layer_argument_errors():
         sfi_nn.MCSConv2d(8, kernel_size=4)
     with pytest.raises(ValueError, match="init"):
         sfi_nn.MCSConv2d(8, init="zeros")
+
+
+def test_hooks_on_batchnorms_keep_their_outputs_in_training():
+    # The epilogue adds and applies ReLU in place on BatchNorm's fresh output, unless a hook
+    # was handed it: a forward hook keeps it, a full backward hook hands on a view of it.
+    model = models.sfi_resnet26().train()
+    held = []
+    bn = model.layer3[1].SFIC3.bn
+    bn.register_forward_hook(lambda m, i, out: held.append((out, out.clone())))
+    bn.register_full_backward_hook(lambda *_: None)
+    model.maxpool.register_full_backward_hook(lambda *_: None)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    output, copy_at_hook = held[0]
+    assert (copy_at_hook < 0).any() and torch.equal(output, copy_at_hook)
+
+
+def test_frozen_batchnorms_take_a_batch_of_one_in_training_mode():
+    # Fine-tuning with every BatchNorm frozen (.eval() inside a training model): no BatchNorm
+    # uses batch statistics, so one small image is fine, as in the published network.
+    model = models.sfi_resnet26().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    assert model(torch.randn(1, 3, 40, 40)).shape == (1, 2)
+    model.layer4[1].bn1.train()
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        model(torch.randn(1, 3, 40, 40))

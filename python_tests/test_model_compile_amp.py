@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sficonv_ext import models
+from sficonv_ext.nn import published_mcs_init
 
 from conftest import rel_err
 
@@ -38,3 +39,41 @@ def test_autocast_bfloat16_forward_and_backward():
         loss = model(x).float().sum()
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_constrains_a_learnable_filter_before_casting_it(dtype):
+    # The published initialisation's taps reach hundreds and cancel to an off-centre sum of 1:
+    # constrained after a cast to bfloat16 the filter was off by up to 200%.
+    model = models.sfi_resnet26(mcs_learnable=True, mcs_init="published").eval()
+    first = model.layer1[0].SFIC1.conv
+    # Of 20 published draws, the one with the largest taps (680 with seed 0 to 19).
+    draws = [published_mcs_init(64, generator=torch.Generator().manual_seed(s))
+             for s in range(20)]
+    with torch.no_grad():
+        first.mcs.weight.copy_(max(draws, key=lambda w: w.abs().max()))
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 16, 16)
+    split = first.out_spatial
+    with torch.no_grad():
+        expect = first(x)[:, split:]
+        with torch.autocast("cpu", dtype=dtype):
+            got = first(x)[:, split:]
+    assert got.dtype == dtype
+    assert rel_err(got.float(), expect) < 0.02
+    # The gradient reaches the raw filter through the constraint.
+    with torch.autocast("cpu", dtype=dtype):
+        first(x)[:, split:].float().mean().backward()
+    assert first.mcs.weight.grad is not None and first.mcs.weight.grad.isfinite().all()
+
+
+def test_a_float64_default_dtype_builds_a_float64_model():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = models.sfi_resnet26().eval()
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64)).dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)

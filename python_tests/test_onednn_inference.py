@@ -187,6 +187,57 @@ def test_hooks_on_a_convolution_still_fire(trio):
         handle.remove()
 
 
+@pytest.mark.parametrize("which", ["onednn", "plain"])
+def test_a_hooked_convolution_output_is_not_written_over(trio, which):
+    # After folding, BatchNorm is an nn.Identity: the epilogue's in-place add and ReLU would
+    # land on the very tensor a forward hook on the convolution was handed.
+    fused = copy.deepcopy(trio[1] if which == "onednn" else trio[2])
+    held = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            held[name] = (output, output.clone())
+        return hook
+
+    net = fused.network
+    for name, conv in [("SFIC3", net.layer1[1].SFIC3.conv), ("SFIC2", net.layer1[1].SFIC2.conv),
+                       ("plain conv2", net.layer4[1].conv2),
+                       ("plain conv3", net.layer4[1].conv3)]:
+        conv.register_forward_hook(keep(name))
+    with torch.inference_mode():
+        fused(torch.randn(1, 3, 64, 64))
+    assert len(held) == 4
+    for name, (output, copy_at_hook) in held.items():
+        assert (copy_at_hook < 0).any(), name  # a ReLU in place would have changed it
+        assert torch.equal(output, copy_at_hook), name
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_hooks_on_layers_and_blocks_survive_fusion(onednn):
+    # fuse_for_inference deep-copies the model (hooks included) and then swaps its layers for
+    # folded ones: the hooks must move with them, and their handles still remove them.
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast.eval()
+    fired = []
+    layer = fast.layer1[1].SFIC2
+    handles = [layer.register_forward_hook(lambda *_: fired.append("layer")),
+               fast.layer4[1].register_forward_pre_hook(lambda *_: fired.append("block"))]
+    fused = models.fuse_for_inference(fast, onednn=onednn)
+    for handle in handles:
+        handle.remove()  # removes the original's hooks only
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        fused(x)
+    assert fired == ["layer", "block"]
+    fired.clear()
+    fused_handle = fused.network.layer1[1].SFIC2.register_forward_hook(
+        lambda *_: fired.append("new"))
+    with torch.inference_mode():
+        fused(x)
+    assert fired == ["layer", "new", "block"]
+    fused_handle.remove()
+
+
 def test_traced_and_onednn_disabled_take_the_plain_path(trio):
     _, onednn, plain = trio
     x = torch.randn(1, 3, 64, 64)

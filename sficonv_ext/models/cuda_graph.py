@@ -4,12 +4,23 @@ import torch
 import torch.nn as nn
 
 
+def _version(tensor):
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter (nor in-place writes)
+        return None
+
+
 class CUDAGraphInference(nn.Module):
     """Wraps an eval-only CUDA ``network``. The first call captures ``network(x)`` for x's
     shape, dtype and the autocast state in force; later calls copy x into the captured input
     and replay. A call that differs in any of those raises ``ValueError`` instead of replaying
     a graph recorded for other sizes. Outputs are fresh tensors (the graph's own output buffer
-    is overwritten by the next replay)."""
+    is overwritten by the next replay).
+
+    The graph reads the weights at the addresses they had at capture, and the cuDNN layers'
+    copies cast from them: a weight that moved (``.to()``, ``load_state_dict(assign=True)``)
+    or was changed in place (``load_state_dict``) makes the next call capture again."""
 
     WARMUP_CALLS = 3  # before capture: lazy initialisation, kernel compilation, autotuning
 
@@ -20,6 +31,12 @@ class CUDAGraphInference(nn.Module):
         self._key = None
         self._static_input = None
         self._static_output = None
+        self._weights = None
+
+    def _weights_key(self):
+        # Address and version counter of every weight: what a replay's correctness rests on.
+        return tuple((t.data_ptr(), _version(t)) for t in
+                     (*self.network.parameters(), *self.network.buffers()))
 
     @staticmethod
     def _signature(x):
@@ -59,10 +76,13 @@ class CUDAGraphInference(nn.Module):
             raise ValueError("a CUDA-graph model takes a CUDA tensor, got "
                              f"{x.device if isinstance(x, torch.Tensor) else type(x).__name__}")
         key = self._signature(x)
+        if self._graph is not None and self._weights_key() != self._weights:
+            self._graph = None  # the weights moved or changed: capture again
         if self._graph is None:
             self.network(x)  # validates the input with the network's own clear errors
             self._capture(x)
             self._key = key
+            self._weights = self._weights_key()
         elif key != self._key:
             raise ValueError(
                 f"this CUDA-graph model was captured for input {self._describe(self._key)}; got "

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import SFIConv2d, SFIConvNorm
+from ..nn.hooks import hooked  # a hooked convolution keeps the plain path, its output intact
 from ..ops.ad_modes import composite_only
 from ..ops.norm_act import batch_norm_act
 from .resnet import PlainBottleneck
@@ -29,13 +30,6 @@ def tracing_or_compiling():
     # TorchScript cannot trace these library ops, and torch.compile fuses on its own.
     return (torch.compiler.is_compiling() or torch.jit.is_tracing()
             or torch.jit.is_scripting())
-
-
-def hooked(module):
-    # A hook on the convolution must see it run: such a layer keeps the plain path.
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 def output_shape(x, weight, padding):
@@ -80,7 +74,10 @@ class FoldedConvNorm(nn.Module):
                 out = self._fused(pooled, residual, relu)
                 if out is not None:  # None: the library could not run this call after all
                     return out
-        return batch_norm_act(self.conv(x), self.bn, residual, relu, inplace_ok=True)
+        # bn is an nn.Identity here: add and ReLU in place on the convolution's output only
+        # when no hook has been handed that tensor.
+        return batch_norm_act(self.conv(x), self.bn, residual, relu,
+                              inplace_ok=not hooked(self.conv))
 
     def __setstate__(self, state):
         # Whole models pickled before the fused convolution's attribute was renamed.
@@ -105,7 +102,9 @@ class FoldedPlainBottleneck(nn.Module):
     def forward(self, x):
         out = self._step(0, x, None)
         out = self._step(1, out, None)
-        # The residual is this block's input, which the caller may still hold: never written.
+        # The residual is this block's input: written over only by a oneDNN call inside the
+        # fused model's own forward with no hooks (residuals_may_be_overwritten), where nothing
+        # reads it afterwards.
         return self._step(2, out, x)
 
     def _step(self, i, x, residual):
@@ -115,7 +114,7 @@ class FoldedPlainBottleneck(nn.Module):
             out = fused(x, residual, True)
             if out is not None:
                 return out
-        return batch_norm_act(conv(x), bn, residual, True, inplace_ok=True)
+        return batch_norm_act(conv(x), bn, residual, True, inplace_ok=not hooked(conv))
 
     def __setstate__(self, state):
         if "_packed" in state:
@@ -123,16 +122,33 @@ class FoldedPlainBottleneck(nn.Module):
         super().__setstate__(state)
 
 
+# Every hook registry of an nn.Module (those this torch version has).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _take_hooks(new, old):
+    # The same dict objects, so the handles the user holds still remove them.
+    for name in _HOOK_DICTS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
+    return new
+
+
 def swap_folded_layers(network, conv_norm_cls, bottleneck_cls):
     """Swap, in place, every folded ``SFIConvNorm`` over an ``SFIConv2d`` and every folded
-    ``PlainBottleneck`` of ``network`` for the given layer classes. Returns how many."""
+    ``PlainBottleneck`` of ``network`` for the given layer classes, hooks included. Returns
+    how many."""
     swapped = 0
     for module in list(network.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, SFIConvNorm) and isinstance(child.conv, SFIConv2d):
-                setattr(module, name, conv_norm_cls(child))
+                setattr(module, name, _take_hooks(conv_norm_cls(child), child))
             elif isinstance(child, PlainBottleneck):
-                setattr(module, name, bottleneck_cls(child))
+                setattr(module, name, _take_hooks(bottleneck_cls(child), child))
             else:
                 continue
             swapped += 1

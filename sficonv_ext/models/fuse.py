@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..nn import MCSConv2d, SFIConvNorm
+from ..ops.ad_modes import functorch_transform_active
 from .cuda_graph import CUDAGraphInference
 from .cudnn_inference import cudnn_fusion_available, use_cudnn_layers
 from .onednn_inference import (onednn_fusion_available, residuals_may_be_overwritten,
@@ -14,15 +15,27 @@ from .resnet import PlainBottleneck, SFIResNet
 
 @torch.no_grad()
 def _fold(conv, bn):
-    """Fold eval-mode ``bn`` into ``conv`` (in place): y = scale * conv(x) + shift."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
+    """Fold eval-mode ``bn`` into ``conv`` (in place): y = scale * conv(x) + shift.
+
+    Computed in float64 and stored in the convolution's dtype: a BatchNorm kept in float32
+    beside bfloat16 convolutions must not turn the folded weights into float32."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(f"expected a BatchNorm2d to fold, found {type(bn).__name__}: is this "
+                         f"network fused for inference already?")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("a BatchNorm2d without running statistics (track_running_stats=False) "
+                         "normalises with batch statistics in eval mode too: it cannot be "
+                         "folded into its convolution")
+    dtype = conv.weight.dtype
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    shift = -bn.running_mean.double() * scale
     if bn.affine:
-        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
     if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
-    conv.bias = nn.Parameter(shift, requires_grad=False)
+        shift = shift + conv.bias.double() * scale
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
 
 
 def _bake_mcs(mcs):
@@ -55,7 +68,7 @@ class FusedForInference(nn.Module):
         # Only a dense 4-D tensor is converted: the network's own checks name what is wrong
         # with anything else (sparse, nested, wrong rank).
         if (isinstance(x, torch.Tensor) and not x.is_nested and x.layout == torch.strided
-                and x.dim() == 4):
+                and x.dim() == 4 and not functorch_transform_active()):
             x = x.contiguous(memory_format=torch.channels_last)
         if torch.compiler.is_compiling():
             return self.network(x)  # the oneDNN layers stand aside there anyway
@@ -96,7 +109,13 @@ def _fuse(model, cuda_graph, onednn, cudnn):
     if cudnn and not cudnn_fusion_available():
         raise RuntimeError("cudnn=True needs cuDNN and torch's fused cuDNN convolution ops "
                            "(torch.cudnn_convolution_relu), which this torch build lacks")
+    if getattr(model, "fused_for_inference", False):
+        raise ValueError("this network is fused for inference already (it is a "
+                         "fuse_for_inference(...).network); fuse the original model")
     net = copy.deepcopy(model).eval()
+    # Marks the inner network too (users reach it as fused.network): checkpoint export and
+    # fusing again refuse it.
+    net.fused_for_inference = True
     _fold(net.conv1, net.bn1)
     net.bn1 = nn.Identity()
     for module in list(net.modules()):

@@ -27,6 +27,14 @@ MIN_INPUT_SIZE = min_input_size()
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _last_stage_uses_batch_statistics(model):
+    # The last stage's BatchNorms see the fewest values per channel. One normalises with batch
+    # statistics in training mode, or always without running statistics; one frozen with
+    # .eval() inside a training model (fine-tuning) uses its running statistics.
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and (m.training or m.running_mean is None) for m in model.layer4.modules())
+
+
 def check_input(model, x):
     """Validate ``x`` for an SFIConv-ResNet: a floating ``[N, 3, H, W]`` tensor of the model's
     dtype (unless autocast is on) with ``H, W >= MIN_INPUT_SIZE``."""
@@ -66,10 +74,9 @@ def check_input(model, x):
     if x.device != model.conv1.weight.device:
         raise ValueError(f"input is on {x.device} but the model is on "
                          f"{model.conv1.weight.device}")
-    if model.training:
-        final = _stem_and_stages(h)[-1] * _stem_and_stages(w)[-1]
-        if x.shape[0] * final < 2:
-            raise ValueError(
-                f"in training mode BatchNorm needs more than one value per channel, but a batch "
-                f"of {x.shape[0]} at {h}x{w} leaves {x.shape[0] * final} at the last stage; use "
-                f"a batch of 2 or more, larger images, or model.eval()")
+    final = _stem_and_stages(h)[-1] * _stem_and_stages(w)[-1]
+    if x.shape[0] * final < 2 and _last_stage_uses_batch_statistics(model):
+        raise ValueError(
+            f"in training mode BatchNorm needs more than one value per channel, but a batch "
+            f"of {x.shape[0]} at {h}x{w} leaves {x.shape[0] * final} at the last stage; use "
+            f"a batch of 2 or more, larger images, or model.eval()")

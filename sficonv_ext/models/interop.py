@@ -3,9 +3,13 @@
 Every entry of the fast model's state_dict is described by a :class:`Rule`: which published
 tensors it is made of, and which region of the fast tensor each one fills. Export slices the
 fast tensors; import assembles them. The same rules serve both directions, so a round trip is
-exact by construction.
+exact by construction, except for a learnable MCSConv filter: the published layout holds the
+filter forward applies (the raw weight constrained), which a learnable model re-normalises when
+it loads it back (equal within float rounding, unless an off-centre sum was clamped; export
+warns then).
 """
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
-from ..nn import FirstSFIConv2d, MCSConv2d, SFIConv2d, SplitBatchNorm2d
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..nn import FirstSFIConv2d, MCSConv2d, SFIConv2d, SFIConvNorm
+from ..nn.mcs import unconstrained_channels
 from ..reference.resnet import DEPTHS
 
 LAYOUTS = ("wrapper", "bare")
@@ -82,24 +89,37 @@ def _first_conv_rules(own, off, conv):
                                         Part(_join(off, "f2f.weight"), (slice(o, None),))])]
 
 
+def _exported_mcs_filter(name, mcs):
+    weight = mcs.effective_weight().detach()
+    if mcs.learnable:
+        clamped = unconstrained_channels(weight)
+        if clamped:
+            warnings.warn(f"{name}: channels {clamped[:8]} of this learnable MCSConv filter have "
+                          f"an off-centre sum within eps={mcs.eps} of zero (clamped), so the "
+                          f"exported filter's taps do not sum to 1; a learnable model that loads "
+                          f"it back will normalise it again and compute something else",
+                          stacklevel=3)
+    return weight
+
+
 def _mcs_rules(own, off, mcs):
     weight = Rule(_join(own, "weight"),
                   [Part(_join(off, "weight")), Part(_join(off, "const_weight"), source=False)],
-                  export_value=lambda: mcs.effective_weight().detach())
+                  export_value=lambda: _exported_mcs_filter(own, mcs))
     bias = Rule(_join(own, "published_bias"), [Part(_join(off, "bias"))])
     return [weight, bias]
 
 
-def _split_bn_rules(own, off_parent, bn):
+def _split_bn_rules(own, off_parent, spatial):
     rules = []
     for entry in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        if bn.spatial is None:
+        if spatial is None:
             parts = [Part(_join(off_parent, "bn_s", entry))]
         elif entry == "num_batches_tracked":
             parts = [Part(_join(off_parent, "bn_s", entry)),
                      Part(_join(off_parent, "bn_f", entry), source=False)]
         else:
-            s = bn.spatial
+            s = spatial
             parts = [Part(_join(off_parent, "bn_s", entry), (slice(0, s),)),
                      Part(_join(off_parent, "bn_f", entry), (slice(s, None),))]
         rules.append(Rule(_join(own, entry), parts))
@@ -112,16 +132,22 @@ def official_rules(model):
         raise ValueError("this model was fused for inference (BatchNorm folded into the "
                          "convolutions); export or load checkpoints with the unfused model")
     rules = []
+    # An SFIConvNorm's BatchNorm is the published bn_s/bn_f pair, also when it is no longer a
+    # SplitBatchNorm2d (SyncBatchNorm.convert_sync_batchnorm replaces it): the split is the
+    # convolution's.
+    split_bns = {_join(name, "bn"): module.conv.out_spatial for name, module in
+                 model.named_modules() if isinstance(module, SFIConvNorm)
+                 and isinstance(module.bn, _BatchNorm)}
     for name, module in model.named_modules():
         off = _official_module_path(name)
-        if isinstance(module, SFIConv2d):
+        if name in split_bns:
+            rules += _split_bn_rules(name, off.rpartition(".")[0], split_bns[name])
+        elif isinstance(module, SFIConv2d):
             rules += _sfi_conv_rules(name, off, module)
         elif isinstance(module, FirstSFIConv2d):
             rules += _first_conv_rules(name, off, module)
         elif isinstance(module, MCSConv2d):
             rules += _mcs_rules(name, off, module)
-        elif isinstance(module, SplitBatchNorm2d):
-            rules += _split_bn_rules(name, off.rpartition(".")[0], module)
         else:
             # Modules laid out as published (stem, plain bottlenecks, fc): one to one.
             local = list(module.named_parameters(recurse=False))
@@ -203,8 +229,11 @@ def _depth_hint(model, keys, layout):
         return ""
     names = [f"SFIConv-ResNet-{d}" for d, b in DEPTHS.items() if b == found]
     what = names[0] if names else f"blocks per stage {list(found)}"
+    build = (f"sficonv_ext.models.sfi_resnet{names[0].rpartition('-')[2]} (on the command "
+             f"line: --arch sfi_resnet{names[0].rpartition('-')[2]})" if names
+             else "the sfi_resnet<depth> of that depth")
     return (f" The checkpoint looks like {what}; this model is SFIConv-ResNet-{model.depth} "
-            f"(build it with sficonv_ext.models.sfi_resnet<depth>).")
+            f"(build it with {build}).")
 
 
 def _listing(keys, limit=12):
@@ -220,6 +249,17 @@ def _check_mapping(state_dict):
     odd_keys = [k for k in state_dict if not isinstance(k, str)]
     if odd_keys:
         raise TypeError(f"state_dict keys must be strings, got {odd_keys[:3]}")
+    nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
+    if nested and not any(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        # A whole training checkpoint ({"state_dict": ..., "epoch": ...}); with strict=False
+        # torch would otherwise load nothing and only report it.
+        raise TypeError(f"expected a state_dict, got a mapping with no tensors whose entries "
+                        f"{nested[:4]} are mappings: a whole checkpoint? Pass the state_dict "
+                        f"inside it, e.g. checkpoint[{nested[0]!r}]")
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        raise RuntimeError("Error loading a state_dict: every key starts with 'module.' (saved "
+                           "from DataParallel or DDP): strip it, {k[len('module.'):]: v for k, "
+                           "v in state_dict.items()}, and load that")
 
 
 def _tensor(state_dict, key):
@@ -229,14 +269,6 @@ def _tensor(state_dict, key):
     except (TypeError, RuntimeError, ValueError) as error:
         raise TypeError(f"state_dict[{key!r}] is not a tensor ({type(state_dict[key]).__name__}"
                         f"): {error}") from None
-
-
-def _prefix_hint(keys):
-    # A checkpoint saved from nn.DataParallel / DistributedDataParallel.
-    if keys and all(k.startswith("module.") for k in keys):
-        return (" Every key starts with 'module.' (saved from DataParallel or DDP): strip it, "
-                "{k[len('module.'):]: v for k, v in state_dict.items()}, and load that.")
-    return ""
 
 
 def to_own_state_dict(model, state_dict, strict=True):
@@ -263,8 +295,7 @@ def to_own_state_dict(model, state_dict, strict=True):
             msg.append(f"missing keys: {_listing(missing)}.")
         if unexpected:
             msg.append(f"unexpected keys: {_listing(unexpected)}.")
-        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, layout)
-                           + _prefix_hint(list(state_dict)))
+        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, layout))
     bad_shapes = []
     for key, (rule, part) in expected.items():
         if key in state_dict:
@@ -277,15 +308,23 @@ def to_own_state_dict(model, state_dict, strict=True):
                            + "; ".join(sorted(bad_shapes)) + _depth_hint(model, state_dict, layout))
     own = OrderedDict()
     for rule in rules:
-        sources = [p for p in rule.parts if p.source]
-        if not all(_to_layout(p.key, layout) in state_dict for p in sources):
+        present = [p for p in rule.parts if p.source and _to_layout(p.key, layout) in state_dict]
+        if not present:
             continue  # only possible with strict=False; reported as missing
         target = own_now[rule.own_key]
-        first = _tensor(state_dict, _to_layout(sources[0].key, layout))
-        value = torch.empty(target.shape, dtype=first.dtype, device=first.device)
-        for p in sources:
-            part = _tensor(state_dict, _to_layout(p.key, layout))
-            p.take(value).copy_(part)
+        first = _tensor(state_dict, _to_layout(present[0].key, layout))
+        if len(present) < sum(p.source for p in rule.parts):
+            # strict=False with some parts of a fused tensor missing (reported as missing):
+            # those regions keep the model's current values, as torch keeps a missing tensor.
+            if target.is_meta:  # no current values to keep: the tensor is not loaded at all
+                missing = sorted(missing + [_to_layout(p.key, layout) for p in present])
+                continue
+            value = target.detach().to(dtype=first.dtype, device=first.device, copy=True)
+        else:
+            # empty_like keeps the model's memory format (channels_last), for assign=True.
+            value = torch.empty_like(target, dtype=first.dtype, device=first.device)
+        for p in present:
+            p.take(value).copy_(_tensor(state_dict, _to_layout(p.key, layout)))
         own[rule.own_key] = value
     return own, _IncompatibleKeys(missing, unexpected)
 

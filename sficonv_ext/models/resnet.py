@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import FirstSFIConv2d, SFIConv2d, SFIConvNorm
+from ..nn.hooks import hooked
+from ..ops.ad_modes import functorch_transform_active
 from ..ops.norm_act import NORM_ACT_BACKENDS, batch_norm_act
 from ..reference.resnet import DEPTHS, EXPANSION
 from .input_checks import check_input
@@ -76,12 +78,14 @@ class PlainBottleneck(nn.Module):
         self.norm_backend = "auto"  # see set_norm_backend; not saved
 
     def forward(self, x):
-        # Each convolution's output is a temporary: add and ReLU may work in place on it.
-        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend, inplace_ok=True)
+        # Each convolution's output is a temporary: add and ReLU may work in place on it
+        # (after fuse_for_inference, with onednn=False), unless a hook has been handed it.
+        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend,
+                             inplace_ok=not hooked(self.conv1))
         out = batch_norm_act(self.conv2(out), self.bn2, backend=self.norm_backend,
-                             inplace_ok=True)
+                             inplace_ok=not hooked(self.conv2))
         return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend,
-                              inplace_ok=True)
+                              inplace_ok=not hooked(self.conv3))
 
 
 class SFIResNet(nn.Module):
@@ -136,7 +140,7 @@ class SFIResNet(nn.Module):
     def features(self, x):
         """Pooled 2048-d features, before ``fc``."""
         check_input(self, x)
-        if self.channels_last:
+        if self.channels_last and not functorch_transform_active():
             x = x.contiguous(memory_format=torch.channels_last)
         # The stem's ReLU runs after the max pool, on a map 4x smaller. They commute exactly
         # (both monotone: the max of the ReLUs is the ReLU of the max), and so do gradients:
@@ -144,7 +148,7 @@ class SFIResNet(nn.Module):
         # other window sends zero.
         x = batch_norm_act(self.conv1(x), self.bn1, relu=False, backend=self.norm_backend,
                            inplace_ok=True)
-        x = F.relu(self.maxpool(x), inplace=True)
+        x = F.relu(self.maxpool(x), inplace=not hooked(self.maxpool))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
 

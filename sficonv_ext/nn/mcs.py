@@ -8,7 +8,7 @@ from ..reference.constraint import constrain_mcs_weight
 MCS_INITS = ("published", "stable")
 
 
-def published_mcs_init(channels, kernel_size=5, generator=None, dtype=torch.float32):
+def published_mcs_init(channels, kernel_size=5, generator=None, dtype=None):
     """The published initialisation: ``N(0, 1)`` taps divided by their off-centre sum, centre -1.
 
     Nothing guards a sum near zero, so taps of 100 and more occur; kept for parity.
@@ -21,7 +21,7 @@ def published_mcs_init(channels, kernel_size=5, generator=None, dtype=torch.floa
     return raw
 
 
-def stable_mcs_init(channels, kernel_size=5, generator=None, dtype=torch.float32):
+def stable_mcs_init(channels, kernel_size=5, generator=None, dtype=None):
     """A bounded initialisation: positive off-centre taps summing to exactly 1, centre -1.
 
     Every ``S_c`` is 1, so no filter starts near the clamp and no tap exceeds 1.
@@ -33,6 +33,25 @@ def stable_mcs_init(channels, kernel_size=5, generator=None, dtype=torch.float32
     raw = raw / raw.sum(dim=(1, 2, 3), keepdim=True)
     raw[:, :, c, c] = -1
     return raw
+
+
+def unconstrained_channels(weight):
+    """Channels of a filter ``[C, 1, k, k]`` that break the published constraint: a centre other
+    than -1, or off-centre taps whose sum is not 1 up to rounding.
+
+    The rounding allowed is float32's at least (a filter made in float32 and stored in float64
+    keeps float32's error), and scales with the taps' absolute sum: the published
+    initialisation can give taps above 100 that cancel.
+    """
+    w = weight.detach().to(torch.float64, copy=True)  # zeroed below: never the caller's
+    c = w.shape[-1] // 2
+    centre = w[:, 0, c, c].clone()
+    w[:, 0, c, c] = 0
+    sums, magnitudes = w.sum(dim=(1, 2, 3)), w.abs().sum(dim=(1, 2, 3))
+    eps = max(torch.finfo(weight.dtype).eps, torch.finfo(torch.float32).eps)
+    tolerance = 8 * eps * (1 + magnitudes)
+    bad = (centre != -1) | ((sums - 1).abs() > tolerance)
+    return bad.nonzero().flatten().tolist()
 
 
 class MCSConv2d(nn.Module):
@@ -67,6 +86,23 @@ class MCSConv2d(nn.Module):
         make = published_mcs_init if init == "published" else stable_mcs_init
         self.weight = nn.Parameter(make(channels, kernel_size), requires_grad=learnable)
         self.register_buffer("published_bias", torch.zeros(channels))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A frozen filter is used as it is: refuse one that is not constrained, such as the raw
+        # weight of a learnable MCSConv (the same key), which would silently change the outputs.
+        loaded = state_dict.get(prefix + "weight")
+        if (not self.learnable and isinstance(loaded, torch.Tensor) and not loaded.is_meta
+                and loaded.is_floating_point() and loaded.shape == self.weight.shape):
+            bad = unconstrained_channels(loaded)
+            if bad:
+                error_msgs.append(
+                    f"{prefix}weight: channels {bad[:8]}{' ...' if len(bad) > 8 else ''} of "
+                    f"this frozen MCSConv filter are not constrained (centre -1, other taps "
+                    f"summing to 1); a learnable MCSConv's raw weight? Build the model with "
+                    f"mcs_learnable=True to load it")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def effective_weight(self):
         """The filter forward applies: constrained on the fly in learnable mode."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..reference.layers import spatial_channels
 from ..ops.first_layer import first_sfi_conv
 from ..ops.norm_act import batch_norm_act
+from .hooks import hooked
 from .mcs import MCSConv2d
 
 
@@ -138,8 +139,8 @@ class FirstSFIConv2d(nn.Module):
     def forward(self, x):
         if self.stride == 2:
             x = F.avg_pool2d(x, 2)
-        # One op: the fused Triton kernel on CUDA channels_last input with a 1x1 weight, the
-        # composition (MCSConv op, two convolutions, cat) elsewhere.
+        # One op: with backend "auto" (the default) the composition (MCSConv op, two
+        # convolutions, cat), which measured faster everywhere; "triton" runs the fused kernel.
         return first_sfi_conv(x, self.weight, self.mcs.weight, self.out_spatial, bias=self.bias,
                               constrained=self.mcs.learnable, eps=self.mcs.eps,
                               mcs_backend=self.mcs.backend, backend=self.backend)
@@ -175,7 +176,9 @@ class SFIConvNorm(nn.Module):
         self.norm_backend = "auto"
 
     def forward(self, x, residual=None, relu=None):
-        # The convolution's output is this layer's own temporary: add and ReLU in place on it.
+        # The convolution's output is this layer's own temporary (add and ReLU may work in
+        # place on it once fuse_for_inference has made bn an nn.Identity), unless a hook has
+        # been handed it.
         return batch_norm_act(self.conv(x), self.bn, residual,
                               self.relu if relu is None else relu, backend=self.norm_backend,
-                              inplace_ok=True)
+                              inplace_ok=not hooked(self.conv))

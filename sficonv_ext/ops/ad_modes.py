@@ -19,11 +19,17 @@ import torch.autograd.forward_ad as fwad
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
+def functorch_transform_active():
+    """Whether a ``torch.func`` transform (vmap, grad, jvp, ...) is in force: there, copying a
+    tensor into channels_last is not implemented (vmap), so the models keep the input's layout."""
+    return _transforms_active is not None and bool(_transforms_active())
+
+
 def composite_only(*tensors):
     """True where a call must take pure-PyTorch ops: a forward-AD dual tensor among
     ``tensors`` (None entries are skipped), or a ``torch.func`` transform (jvp, vmap, grad,
     ...) in force."""
-    if _transforms_active is not None and _transforms_active():
+    if functorch_transform_active():
         return True
     if torch.compiler.is_compiling() and fwad._current_level >= 0:
         # Dynamo of torch 2.11 traced unpack_dual's tangent as None, so a compiled call under

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .ad_modes import composite_only, refuse_kernel_backend
-from .autocast import autocast_inputs
+from .autocast import autocast_inputs, constrain_before_autocast
 from .mcs_conv import TRITON_DEVICE_HINT, mcs_conv, triton_ops, triton_runs_on
 from .mcs_conv import _validate as validate_mcs_call
 
@@ -65,9 +65,11 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
 
     ``weight``: ``[C_out, C_in, k, k]``; ``mcs_weight``: ``[C_in, 1, k_mcs, k_mcs]`` (raw when
     ``constrained``); ``bias``: optional ``[C_out]``. Under autocast every input but a float64
-    one is cast to the autocast dtype, as for ``F.conv2d``. ``mcs_backend`` picks the MCSConv
-    kernel of the composed path.
+    one is cast to the autocast dtype, as for ``F.conv2d``; a raw MCS filter is constrained
+    before its cast. ``mcs_backend`` picks the MCSConv kernel of the composed path.
     """
+    mcs_weight, constrained = constrain_before_autocast(x.device.type, mcs_weight, constrained,
+                                                        eps)
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)
     _validate(x, weight, mcs_weight, split, bias, backend)
     if backend == "triton":

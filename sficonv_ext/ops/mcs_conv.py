@@ -6,7 +6,7 @@ import torch
 
 from . import _extension
 from .ad_modes import composite_only, refuse_kernel_backend
-from .autocast import autocast_inputs
+from .autocast import autocast_inputs, constrain_before_autocast
 from .mcs_torch import mcs_conv_torch
 
 BACKENDS = ("auto", "torch", "cpp", "cuda", "triton")
@@ -140,12 +140,14 @@ def resolve_backend(backend, x, weight=None):
     return backend
 
 
-def _apply_autocast(x, weight):
+def _apply_autocast(x, weight, constrained, eps):
     # Under autocast the previous layer hands over a low-precision x while the filter stays
-    # float32: cast both to the autocast dtype, as autocast does for F.conv2d.
+    # float32: cast both to the autocast dtype, as autocast does for F.conv2d (a raw filter
+    # constrained first: see constrain_before_autocast).
     if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
-        return autocast_inputs(x.device.type, x, weight)
-    return x, weight
+        weight, constrained = constrain_before_autocast(x.device.type, weight, constrained, eps)
+        x, weight = autocast_inputs(x.device.type, x, weight)
+    return x, weight, constrained
 
 
 def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
@@ -155,13 +157,13 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     the SPEC section 1 constraint to ``weight`` inside the kernel (differentiably);
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
     (channels_last stays channels_last); under autocast both inputs are cast to the autocast
-    dtype. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
+    dtype, a raw filter (``constrained=True``) after its constraint. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
     frozen filter on bfloat16 channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
     for channels_last input and the CUDA kernels for NCHW (else Triton, else PyTorch), as
     measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode AD or a
     ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp formula.
     """
-    x, weight = _apply_autocast(x, weight)
+    x, weight, constrained = _apply_autocast(x, weight, constrained, eps)
     _validate(x, weight, eps, backend, constrained)
     if composite_only(x, weight):
         if backend not in ("auto", "torch"):

@@ -15,15 +15,16 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
   allocation pattern made glibc hand out more freshly mapped, page-faulting blocks).
   Convolutions are 73% of that step.
 - CUDA: on an H100 (bfloat16, [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the
-  Triton epilogue is 1.17x faster forward but 0.63x forward+backward, and SFIConv-ResNet-26
-  trained 2.2x slower with it and the fused first layer on
-  (benchmarks/results/models_cuda_bfloat16.json).
+  Triton epilogue is 1.38x faster forward but 0.83x forward+backward (float32: 1.57x, 1.09x),
+  and SFIConv-ResNet-26 trained 2.5x slower with it and the fused first layer on (1216 against
+  2997 images/s, benchmarks/results/models_cuda_bfloat16_gpu_check.json).
 Both fused paths stay available, tested, for the work of making them pay.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..nn.hooks import hooked
 from . import _extension
 from .ad_modes import composite_only, refuse_kernel_backend
 from .mcs_conv import TRITON_DEVICE_HINT, triton_ops, triton_runs_on
@@ -57,8 +58,8 @@ def _torch_path(x, bn, residual, relu, inplace_ok):
     y = bn(x)
     # In place on a fresh BatchNorm output (its backward does not need it), or when the caller
     # says x is its own temporary; a module that hands x back (nn.Identity after folding) must
-    # not otherwise change the caller's tensor.
-    inplace = inplace_ok or isinstance(bn, nn.BatchNorm2d)
+    # not otherwise change the caller's tensor, nor may anything a hook on bn was handed.
+    inplace = (inplace_ok or isinstance(bn, nn.BatchNorm2d)) and not hooked(bn)
     if residual is not None:
         y = y.add_(residual) if inplace else y + residual
     if relu:

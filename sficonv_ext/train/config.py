@@ -125,14 +125,17 @@ OPTIONS = [
            "reuse: glibc's heap setting (the process keeps what it frees, see "
            "sficonv_ext/cpu_allocator.py). default: glibc's own behaviour, the least memory",
            (T, E, P), choices=CPU_MALLOC_CHOICES),
-    Option("amp", str, "none", "mixed precision: bf16, fp16 (with a grad scaler) or none",
+    Option("amp", str, "none", "mixed precision: bf16, fp16 (training: with a grad scaler) or "
+           "none",
            (T, E, P), choices=("bf16", "fp16", "none")),
-    Option("channels_last", bool, False, "channels_last memory format", (T, E, P), flag=True),
+    Option("channels_last", bool, False, "also hand the model its input batches (and keep its "
+           "weights) in channels_last; the sfi_resnet models compute in channels_last either "
+           "way, converting each batch as it enters", (T, E, P), flag=True),
     Option("compile", bool, False, "torch.compile the model", (T, E, P), flag=True),
     Option("fuse", bool, False, "score with sficonv_ext.models.fuse_for_inference: BatchNorm "
            "folded into the convolutions (on a float32 CPU run without --amp or --compile, "
-           "also add and ReLU as oneDNN post-ops); faster, scores equal up to float32 "
-           "rounding", (E, P), flag=True),
+           "also the residual add as a oneDNN post-op, ReLU in place after it); faster, scores "
+           "equal up to float32 rounding", (E, P), flag=True),
     Option("resume", str, None, "resume from a run folder (its last.pt) or a checkpoint file",
            metavar="DIR|CKPT"),
     Option("overwrite", bool, False, "reuse an output folder that holds another run",
@@ -154,7 +157,7 @@ OPTIONS = [
     Option("save_every_steps", _non_negative_int, 0, "also save last.pt every N optimizer "
            "steps (0: off)", metavar="N"),
     Option("save_every_minutes", _non_negative_float, 10.0, "also save last.pt every M minutes "
-           "within an epoch (0: off)", metavar="M"),
+           "within an epoch (default 10; 0: off)", metavar="M"),
     Option("strict", bool, False, "stop at the first missing or unreadable image instead of "
            "skipping it", (T, E, P), flag=True),
     Option("export_published", str, "none", "at the end, also write best.pt's weights in a "
@@ -167,7 +170,8 @@ OPTIONS = [
     Option("builtin_images", _positive_int, 2000, "size of the built-in data set", (T, E),
            metavar="N"),
     Option("cache_dir", str, None, "where the built-in data set is cached (default "
-           "$SFICONV_CACHE_DIR or ~/.cache/sficonv_ext)", (T, E), metavar="DIR"),
+           "$SFICONV_CACHE_DIR, else $XDG_CACHE_HOME/sficonv_ext, else "
+           "~/.cache/sficonv_ext)", (T, E), metavar="DIR"),
     Option("progress", bool, None, "progress bars (default: when standard error is a "
            "terminal, so captured logs hold no bar redraws)", (T, E, P), flag=True),
 ]
