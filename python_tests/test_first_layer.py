@@ -136,7 +136,7 @@ def test_fused_backward_can_be_differentiated_again():
         assert rel_err(got.double(), want.double()) < 1e-4
     # Only the bias trainable (a frozen layer's bias under a gradient penalty): nothing to
     # recompute, and the bias gradient still comes back differentiable.
-    bias = torch.randn(8, requires_grad=True)
+    bias = torch.randn(8, device=DEVICE, requires_grad=True)
     y = ops.first_sfi_conv(x, weight, mcs_weight, 3, bias=bias, backend="triton")
     g_b, = torch.autograd.grad((y * grad).sum(), bias, create_graph=True)
     assert rel_err(g_b.double(), grad.sum(dim=(0, 2, 3)).double()) < 1e-5

@@ -49,6 +49,14 @@ def test_fused_model_is_eval_only_and_not_exportable():
         models.fuse_for_inference(fused.network)
 
 
+def test_fuse_folds_sync_batchnorms():
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(make_pair(26, torch.float32)[1]).eval()
+    fused = models.fuse_for_inference(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-5
+
+
 def test_fuse_refuses_a_batchnorm_without_running_statistics():
     model = models.sfi_resnet26().eval()
     model.layer2[0].SFIC1.bn = SplitBatchNorm2d(

@@ -83,6 +83,9 @@ def test_fused_calls_never_read_stale_output_memory(fast, dtype):
     with torch.inference_mode(), _autocast(amp):
         expect = F.relu(layer.conv(x))
         layer(x)  # warm-up: weight casts cached, cuDNN plan built
+        if layer._fused._no_engine:
+            pytest.skip(f"cuDNN has no fused engine for {dtype} here (without TF32 for float32):"
+                        f" the layer takes the plain path")
         for _ in range(3):
             junk = torch.full_like(expect, float("nan"))
             stale = junk.data_ptr()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sficonv_ext import models, reference
+from sficonv_ext.models.interop import load_official
 
 
 def _assert_same(sd_a, sd_b):
@@ -148,9 +149,12 @@ def test_data_parallel_prefix_and_whole_checkpoints_are_named():
         for strict in (True, False):
             with pytest.raises(RuntimeError, match="starts with 'module.'"):
                 fast.load_state_dict(prefixed, strict=strict)
-    whole = {"epoch": 3, "state_dict": fast.state_dict(), "optimizer": {"state": {}}}
+    whole = {"epoch": 3, "optimizer": {"state": {}}, "state_dict": fast.state_dict()}
     with pytest.raises(TypeError, match=r"checkpoint\['state_dict'\]"):
         fast.load_state_dict(whole, strict=False)  # would otherwise load nothing
+    # A wrapper whose own keys start with 'module.' loads its own state_dict.
+    wrapped = torch.nn.DataParallel(models.sfi_resnet26())
+    load_official(wrapped, wrapped.state_dict())
 
 
 def test_wrong_depth_hint_gives_the_builder_and_the_cli_flag():
@@ -162,16 +166,17 @@ def test_wrong_depth_hint_gives_the_builder_and_the_cli_flag():
 def test_a_raw_learnable_filter_is_refused_by_a_frozen_model():
     # The raw weight of a learnable MCSConv has the frozen filter's key: loaded as it is, the
     # frozen model would compute with an unconstrained filter.
-    learnable = models.sfi_resnet26(mcs_learnable=True)
+    learnable = models.sfi_resnet26(mcs_learnable=True, mcs_init="stable")
     with torch.no_grad():
-        learnable.layer1[0].SFIC1.conv.mcs.weight.mul_(1.01)
+        learnable.layer1[0].SFIC1.conv.mcs.weight.mul_(1.05)  # off-centre sums 1.05
     with pytest.raises(RuntimeError, match="mcs_learnable=True"):
         models.sfi_resnet26().load_state_dict(learnable.state_dict())
     models.sfi_resnet26(mcs_learnable=True).load_state_dict(learnable.state_dict())
-    # A constrained filter made in float32 and stored in another dtype still loads.
-    for dtype in (torch.float64, torch.bfloat16):
+    # A constrained filter stored in another dtype, or rounded to one and back, still loads.
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
         frozen = models.sfi_resnet26().to(dtype)
         models.sfi_resnet26().load_state_dict(frozen.state_dict())
+        models.sfi_resnet26().load_state_dict(frozen.float().state_dict())
 
 
 def test_export_warns_when_a_learnable_sum_was_clamped():

@@ -74,16 +74,17 @@ def test_eval_mode_and_folded_norm_use_the_plain_path():
 
 
 def test_batch_norm_act_rejects_bad_arguments():
-    bn = make_bn(4, device="cpu")
-    x = torch.randn(2, 4, 5, 5)
+    # On DEVICE: where a GPU is present a CPU tensor is refused by backend="triton" first.
+    bn = make_bn(4, device=DEVICE)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
     with pytest.raises(ValueError, match="backend"):
         ops.batch_norm_act(x, bn, backend="cuda")
     with pytest.raises(ValueError, match="residual shape"):
-        ops.batch_norm_act(x, bn, torch.randn(2, 4, 5, 4))
+        ops.batch_norm_act(x, bn, torch.randn(2, 4, 5, 4, device=DEVICE))
     with pytest.raises(ValueError, match="float32"):
         ops.batch_norm_act(x.double(), copy.deepcopy(bn).double(), backend="triton")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        ops.batch_norm_act(torch.randn(1, 4, 1, 1), bn, backend="triton")
+        ops.batch_norm_act(torch.randn(1, 4, 1, 1, device=DEVICE), bn, backend="triton")
     # Eval mode is an affine map: every backend runs it on the PyTorch path.
     assert torch.equal(ops.batch_norm_act(x, bn.eval(), backend="triton"),
                        ops.batch_norm_act(x, bn, backend="torch"))

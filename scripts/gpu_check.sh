@@ -14,6 +14,10 @@
 # inference variants added since), the GPU tests (about 150 s with 8 xdist workers), the
 # compiled models with what is left but 80 s, an inference kernel profile (at most 45 s,
 # keeping 50), then an Nsight Compute profile of the MCSConv kernels when ncu is there.
+# With every step present the later ones may get little time (the steps' caps add up to more
+# than the budget). GPU_CHECK_SKIP="mcs fused eager tests compiled profile ncu" (any of them)
+# leaves steps out, e.g. for a second call that times only the compiled models:
+#   GPU_CHECK_SKIP="mcs fused eager tests profile ncu" scripts/gpu_check.sh $OUT
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-gpu_results}
@@ -23,12 +27,16 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the benchmarks import the package from here
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 status=0
+SKIP=" ${GPU_CHECK_SKIP:-} "
+# wanted KEY: whether the step KEY is not in GPU_CHECK_SKIP (noted in the summary when it is).
+wanted() { if [[ "$SKIP" == *" $1 "* ]]; then note "(skipped: $1, GPU_CHECK_SKIP)"; return 1; fi; }
 note() { echo "$*" | tee -a "$OUTDIR/summary.txt"; }
 # Seconds a step may take: its own cap, or what is left of the budget if that is less.
 limit() { local left=$((BUDGET - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
 # The same, leaving $1 seconds of the budget for the steps after: limit_keeping RESERVE CAP.
 limit_keeping() { local left=$((BUDGET - SECONDS - $1)); [ "$left" -lt "$2" ] && echo $((left > 5 ? left : 5)) || echo "$2"; }
 : > "$OUTDIR/summary.txt"
+touch "$OUTDIR/bench.log"  # the steps append to it; read at the end even if all were skipped
 # step NAME SECONDS COMMAND...: run a step under its time limit. SIGINT first, so that pytest
 # still prints its summary and a benchmark its traceback; KILL 20 s later. A failure or a stop
 # at the limit is noted in the summary by name (not only in the final exit status).
@@ -63,17 +71,19 @@ note "build done at ${SECONDS} s"
 note "== MCSConv kernel benchmark"
 # Two interleaved rounds of 30 calls (about the 50 calls of one round before): a kernel's time
 # is the median of its rounds, the copy's the best round.
-step "MCSConv benchmark" "$(limit 90)" "$PY" benchmarks/bench_mcs.py --device cuda --iters 30 \
-    --rounds 2 --warmup 10 --json "$OUTDIR/mcs_cuda.json" >> "$OUTDIR/bench.log" 2>&1
+wanted mcs && step "MCSConv benchmark" "$(limit 90)" "$PY" benchmarks/bench_mcs.py \
+    --device cuda --iters 30 --rounds 2 --warmup 10 --json "$OUTDIR/mcs_cuda.json" \
+    >> "$OUTDIR/bench.log" 2>&1
 note "== fused-layer benchmark (first layer, BatchNorm+add+ReLU epilogue)"
-step "fused-layer benchmark" "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py --device cuda \
-    --iters 25 --rounds 2 --json "$OUTDIR/fused_layers_cuda.json" >> "$OUTDIR/bench.log" 2>&1
+wanted fused && step "fused-layer benchmark" "$(limit 45)" "$PY" benchmarks/bench_fused_layers.py \
+    --device cuda --iters 25 --rounds 2 --json "$OUTDIR/fused_layers_cuda.json" \
+    >> "$OUTDIR/bench.log" 2>&1
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
 # The last three variants are candidates for fuse_for_inference's default on CUDA (weights
 # cast once; cuDNN's fused convolution + bias + add + ReLU), untimed on a GPU so far.
 # --cudnn-benchmark: cuDNN's autotuned algorithms for every variant, as sficonv train runs
 # (the 2026-11-26 runs used its heuristics).
-step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/bench_models.py --device cuda \
+wanted eager && step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/bench_models.py --device cuda \
     --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_bfloat16.json" \
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
@@ -85,17 +95,19 @@ note "== GPU tests"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 note "pytest-xdist: ${XDIST:-not installed, tests run serially}"
 # SFICONV_REQUIRE_*: a build whose CUDA kernels did not load fails here instead of skipping.
-SFICONV_REQUIRE_EXTENSION=1 SFICONV_REQUIRE_CUDA=1 \
+wanted tests && SFICONV_REQUIRE_EXTENSION=1 SFICONV_REQUIRE_CUDA=1 \
 step "GPU tests" "$(limit 190)" "$PY" -m pytest python_tests/test_gpu_mcs.py \
     python_tests/test_gpu_models.py python_tests/test_gpu_cudnn_inference.py \
     python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py \
     -q -p no:cacheprovider $XDIST -rfEP > "$OUTDIR/tests.log" 2>&1
-grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
-# The half-precision model tests print their errors against float32, the cuDNN inference tests
-# how many convolutions cuDNN had no fused engine for (-rP keeps both).
-grep -E "against float32|found no cuDNN engine" "$OUTDIR/tests.log" | sort | uniq | head -30 \
-    >> "$OUTDIR/summary.txt"
-tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
+if [ -f "$OUTDIR/tests.log" ]; then
+  grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
+  # The half-precision model tests print their errors against float32, the cuDNN inference
+  # tests how many convolutions cuDNN had no fused engine for (-rP keeps both).
+  grep -E "against float32|found no cuDNN engine" "$OUTDIR/tests.log" | sort | uniq | head -30 \
+      >> "$OUTDIR/summary.txt"
+  tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
+fi
 note "tests done at ${SECONDS} s"
 
 # The compiled variants with the eager float32 reference in the same process (ratios within one
@@ -105,7 +117,7 @@ note "tests done at ${SECONDS} s"
 # Before the inference profile and the Nsight Compute step, which keep 30 and 50 s: these
 # numbers are issue 4's targets.
 note "== compiled models (bfloat16, batch 64)"
-step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench_models.py \
+wanted compiled && step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench_models.py \
     --device cuda --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_compiled.json" \
     --variants reference fused-inference-compiled fast-compiled plain-compiled reference-compiled \
@@ -114,7 +126,7 @@ step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench
 # Why eager fuse_for_inference ran slower than the unfolded model on the H100: kernels per
 # forward and the costliest kernels of each inference variant, into bench.log and the summary.
 note "== inference kernel profile (bfloat16, batch 64)"
-step "inference profile" "$(limit_keeping 50 45)" "$PY" benchmarks/profile_inference.py \
+wanted profile && step "inference profile" "$(limit_keeping 50 45)" "$PY" benchmarks/profile_inference.py \
     --batch 64 --dtype bfloat16 >> "$OUTDIR/bench.log" 2>&1
 grep -E "^== inference kernel|^profile |^ +[0-9.]+ ms +[0-9.]+%" "$OUTDIR/bench.log" \
     | head -60 >> "$OUTDIR/summary.txt"
@@ -123,7 +135,7 @@ grep -E "^== inference kernel|^profile |^ +[0-9.]+ ms +[0-9.]+%" "$OUTDIR/bench.
 # on one call of each, into bench.log (no file of its own: the 8-file limit), key lines into
 # the summary. Skipped where the machine has no ncu or denies it the GPU counters.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ -n "$NCU" ] && wanted ncu; then
   note "== Nsight Compute profile of the MCSConv kernels (bench.log)"
   echo "== ncu: benchmarks/profile_mcs_kernels.py" >> "$OUTDIR/bench.log"
   timeout "$(limit 60)" "$NCU" --section SpeedOfLight --section Occupancy --section LaunchStats \

@@ -32,11 +32,19 @@ class CUDAGraphInference(nn.Module):
         self._static_input = None
         self._static_output = None
         self._weights = None
+        self._slots = None
+
+    def _weight_slots(self):
+        # Where every weight lives (its module's dict and name), found once: walking the module
+        # tree on every replay cost 130 us (ResNet-26) to 630 us (ResNet-152) on the CPU.
+        return [(table, name) for m in self.network.modules()
+                for table in (m._parameters, m._buffers) for name in table]
 
     def _weights_key(self):
         # Address and version counter of every weight: what a replay's correctness rests on.
-        return tuple((t.data_ptr(), _version(t)) for t in
-                     (*self.network.parameters(), *self.network.buffers()))
+        # Read through the slots, so a weight replaced in its module (assign=True, .to()) counts.
+        return tuple(None if t is None else (t.data_ptr(), _version(t))
+                     for t in (table.get(name) for table, name in self._slots))
 
     @staticmethod
     def _signature(x):
@@ -82,6 +90,7 @@ class CUDAGraphInference(nn.Module):
             self.network(x)  # validates the input with the network's own clear errors
             self._capture(x)
             self._key = key
+            self._slots = self._weight_slots()
             self._weights = self._weights_key()
         elif key != self._key:
             raise ValueError(

@@ -131,7 +131,8 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 
 
 def _take_hooks(new, old):
-    # The same dict objects, so the handles the user holds still remove them.
+    # The hooks fuse_for_inference's deep copy carried over from the model (the original's
+    # handles do not reach them: remove them on the fused copy).
     for name in _HOOK_DICTS:
         if hasattr(old, name):
             setattr(new, name, getattr(old, name))

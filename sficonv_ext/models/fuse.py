@@ -3,6 +3,7 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..nn import MCSConv2d, SFIConvNorm
 from ..ops.ad_modes import functorch_transform_active
@@ -17,23 +18,27 @@ from .resnet import PlainBottleneck, SFIResNet
 def _fold(conv, bn):
     """Fold eval-mode ``bn`` into ``conv`` (in place): y = scale * conv(x) + shift.
 
-    Computed in float64 and stored in the convolution's dtype: a BatchNorm kept in float32
+    Computed in float64 (float32 on MPS) and stored in the convolution's dtype: a BatchNorm kept in float32
     beside bfloat16 convolutions must not turn the folded weights into float32."""
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise ValueError(f"expected a BatchNorm2d to fold, found {type(bn).__name__}: is this "
-                         f"network fused for inference already?")
+    if isinstance(bn, nn.Identity):
+        raise ValueError("found an nn.Identity where a BatchNorm should be: this network is "
+                         "fused for inference already")
+    if not isinstance(bn, _BatchNorm):
+        raise ValueError(f"expected a BatchNorm to fold, found {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("a BatchNorm2d without running statistics (track_running_stats=False) "
                          "normalises with batch statistics in eval mode too: it cannot be "
                          "folded into its convolution")
     dtype = conv.weight.dtype
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    shift = -bn.running_mean.double() * scale
+    # float64 where the device has it (MPS has not).
+    wide = torch.float32 if conv.weight.device.type == "mps" else torch.float64
+    scale = torch.rsqrt(bn.running_var.to(wide) + bn.eps)
+    shift = -bn.running_mean.to(wide) * scale
     if bn.affine:
-        scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
+        scale, shift = scale * bn.weight.to(wide), shift * bn.weight.to(wide) + bn.bias.to(wide)
     if conv.bias is not None:
-        shift = shift + conv.bias.double() * scale
-    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        shift = shift + conv.bias.to(wide) * scale
+    weight = conv.weight.to(wide) * scale.view(-1, 1, 1, 1)
     conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     conv.bias = nn.Parameter(shift.to(dtype), requires_grad=False)
 

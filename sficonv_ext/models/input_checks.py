@@ -76,7 +76,9 @@ def check_input(model, x):
                          f"{model.conv1.weight.device}")
     final = _stem_and_stages(h)[-1] * _stem_and_stages(w)[-1]
     if x.shape[0] * final < 2 and _last_stage_uses_batch_statistics(model):
+        why = ("in training mode BatchNorm" if model.training else
+               "a BatchNorm without running statistics (track_running_stats=False)")
         raise ValueError(
-            f"in training mode BatchNorm needs more than one value per channel, but a batch "
-            f"of {x.shape[0]} at {h}x{w} leaves {x.shape[0] * final} at the last stage; use "
-            f"a batch of 2 or more, larger images, or model.eval()")
+            f"{why} needs more than one value per channel, but a batch of {x.shape[0]} at "
+            f"{h}x{w} leaves {x.shape[0] * final} at the last stage; use a batch of 2 or more, "
+            f"larger images{', or model.eval()' if model.training else ''}")

@@ -252,11 +252,19 @@ def _check_mapping(state_dict):
     nested = [k for k, v in state_dict.items() if isinstance(v, Mapping)]
     if nested and not any(isinstance(v, torch.Tensor) for v in state_dict.values()):
         # A whole training checkpoint ({"state_dict": ..., "epoch": ...}); with strict=False
-        # torch would otherwise load nothing and only report it.
+        # torch would otherwise load nothing and only report it. Name the entry of tensors.
+        inner = [k for k in nested if state_dict[k]
+                 and all(isinstance(v, torch.Tensor) for v in state_dict[k].values())]
         raise TypeError(f"expected a state_dict, got a mapping with no tensors whose entries "
                         f"{nested[:4]} are mappings: a whole checkpoint? Pass the state_dict "
-                        f"inside it, e.g. checkpoint[{nested[0]!r}]")
-    if state_dict and all(k.startswith("module.") for k in state_dict):
+                        f"inside it, e.g. checkpoint[{(inner or nested)[0]!r}]")
+
+
+def _check_prefix(model, state_dict):
+    # A checkpoint saved from nn.DataParallel / DistributedDataParallel, for a model that is
+    # not such a wrapper itself.
+    if (state_dict and all(k.startswith("module.") for k in state_dict)
+            and not any(k.startswith("module.") for k in model.state_dict())):
         raise RuntimeError("Error loading a state_dict: every key starts with 'module.' (saved "
                            "from DataParallel or DDP): strip it, {k[len('module.'):]: v for k, "
                            "v in state_dict.items()}, and load that")
@@ -280,6 +288,7 @@ def to_own_state_dict(model, state_dict, strict=True):
     mismatch in any mode.
     """
     _check_mapping(state_dict)
+    _check_prefix(model, state_dict)
     layout = detect_layout(state_dict)
     if layout == "own":
         return state_dict, None
