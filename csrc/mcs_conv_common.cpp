@@ -17,8 +17,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, double eps) {
               " but weight is on ", weight.device());
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "mcs_conv: x is ", x.scalar_type(),
               " but weight is ", weight.scalar_type());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "mcs_conv: expected a floating dtype, got ", x.scalar_type());
+  // The kernels are built for these four (isFloatingType also admits the float8 types, which
+  // would fail later, in the dispatch, after the output was allocated).
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "mcs_conv: expected float32, float64, float16 or bfloat16, got ", dtype);
+  // Only > 0 here: a plain (unconstrained) call ignores eps. mcs_conv refuses, for a
+  // constrained call, an eps that rounds to 0 in the filter's dtype.
   TORCH_CHECK(eps > 0, "mcs_conv: eps must be positive, got ", eps);
 }
 

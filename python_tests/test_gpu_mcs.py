@@ -206,6 +206,48 @@ def test_gpu_tile_kernel_unaligned_input_and_many_planes(monkeypatch, variant, d
         assert rel_err(got.double(), want) < FUSED_TOLERANCES[dtype], (n, c, h, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gpu_pipelined_tiles_equal_the_tiles_bitwise(monkeypatch, dtype):
+    # The double-buffered kernel correlates each tile as the plain tile kernel does, in the same
+    # order: outputs and input gradients must be equal bit for bit. These shapes give each
+    # block many planes (the launcher fills the GPU once), so the next plane's asynchronous
+    # copy and the halo carried across planes run, with non-zero halos (several tiles across).
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    for (n, c, h, w), k in [((8, 64, 70, 200), 5), ((64, 64, 64, 64), 3), ((16, 32, 50, 96), 7)]:
+        x = torch.randn(n, c, h, w, device="cuda").to(dtype)
+        weight = (torch.rand(c, 1, k, k, device="cuda") + 0.5).to(dtype)
+        g = torch.randn_like(x)
+        results = {}
+        for variant in ("tiles", "tiles-pipelined"):
+            _select_nchw_variant(monkeypatch, variant)
+            results[variant] = grads("cuda", x, weight, g, True)
+        for got, want in zip(results["tiles-pipelined"][:2], results["tiles"][:2]):
+            assert torch.equal(got, want), ((n, c, h, w), k, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_other_kernel_sizes_match_definition(k, dtype, layout):
+    # k = 1 and k >= 11 take the CUDA kernels that serve every size but 3, 5, 7 (and 9, tested
+    # above): the elementwise and the general tiled correlation.
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    x = torch.randn(2, 8, 37, 41, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.rand(8, 1, k, k, device="cuda") + 0.5
+    g = torch.randn(2, 8, 37, 41, device="cuda")
+    got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), True)
+    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
+                 True)
+    tol = TOLERANCES[dtype]
+    assert rel_err(got[0].double(), want[0]) < tol
+    assert rel_err(got[1].double(), want[1]) < tol
+    assert rel_err(got[2].double(), want[2]) < 4 * tol
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension(layout):
     # Only the fallback weight-gradient kernel (k other than 3, 5, 7) puts channels on a grid

@@ -163,6 +163,15 @@ def test_gradcheck(constrained):
 
 
 @cpp
+def test_the_raw_ops_refuse_float8():
+    # float8 passed isFloatingType and failed later, in the dtype dispatch.
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(2, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="expected float32, float64, float16 or bfloat16"):
+        torch.ops.sficonv_ext.mcs_conv_forward(x.to(torch.float8_e4m3fn),
+                                               w.to(torch.float8_e4m3fn), True, 1e-6)
+
+
+@cpp
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_opcheck(layout):
     x = torch.randn(2, 4, 7, 6)
