@@ -38,6 +38,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cpu_block_cache.h"
@@ -94,27 +95,30 @@ class BlockCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  // Entering the outermost block turns the cache on; nested ones only count. The count lives
-  // here, so that turning on and counting are one call (a KeyboardInterrupt cannot fall
-  // between them, as it could between two Python statements).
-  void enter_block(int64_t min_bytes, double budget) {
+  // Opening the first block turns the cache on; others only join. Blocks are named by the
+  // caller's token, and opening or closing one twice does nothing: the Python side may then
+  // close its block whether or not a KeyboardInterrupt stopped it before or after the open
+  // reached here, and retry a close the interrupt may have cut short, without ever closing
+  // another block (which a plain count could not tell apart).
+  void enter_block(int64_t token, int64_t min_bytes, double budget) {
     TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0, got ", min_bytes);
     TORCH_CHECK(budget >= 1.0 && budget <= 64.0, "budget must be in [1, 64], got ", budget);
     std::lock_guard<std::mutex> guard(mutex_);
-    if (depth_ == 0) turn_on_locked(min_bytes, budget);
-    ++depth_;
+    if (open_.count(token)) return;
+    if (open_.empty()) turn_on_locked(min_bytes, budget);
+    open_.insert(token);
   }
 
-  // Leaving the outermost block stops caching, frees every cached block and puts torch's
+  // Closing the last open block stops caching, frees every cached block and puts torch's
   // default allocator back (if this one is still the installed one). Blocks still in use are
   // freed when their tensors go, and are forgotten here, so their raw frees elsewhere leave
-  // nothing stale. A call with no block open (a forked child leaving its parent's) does nothing.
-  void leave_block() {
+  // nothing stale. A token not open (closed already, never opened, or a forked child closing
+  // its parent's) does nothing.
+  void leave_block(int64_t token) {
     std::vector<void*> release;
     {
       std::lock_guard<std::mutex> guard(mutex_);
-      if (depth_ == 0) return;
-      if (--depth_ > 0) return;
+      if (open_.erase(token) == 0 || !open_.empty()) return;
       release = switch_off_locked();
     }
     for (void* block : release) c10::free_cpu(block);
@@ -153,7 +157,7 @@ class BlockCache final : public c10::Allocator {
   void after_fork_in_child() {
     std::vector<void*> release;
     if (on_) release = switch_off_locked();
-    depth_ = 0;
+    open_.clear();
     mutex_.unlock();
     for (void* block : release) c10::free_cpu(block);
   }
@@ -222,8 +226,10 @@ class BlockCache final : public c10::Allocator {
   // times the largest amount ever in use, or all of them (`everything`).
   std::vector<void*> evict_locked(size_t incoming, bool everything) {
     std::vector<void*> release;
-    const size_t budget = std::max(static_cast<size_t>(budget_ * peak_live_bytes_),
-                                   live_bytes_ + incoming);
+    // The peak counts the incoming block: measured against the peak before it, a new peak
+    // evicted every cached block (the bound became live + incoming).
+    const size_t peak = std::max(peak_live_bytes_, live_bytes_ + incoming);
+    const size_t budget = static_cast<size_t>(budget_ * peak);
     while (!free_.empty() && (everything || live_bytes_ + cached_bytes_ + incoming > budget)) {
       auto oldest = free_.begin();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
@@ -262,7 +268,7 @@ class BlockCache final : public c10::Allocator {
 
   std::mutex mutex_;
   bool on_ = false;
-  int64_t depth_ = 0;  // open blocks (enter without exit)
+  std::unordered_set<int64_t> open_;  // the tokens of the open blocks
   size_t min_bytes_ = 0;
   double budget_ = 2.0;  // in use + cached stays within budget_ x the peak in use
   std::map<size_t, std::vector<Cached>> free_;  // size class -> freed blocks, oldest first
@@ -322,11 +328,11 @@ void BlockCache::raw_return(void* block) {
 
 }  // namespace
 
-void cpu_block_cache_enter(int64_t min_bytes, double budget) {
-  cache().enter_block(min_bytes, budget);
+void cpu_block_cache_enter(int64_t token, int64_t min_bytes, double budget) {
+  cache().enter_block(token, min_bytes, budget);
 }
 
-void cpu_block_cache_exit() { cache().leave_block(); }
+void cpu_block_cache_exit(int64_t token) { cache().leave_block(token); }
 
 int64_t cpu_block_cache_trim() { return cache().trim(); }
 

@@ -7,13 +7,13 @@
 
 namespace sficonv {
 
-// Opens a block: the outermost one installs the cache over torch's default CPU allocator
-// (blocks of at least min_bytes are reused; in use + cached stays within budget x the peak in
-// use); nested ones only count.
-void cpu_block_cache_enter(int64_t min_bytes, double budget);
-// Closes a block: the outermost one stops caching, frees the cached blocks and puts torch's
-// default CPU allocator back. Does nothing when no block is open.
-void cpu_block_cache_exit();
+// Opens the block named by the caller's token: the first open one installs the cache over
+// torch's default CPU allocator (blocks of at least min_bytes are reused; in use + cached stays
+// within budget x the peak in use); others only join. Opening an open token does nothing.
+void cpu_block_cache_enter(int64_t token, int64_t min_bytes, double budget);
+// Closes a block: the last open one stops caching, frees the cached blocks and puts torch's
+// default CPU allocator back. Does nothing for a token that is not open.
+void cpu_block_cache_exit(int64_t token);
 // Frees every cached block now (the cache stays on); returns the bytes freed.
 int64_t cpu_block_cache_trim();
 // [on, min_bytes, hits, misses, evictions, cached_bytes, live_bytes, peak_live_bytes]

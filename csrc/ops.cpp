@@ -33,7 +33,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 2;
+constexpr int kExtensionApi = 3;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
@@ -64,8 +64,9 @@ TORCH_LIBRARY(sficonv_ext, m) {
       "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   // Not tensor ops: switches for the CPU block cache (sficonv_ext.cpu_allocator).
-  m.def("cpu_block_cache_enter(int min_bytes, float budget) -> ()", &cpu_block_cache_enter);
-  m.def("cpu_block_cache_exit() -> ()", &cpu_block_cache_exit);
+  m.def("cpu_block_cache_enter(int token, int min_bytes, float budget) -> ()",
+        &cpu_block_cache_enter);
+  m.def("cpu_block_cache_exit(int token) -> ()", &cpu_block_cache_exit);
   m.def("cpu_block_cache_trim() -> int", &cpu_block_cache_trim);
   m.def("cpu_block_cache_stats() -> int[]", &cpu_block_cache_stats);
 }

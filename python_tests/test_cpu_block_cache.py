@@ -338,32 +338,62 @@ def test_the_cache_removes_the_page_faults():
         assert faults("default") > pages / 2
 
 
-class _InterruptedAsEnterReturns:
-    """The op namespace with a Ctrl-C handled as ``cpu_block_cache_enter`` returns: where real
-    SIGINTs landed (2,821 of 3,000 in a review's run left the cache on for good)."""
+class _Interrupted:
+    """The op namespace with a Ctrl-C handled where real SIGINTs landed: as
+    ``cpu_block_cache_enter`` returns (2,821 of 3,000 in a review's run left the cache on for
+    good, before blocks had tokens), or before / after ``cpu_block_cache_exit`` runs (21 of
+    3,000 in another review's run)."""
 
-    def __init__(self, real):
-        self._real = real
+    def __init__(self, real, where):
+        self._real, self._where, self.tokens = real, where, []
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
-    def cpu_block_cache_enter(self, *args):
-        self._real.cpu_block_cache_enter(*args)
-        raise KeyboardInterrupt
+    def cpu_block_cache_enter(self, token, *args):
+        self.tokens.append(token)
+        self._real.cpu_block_cache_enter(token, *args)
+        if self._where == "enter returns":
+            raise KeyboardInterrupt
+
+    def cpu_block_cache_exit(self, token):
+        if self._where == "before exit":
+            self._where = None  # once: the retry then runs
+            raise KeyboardInterrupt
+        self._real.cpu_block_cache_exit(token)
+        if self._where == "exit returns":
+            self._where = None
+            raise KeyboardInterrupt
 
 
-def test_an_interrupt_as_the_cache_turns_on_leaves_it_off(monkeypatch):
+@pytest.mark.parametrize("where", ["enter returns", "before exit", "exit returns"])
+def test_an_interrupt_on_the_way_in_or_out_leaves_the_cache_off(monkeypatch, where):
     import sficonv_ext.cpu_allocator as allocator
     real = torch.ops.sficonv_ext
     assert not large_block_cache_stats()["on"]
-    monkeypatch.setattr(allocator, "_ops_namespace", lambda: _InterruptedAsEnterReturns(real))
+    ops = _Interrupted(real, where)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with large_block_cache():
-                pass
+        with large_block_cache():  # an outer block (real ops) stays open through the inner one
+            with monkeypatch.context() as patch:
+                patch.setattr(allocator, "_ops_namespace", lambda: ops)
+                with pytest.raises(KeyboardInterrupt):
+                    with large_block_cache():
+                        pass
+            still_on = large_block_cache_stats()["on"]
         left_on = large_block_cache_stats()["on"]
     finally:
-        while large_block_cache_stats()["on"]:  # never leak into the other tests
-            real.cpu_block_cache_exit()
-    assert not left_on
+        for token in ops.tokens:  # never leak into the other tests
+            real.cpu_block_cache_exit(token)
+    assert still_on and not left_on
+
+
+def test_a_new_peak_evicts_only_beyond_the_budget_of_the_new_peak():
+    # Measured against the peak before the incoming block, a new peak evicted everything.
+    with large_block_cache(budget=2.0):
+        first = torch.empty(10 * MIB, dtype=torch.uint8)
+        del first
+        second = torch.empty(30 * MIB, dtype=torch.uint8)
+        stats = large_block_cache_stats()
+        # in use 30 + cached 10 = 40 MiB, within 2 x the new peak of 30 MiB: nothing evicted
+        assert stats["evictions"] == 0 and stats["cached_bytes"] >= 10 * MIB
+        del second
