@@ -2,6 +2,7 @@
 files, 16-bit and too-small images, paths that cannot be written, YAML nulls, list-file
 encodings, linked folders, errors inside DataLoader workers, resuming into a new folder."""
 import csv
+import math
 import os
 import shutil
 
@@ -62,7 +63,15 @@ def test_too_small_images_are_skipped_in_predict_and_refused_as_image_size(run_d
     with open(scores) as f:
         rows = list(csv.DictReader(f))
     assert [os.path.basename(r["path"]) for r in rows] == ["ok.png"]
+    # Full precision, and the margin whose sigmoid the score is.
+    margin = float(rows[0]["margin"])
+    assert float(rows[0]["score"]) == pytest.approx(1 / (1 + math.exp(-margin)), rel=1e-12)
     assert "tiny.png" in capsys.readouterr().out
+    # Nothing scorable: an error (status 2), not an empty CSV.
+    assert main(["predict", "--checkpoint", str(out), str(tmp_path / "imgs" / "tiny.png"),
+                 "--out", str(tmp_path / "none.csv"), "--workers", "0", "--no-progress"]) == 2
+    assert not (tmp_path / "none.csv").exists()
+    assert "could be scored" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:  # argparse: usage and the message, status 2
         main(["train", *tiny_builtin(tmp)[:4], *FAST, "--image-size", "16",
               "--out", str(tmp_path / "r")])
@@ -176,7 +185,7 @@ def test_predict_into_a_link_to_a_non_regular_file_writes_through_it(run_dir, tm
     assert main(["predict", "--checkpoint", str(out), image, "--out", str(link), "--workers",
                  "0", "--no-progress"]) == 0
     reader.join(timeout=60)
-    assert received and received[0].startswith("path,score\n")
+    assert received and received[0].startswith("path,score,margin\n")
     assert os.path.islink(link)  # the link itself was not replaced by a regular file
 
 
@@ -232,3 +241,15 @@ def test_progress_bars_default_to_whether_stderr_is_a_terminal(monkeypatch):
         monkeypatch.setattr("sys.stderr.isatty", lambda tty=tty: tty)
         assert resolve("eval", {"data": "x"})["progress"] is tty
         assert resolve("eval", {"data": "x", "progress": True})["progress"] is True
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_written_back(run_dir, tmp_path):
+    # Such names reach Python as surrogate escapes; the strict UTF-8 writers raised a
+    # traceback after scoring. They are written back as the original bytes.
+    tmp, out = run_dir
+    name = os.fsdecode(b"caf\xe9.png")
+    write_image(os.path.join(str(tmp_path / "imgs"), name), 40, seed=1)
+    scores = tmp_path / "scores.csv"
+    assert main(["predict", "--checkpoint", str(out), str(tmp_path / "imgs"), "--out",
+                 str(scores), "--workers", "0", "--no-progress"]) == 0
+    assert b"caf\xe9.png," in scores.read_bytes()

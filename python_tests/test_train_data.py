@@ -43,6 +43,66 @@ def test_real_fake_folder(tmp_path):
     assert all(s.video is None for s in samples)
 
 
+def test_frames_in_real_fake_subfolders_are_held_out_by_video(tmp_path):
+    for label in ("real", "fake"):
+        for v in range(5):
+            for f in range(4):
+                write_image(str(tmp_path / label / f"vid{v}" / f"{f:03d}.png"), 16, seed=f)
+    write_image(str(tmp_path / "real" / "loose.png"), 16)  # directly in real/: its own group
+    samples = load_samples(str(tmp_path))
+    assert {s.video for s in samples if s.path.endswith("loose.png")} == {None}
+    assert len({s.video for s in samples}) == 11
+    train, val = hold_out(samples, 0.2, seed=7)
+    assert {s.video for s in train if s.video}.isdisjoint({s.video for s in val if s.video})
+    assert {s.label for s in val} == {0, 1}
+
+
+def test_a_class_in_one_subfolder_is_taken_image_by_image(tmp_path):
+    # One group per class would leave that class without validation images.
+    for i in range(5):
+        write_image(str(tmp_path / "real" / "images" / f"{i}.png"), 16, seed=i)
+        write_image(str(tmp_path / "fake" / "images" / f"{i}.png"), 16, seed=i)
+    samples = load_samples(str(tmp_path))
+    assert all(s.video is None for s in samples)
+    assert {s.label for s in hold_out(samples, 0.2, seed=7)[1]} == {0, 1}
+
+
+def test_ffpp_masks_are_not_frames(tmp_path):
+    write_image(str(tmp_path / "original_sequences" / "youtube" / "c23" / "images" / "000"
+                    / "0000.png"))
+    write_image(str(tmp_path / "manipulated_sequences" / "Deepfakes" / "c23" / "images"
+                    / "000_003" / "0000.png"))
+    write_image(str(tmp_path / "manipulated_sequences" / "Deepfakes" / "masks" / "images"
+                    / "000_003" / "0000.png"))
+    assert [s.video.split(os.sep)[2] for s in load_samples(str(tmp_path))] == ["c23", "c23"]
+
+
+@pytest.mark.parametrize("mode,values,want", [
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),         # float in [0, 1]
+    ("F", [0.0, 128.0, 255.0], [0, 128, 255]),     # float holding 8-bit values
+    ("I", [0, 128, 255], [0, 128, 255]),           # 32-bit integer holding 8-bit values
+    ("I", [0, 32896, 65535], [0, 128, 255]),       # 16-bit values
+    ("I;16", [0, 128, 255], [0, 0, 1]),            # a 16-bit file: its range is 0-65535
+])
+def test_high_depth_greyscale_is_scaled_from_the_range_it_holds(tmp_path, mode, values, want):
+    from sficonv_ext.train.images import open_rgb
+    dtype = {"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    path = str(tmp_path / "grey.tif")
+    image.save(path)
+    rgb = np.asarray(open_rgb(path))
+    assert rgb[0, :, 0].tolist() == want and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_a_tilde_in_a_data_path_is_expanded_for_every_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for command in ("train", "eval"):
+        cfg = config.resolve(command, {"data": "~/faces"})
+        assert cfg["data"] == os.path.join(str(tmp_path), "faces")
+    assert config.resolve("eval", {"data": "builtin"})["data"] == "builtin"
+
+
 def test_ffpp_tree_video_ids_and_hold_out_by_video(tmp_path):
     for v in range(4):
         for f in range(3):

@@ -86,6 +86,18 @@ def test_a_resume_from_another_folder_finds_relative_data_and_may_not_shorten_th
         assert yaml.safe_load(f.read())["epochs"] == 2
 
 
+def test_a_run_of_an_earlier_hold_out_split_is_not_resumed(stopped_run, tmp_path, capsys):
+    # Frames in real/ and fake/ subfolders are now held out by video: a run split before that
+    # (its checkpoint records no hold-out version) would train on images it validated on.
+    state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
+    assert state["holdout_split"] is not None
+    del state["holdout_split"]
+    old = tmp_path / "old_last.pt"
+    torch.save(state, old)
+    assert main(["train", "--resume", str(old), "--out", str(tmp_path / "resumed")]) == 2
+    assert "earlier version of the split" in capsys.readouterr().err
+
+
 def test_progress_is_this_invocations_choice_not_the_runs(stopped_run, tmp_path):
     state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
     assert "progress" not in state["config"]

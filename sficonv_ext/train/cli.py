@@ -136,7 +136,7 @@ def main(argv=None):
     except UserError as exc:
         print(f"sficonv {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:  # an output path that cannot be made or written, and the like
+    except (OSError, UnicodeError) as exc:  # an output path that cannot be made or written
         print(f"sficonv {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

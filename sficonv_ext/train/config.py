@@ -269,6 +269,9 @@ def resolve(command, explicit, yaml_values=None):
     if command == "train" and data == "builtin":
         values.update(BUILTIN_DEFAULTS)
     values.update(given)
+    for name in PATH_OPTIONS:  # "~" from a YAML file or a quoted "--data=~/x", every command
+        if isinstance(values.get(name), str) and values[name] != "builtin":
+            values[name] = os.path.expanduser(values[name])
     if "progress" in values and values["progress"] is None:
         values["progress"] = sys.stderr.isatty()
     return values

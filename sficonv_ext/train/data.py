@@ -80,12 +80,26 @@ def read_list_file(path):
     return samples
 
 
+# The version of what hold_out groups (recorded in checkpoints: a resumed run must hold out
+# the same images). 2: frames in subfolders of real/ and fake/ are grouped by their folder.
+HOLDOUT_VERSION = 2
+
+
 def _real_fake_folder(path):
+    """Images under real/ and fake/. Images in subfolders (``real/video_07/0001.png``) belong
+    to that folder's video: held out together, and scored per video too. A class whose images
+    all sit in one subfolder is taken image by image (one group would leave no validation
+    image of that class)."""
     samples = []
     for name, label in (("real", REAL), ("fake", FAKE)):
         sub = os.path.join(path, name)
-        if os.path.isdir(sub):
-            samples += [Sample(p, label) for p in images_under(sub)]
+        if not os.path.isdir(sub):
+            continue
+        images = images_under(sub)
+        folders = [os.path.relpath(os.path.dirname(p), path) for p in images]
+        grouped = len(set(folders)) >= 2
+        samples += [Sample(p, label, folder if grouped and folder != name else None)
+                    for p, folder in zip(images, folders)]
     return samples
 
 
@@ -97,6 +111,8 @@ def _ffpp_tree(path):
             continue
         for image in images_under(sub):
             video = os.path.relpath(os.path.dirname(image), path)
+            if "masks" in video.split(os.sep):
+                continue  # the manipulation masks some releases include: not frames
             samples.append(Sample(image, label, video))
     return samples
 

@@ -22,15 +22,22 @@ def open_rgb(path):
 
 
 def _high_depth_to_rgb(image):
-    # PIL's convert("RGB") clips 16-bit and float grey values at 255 (a near-white image):
-    # scale to 8 bits instead. 16-bit modes and "I" use their full 0-65535 range, as 16-bit
-    # PNG and TIFF files store it; float images are taken to be in [0, 1].
+    # PIL's convert("RGB") clips 16-bit grey values at 255 (a near-white image) and maps
+    # float ones in [0, 1] to black: scale to 8 bits instead. The range is read from the data,
+    # since these modes do not say it: 16-bit files ("I;16", and "I" as PIL opens 16-bit PNGs)
+    # span 0-65535, but a 32-bit integer or float image may hold 8-bit values (ImageJ, NumPy
+    # output), and a float one [0, 1]. So: at most 1 (float) -> x255; at most 255 -> as it is;
+    # above -> /257 (65535 -> 255).
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
+    finite = values[np.isfinite(values)]
+    peak = float(finite.max()) if finite.size else 0.0
+    if image.mode == "F" and peak <= 1.0:
         scaled = values * 255.0
+    elif peak <= 255.0 and not image.mode.startswith("I;16"):
+        scaled = values
     else:
-        scaled = values / 257.0  # 65535 -> 255
-    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        scaled = values / 257.0
+    grey = np.clip(np.nan_to_num(np.rint(scaled)), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 

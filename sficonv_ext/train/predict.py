@@ -67,11 +67,16 @@ def _predict(cfg, inputs, ctx, log, to_stdout):
     warning = failure_message([f[1] for f in scored["failures"]])
     if warning:
         log(warning)
+    if not scored["indices"]:
+        raise UserError(f"no image of the {len(paths)} found could be scored (see the "
+                        f"warning above); nothing written")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score"])
-    for index, value in zip(scored["indices"], scored["scores"]):
-        writer.writerow([paths[index], f"{value:.8g}"])
+    # margin: the fake logit minus the real one. The score (its sigmoid) saturates at 1 for
+    # confident fakes, in float64 beyond a margin of about 37; the margin keeps their order.
+    writer.writerow(["path", "score", "margin"])
+    for index, value, margin in zip(scored["indices"], scored["scores"], scored["margins"]):
+        writer.writerow([paths[index], repr(float(value)), repr(float(margin))])
     _write_csv(cfg["out"], buffer.getvalue())
     log(f"wrote {len(scored['indices'])} scores to "
         f"{'standard output' if to_stdout else cfg['out']}")
@@ -86,7 +91,7 @@ def _write_csv(target, text):
         sys.stdout.flush()
         return
     if os.path.exists(target) and not os.path.isdir(target) and not os.path.isfile(target):
-        with open(target, "w", encoding="utf-8") as f:
+        with open(target, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         return
     folder = os.path.dirname(os.path.abspath(target))

@@ -10,7 +10,7 @@ import sys
 def write_atomic_text(path, text):
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:
@@ -50,7 +50,7 @@ class Reporter:
     def log_to_file(self, message):
         """A line for the log file alone (the command prints its own error)."""
         if self.is_main and self.log_path:
-            with open(self.log_path, "a", encoding="utf-8") as f:
+            with open(self.log_path, "a", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(message + "\n")
 
     def history_csv(self, rows):

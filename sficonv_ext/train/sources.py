@@ -36,6 +36,10 @@ def training_sets(cfg, ctx, log):
             train, val = hold_out(train, cfg["val_fraction"], cfg["seed"])
             log(f"held out {len(val)} of {len(train) + len(val)} images of {cfg['data']} for "
                 f"validation (seed {cfg['seed']})")
+            if not any(s.video for s in train + val):
+                log("note: the split is per image (this data names no videos): frames of one "
+                    "video may be on both sides. Give --val-data, or lay frames out as "
+                    "real/<video>/ and fake/<video>/ folders")
     if cfg.get("val_data") is not None:
         val = evaluation_set(cfg["val_data"], cfg, ctx, log)
     train, missing_train = drop_missing(train, cfg["strict"], log)

@@ -16,7 +16,7 @@ from .architectures import build_model
 from .config import (BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, PATH_OPTIONS,
                      absolute_path_option, convert)
 from .cpu_memory import cpu_malloc
-from .data import class_counts
+from .data import HOLDOUT_VERSION, class_counts, describe_kind
 from .errors import DataError, NonFiniteError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
 from .images import ImageDataset, collate
@@ -165,6 +165,9 @@ class Run:
             # Which validation split of --data builtin the run used (see builtin_data).
             "builtin_split": (builtin_data.SPLIT_VERSION if self.cfg["data"] == "builtin"
                               else None),
+            # Which version of hold_out split --data, when the run held out its validation.
+            "holdout_split": (HOLDOUT_VERSION if self.cfg["data"] != "builtin"
+                              and self.cfg.get("val_data") is None else None),
             "config": {k: v for k, v in self.cfg.items() if k not in NOT_SAVED},
         }
         if full:
@@ -258,6 +261,13 @@ def _check_resumable(state, path, cfg):
                         f"give --epochs {done} or more")
     if cfg.get("data") == "builtin":
         builtin_data.check_split_version(state.get("builtin_split"), path, "resume it")
+    elif (cfg.get("val_data") is None and state.get("holdout_split") != HOLDOUT_VERSION
+          and describe_kind(cfg["data"]) == "real_fake"):
+        # Version 2 grouped the frames in real/ and fake/ subfolders: an earlier run's split
+        # of such a folder held out other images.
+        raise UserError(f"{path} held out its validation images from {cfg['data']} with an "
+                        f"earlier version of the split, which would now hold out other images "
+                        f"(some it trained on): it cannot be resumed; train a new run")
 
 
 def train(cfg, explicit):
