@@ -13,6 +13,10 @@ def test_fuse_for_inference_float32_parity(learnable):
     model = models.sfi_resnet26(mcs_learnable=learnable)
     _, fast = make_pair(26, dtype=torch.float32)
     model.load_state_dict(fast.state_dict())
+    if learnable:  # a raw weight off the constraint, as training leaves it: folding must bake
+        with torch.no_grad():  # the constrained filter, not the raw one
+            mcs = model.layer1[0].SFIC1.conv.mcs
+            mcs.weight.add_(torch.rand_like(mcs.weight) * 0.1).mul_(3.0)
     model.eval()
     fused = models.fuse_for_inference(model)
     x = torch.randn(2, 3, 65, 97)

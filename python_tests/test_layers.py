@@ -171,3 +171,21 @@ def test_frozen_batchnorms_take_a_batch_of_one_in_training_mode():
     model.layer4[1].bn1.train()
     with pytest.raises(ValueError, match="more than one value per channel"):
         model(torch.randn(1, 3, 40, 40))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_learnable_mcs_module_applies_the_constraint_in_its_forward(channels_last):
+    # MCSConv2d's own forward (the model goes through first_sfi_conv instead).
+    mcs = sfi_nn.MCSConv2d(6, 5, learnable=True).double()
+    with torch.no_grad():
+        mcs.weight.copy_(torch.rand_like(mcs.weight) + 0.5)  # raw: off-centre sums far from 1
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    y = mcs(x)
+    got, = torch.autograd.grad(y, mcs.weight, g)
+    raw = mcs.weight.detach().clone().requires_grad_()
+    want_y = F.conv2d(x, reference.constrain_mcs_weight(raw, mcs.eps), padding=2, groups=6)
+    want, = torch.autograd.grad(want_y, raw, g)
+    assert rel_err(y, want_y) < 1e-12 and rel_err(got, want) < 1e-12

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from sficonv_ext import ops
+from sficonv_ext.nn import published_mcs_init
 from sficonv_ext.reference import constrain_mcs_weight
 
 from conftest import rel_err
@@ -326,6 +327,30 @@ def test_zero_sum_channel_is_clamped_to_positive_eps():
 
 
 @cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sums_inside_the_clamp_keep_their_sign(dtype, channels_last):
+    # |S| below eps is clamped to eps with S's sign: -eps/10 divides by -eps, +eps/10 by +eps.
+    # 20 channels: whole vectors and a scalar tail in channels_last, in both dtypes.
+    eps = 1e-3
+    weight = torch.rand(20, 1, 3, 3, dtype=torch.float64) + 0.5
+    for c, s in [(1, -eps / 10), (2, eps / 10), (5, -2 * eps), (11, -eps / 3), (19, 0.0)]:
+        weight[c] = 0.0
+        weight[c, 0, 0, 0], weight[c, 0, 2, 2] = 1.0, s - 1.0  # off-centre sum exactly s
+    weight = weight.to(dtype)
+    x = torch.randn(2, 20, 11, 13, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 20, 11, 13, dtype=dtype)
+    got = both_grads(lambda a, b: ops.mcs_conv(a, b, eps=eps, backend="cpp"), x, weight, g)
+    want = both_grads(lambda a, b: ops.mcs_conv(a, b, eps=eps, backend="torch"),
+                      x.double(), weight.double(), g.double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for a, b in zip(got, want):
+        assert rel_err(a.double(), b) < tol
+
+
+@cpp
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("channels", [4, 20])  # 20: a whole float32 vector plus a scalar tail
 def test_nan_propagates(channels_last, channels):
@@ -420,13 +445,19 @@ def test_auto_rule_on_cpu():
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_autocast_casts_both_inputs(backend):
     x = torch.randn(1, 3, 9, 9, dtype=torch.bfloat16)  # as a bf16 layer would hand it over
-    w = torch.randn(3, 1, 5, 5, requires_grad=True)      # float32 parameter
+    # A float32 parameter of published taps that cancel (up to 80): constrained after its
+    # cast to bfloat16 it would be 14% off, constrained first 0.1%.
+    draws = [published_mcs_init(3, generator=torch.Generator().manual_seed(s))
+             for s in range(40)]
+    w = max(draws, key=lambda d: d.abs().max()).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ops.mcs_conv(x, w, backend=backend)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
-    assert rel_err(y.double(), expected(x, w.detach().bfloat16(), True)) < 2e-2
+    # The constraint first, at the filter's precision, then the cast (constrain_before_autocast).
+    want = expected(x, constrain_mcs_weight(w.detach()).bfloat16(), False)
+    assert rel_err(y.double(), want) < 2e-2
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if ops.backends()["cpp"] else []))

@@ -4,6 +4,7 @@ import torch
 
 from sficonv_ext import models, ops
 from sficonv_ext.models.interop import official_rules
+from sficonv_ext.reference import constrain_mcs_weight
 
 from conftest import make_pair, rel_err
 
@@ -117,9 +118,24 @@ def test_learnable_mcs_trains_and_matches_constraint():
     fast = models.sfi_resnet26(mcs_learnable=True, mcs_init="stable").double()
     mcs = fast.layer1[0].SFIC1.conv.mcs
     assert mcs.weight.requires_grad
-    out = fast(torch.randn(2, 3, 64, 64, dtype=torch.float64))
-    out.sum().backward()
-    assert mcs.weight.grad is not None and mcs.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # a raw weight off the constraint, as training leaves it
+        mcs.weight.add_(torch.rand_like(mcs.weight) * 0.1).mul_(3.0)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    fast(x).sum().backward()
     eff = mcs.effective_weight()
     assert torch.all(eff[:, 0, 2, 2] == -1)
     torch.testing.assert_close(eff.sum(dim=(1, 2, 3)), torch.zeros(64, dtype=torch.float64))
+    # The same network with the constrained filter frozen in: equal outputs, and the raw
+    # weight's gradient is the frozen filter's gradient taken back through the constraint.
+    frozen = models.sfi_resnet26().double()
+    state = fast.state_dict()
+    state["layer1.0.SFIC1.conv.mcs.weight"] = eff.detach()
+    frozen.load_state_dict(state)
+    fixed = frozen.layer1[0].SFIC1.conv.mcs.weight.requires_grad_()
+    out = frozen(x)
+    out.sum().backward()
+    with torch.no_grad():
+        assert rel_err(fast(x), out) < 1e-10
+    raw = mcs.weight.detach().clone().requires_grad_()
+    want, = torch.autograd.grad(constrain_mcs_weight(raw, mcs.eps), raw, fixed.grad)
+    assert rel_err(mcs.weight.grad, want) < 1e-10

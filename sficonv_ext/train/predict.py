@@ -1,4 +1,5 @@
-"""``sficonv predict``: one ``path,score`` row per image (score = probability of fake)."""
+"""``sficonv predict``: one ``path,score,margin`` row per image (score = probability of fake,
+margin = fake logit minus real logit)."""
 import csv
 import io
 import os
