@@ -18,8 +18,9 @@ from .resnet import PlainBottleneck, SFIResNet
 def _fold(conv, bn):
     """Fold eval-mode ``bn`` into ``conv`` (in place): y = scale * conv(x) + shift.
 
-    Computed in float64 (float32 on MPS) and stored in the convolution's dtype: a BatchNorm kept in float32
-    beside bfloat16 convolutions must not turn the folded weights into float32."""
+    Computed in float64 (float32 on MPS) and stored in the convolution's dtype: a BatchNorm
+    kept in float32 beside bfloat16 convolutions must not turn the folded weights into
+    float32."""
     if isinstance(bn, nn.Identity):
         raise ValueError("found an nn.Identity where a BatchNorm should be: this network is "
                          "fused for inference already")
