@@ -6,9 +6,12 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from sficonv_ext import models
+from sficonv_ext.cpu_allocator import large_block_cache
+from sficonv_ext.ops import _extension
 from sficonv_ext.models.onednn_inference import (OneDNNConvNorm, OneDNNPlainBottleneck,
                                                  drop_packed_weights, onednn_fusion_available,
                                                  residuals_may_be_overwritten)
@@ -364,7 +367,8 @@ def test_forward_mode_ad_takes_the_plain_path_and_keeps_its_tangent(trio):
 
 
 def test_a_weight_converted_by_module_to_is_reordered_again(trio):
-    # Module.to() swaps a parameter's storage and keeps its version counter.
+    # Module.to() swaps a parameter's storage and keeps its version counter. (Whether the new
+    # storage lands at the old address depends on the allocator; the next test forces it.)
     _, onednn, plain = trio
     onednn, plain = copy.deepcopy(onednn), copy.deepcopy(plain)
     x = torch.randn(1, 3, 64, 64)
@@ -376,6 +380,26 @@ def test_a_weight_converted_by_module_to_is_reordered_again(trio):
         model.float()
     with torch.inference_mode():
         _assert_fused_matches_plain(onednn, plain, x)
+
+
+def test_a_new_storage_at_the_old_address_is_not_mistaken_for_the_old_weight():
+    # The block cache hands a freed block straight back to the next request of its size: a
+    # weight converted away and back (.double().float()) would land where it was, with its
+    # version counter kept, and the cached reorder of the old values would pass the check.
+    if not _extension.has_cpp_kernels():
+        pytest.skip("the block cache needs the compiled extension")
+    from sficonv_ext.models.onednn_inference import PackedConv
+    conv = torch.nn.Conv2d(3, 7, 5, padding=2).requires_grad_(False)  # a size of its own
+    x = torch.randn(1, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    with large_block_cache(min_bytes=0), torch.inference_mode(False):
+        conv.weight.data = conv.weight.data.clone().contiguous(memory_format=torch.channels_last)
+        fused = PackedConv(conv, 2)
+        fused(x)  # caches the reordered weight
+        conv.weight.data = conv.weight.data.double()
+        conv.weight.data.mul_(2.0)  # no version bump
+        conv.weight.data = conv.weight.data.float().contiguous(memory_format=torch.channels_last)
+        got = fused(x)
+    assert rel_err(got, F.conv2d(x, conv.weight, conv.bias, padding=2)) < 1e-5
 
 
 def test_nan_and_inf_reach_the_output_as_on_the_plain_path(trio):

@@ -54,8 +54,9 @@ def _capturing(device):
 class CudnnFusedConv:
     """The cuDNN path for one folded convolution: ``relu(conv(x) + bias [+ residual])``.
 
-    The weight and bias cast to the compute dtype are cached with the tensors they came from
-    (kept alive, so their addresses cannot be reused) and their version counters: replacing a
+    The weight and bias cast to the compute dtype are cached with the tensors they came from,
+    their storages (all kept alive, so that no new storage can take an address compared) and
+    their version counters: replacing a
     parameter, moving it, or changing it in place through autograd-visible ops recasts it.
     Writes that bypass the version counter (``weight.data``, a NumPy view) are not seen: call
     :func:`sficonv_ext.models.folded_layers.drop_cached_weights` after them."""
@@ -123,6 +124,7 @@ class CudnnFusedConv:
             return self._cast(weight, bias, dtype)
         cache = self._cache
         # Module.to() swaps a parameter's storage and keeps its version: both are compared.
+        # The storages are held by the cache, so that no new one can take their address.
         state = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr(),
                  weight.device)
         if (cache is not None and cache[0] is weight and cache[1] is bias
@@ -131,7 +133,8 @@ class CudnnFusedConv:
         # Normal (not inference-mode) tensors, so they may be used under any grad mode.
         with torch.inference_mode(False):
             cast = self._cast(weight, bias, dtype)
-        self._cache = (weight, bias, state, dtype) + cast
+        self._cache = (weight, bias, state, dtype) + cast + (weight.untyped_storage(),
+                                                             bias.untyped_storage())
         return cast
 
     @staticmethod

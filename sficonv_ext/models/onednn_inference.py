@@ -77,15 +77,15 @@ def residuals_may_be_overwritten(network):
 class PackedConv:
     """The oneDNN path for one folded convolution: ``act(conv(x) + bias [+ other])``.
 
-    The reordered weight is cached with the weight tensor it came from (kept alive, so its
-    address cannot be reused) and that tensor's version counter: replacing the parameter,
+    The reordered weight is cached with the weight tensor it came from, its storage (both kept
+    alive, so that no new storage can take the address compared) and its version counter: replacing the parameter,
     moving it, or changing it in place through autograd-visible ops rebuilds it. Writes that
     bypass the version counter (``weight.data``, a NumPy view) are not seen: call
     :func:`drop_packed_weights` after them."""
 
     def __init__(self, conv_module, padding):
         self.module, self.padding = conv_module, padding
-        self._cache = None  # (weight tensor, its version and storage, reordered weight)
+        self._cache = None  # (weight, its version and address, reordered weight, storage)
 
     def __getstate__(self):
         # Copies and pickles leave the reordered weight behind; the live object keeps it.
@@ -121,13 +121,15 @@ class PackedConv:
             return self._reorder(weight, x)
         cache = self._cache
         # Module.to() swaps a parameter's storage and keeps its version: both are compared.
+        # The storage is held by the cache: freed, its address could come back for the new
+        # one (.double().float() did, in a test run), and a stale weight would pass.
         state = (weight._version, weight.data_ptr())
         if cache is not None and cache[0] is weight and cache[1] == state:
             return cache[2]
         # A normal (not inference-mode) tensor, so it may be used under any grad mode.
         with torch.inference_mode(False):
             packed = self._reorder(weight, x)
-        self._cache = (weight, state, packed)
+        self._cache = (weight, state, packed, weight.untyped_storage())
         return packed
 
     def _reorder(self, weight, x):
