@@ -10,8 +10,8 @@ import yaml
 from sficonv_ext.train import checkpoint as ckpt
 from sficonv_ext.train.cli import main
 from sficonv_ext.train.config import resolve
-from sficonv_ext.train.trainer import resolve_run_config
-from test_train_support import FAST, real_fake_folder
+from sficonv_ext.train.trainer import _check_resumable, resolve_run_config
+from test_train_support import FAST, real_fake_folder, write_image
 
 RUN = ["--image-size", "32", "--batch-size", "4", "--val-fraction", "0.34",
        "--save-every-minutes", "0", *FAST[2:]]  # FAST without its batch size
@@ -92,6 +92,13 @@ def test_a_run_of_an_earlier_hold_out_split_is_not_resumed(stopped_run, tmp_path
     state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
     assert state["holdout_split"] is not None
     del state["holdout_split"]
+    # Its data, flat real/ and fake/ folders, splits as before: no reason to refuse.
+    _check_resumable(state, "old_last.pt", dict(state["config"]))
+    videos = tmp_path / "videos"
+    for label in ("real", "fake"):
+        for v in range(3):
+            write_image(str(videos / label / f"v{v}" / "0.png"), 32, seed=v)
+    state["config"]["data"] = str(videos)
     old = tmp_path / "old_last.pt"
     torch.save(state, old)
     assert main(["train", "--resume", str(old), "--out", str(tmp_path / "resumed")]) == 2
