@@ -25,6 +25,18 @@ def grads(backend, x, weight, g, constrained):
     return (y,) + torch.autograd.grad(y, (xr, wr), g)
 
 
+def check_against_definition(backend, x, weight, g, dtype, constrained, tol):
+    """Output and both gradients of ``backend`` in ``dtype`` against the float64 definition
+    (the weight gradient, a reduction, at 4x ``tol``); returns the backend's results."""
+    got = grads(backend, x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
+    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
+                 constrained)
+    assert rel_err(got[0].double(), want[0]) < tol
+    assert rel_err(got[1].double(), want[1]) < tol
+    assert rel_err(got[2].double(), want[2]) < 4 * tol
+    return got
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", sorted(TOLERANCES, key=str))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
@@ -154,14 +166,9 @@ def test_gpu_nchw_kernels_match_definition(monkeypatch, variant, dtype, shape, k
     x = torch.randn(n, c, h, w, device="cuda")
     weight = torch.rand(c, 1, k, k, device="cuda") + 0.5
     g = torch.randn(n, c, h, w, device="cuda")
-    got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
+    got = check_against_definition("cuda", x, weight, g, dtype, constrained,
+                                   FUSED_TOLERANCES[dtype])
     again = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), constrained)
-    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
-                 constrained)
-    tol = FUSED_TOLERANCES[dtype]
-    assert rel_err(got[0].double(), want[0]) < tol
-    assert rel_err(got[1].double(), want[1]) < tol
-    assert rel_err(got[2].double(), want[2]) < 4 * tol
     assert torch.equal(got[1], again[1]) and torch.equal(got[2], again[2])
 
 
@@ -239,13 +246,7 @@ def test_gpu_other_kernel_sizes_match_definition(k, dtype, layout):
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.rand(8, 1, k, k, device="cuda") + 0.5
     g = torch.randn(2, 8, 37, 41, device="cuda")
-    got = grads("cuda", x.to(dtype), weight.to(dtype), g.to(dtype), True)
-    want = grads("torch", x.to(dtype).double(), weight.to(dtype).double(), g.to(dtype).double(),
-                 True)
-    tol = TOLERANCES[dtype]
-    assert rel_err(got[0].double(), want[0]) < tol
-    assert rel_err(got[1].double(), want[1]) < tol
-    assert rel_err(got[2].double(), want[2]) < 4 * tol
+    check_against_definition("cuda", x, weight, g, dtype, True, TOLERANCES[dtype])
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
