@@ -86,14 +86,14 @@ def backends_for(device):
 
 
 # The CUDA extension's kernel choices timed side by side on one build (environment read on every
-# call): the default; "cuda-rows", the row-blocked NCHW kernels the tile kernel replaced; and
-# "cuda-tile-mb3"/"-mb4", the tile kernel built for 3 or 4 resident blocks per SM (fewer
-# registers: an experiment, see tile_min_blocks in csrc/mcs_conv_cuda.cu); and
-# "cuda-tile-pipelined", the double-buffered tiles (csrc/mcs_conv_cuda_tiles_pipelined.cuh).
-CUDA_VARIANTS = {"cuda": {}, "cuda-rows": {"SFICONV_CUDA_NCHW_KERNEL": "rows"},
+# call): the default (the double-buffered tiles, csrc/mcs_conv_cuda_tiles_pipelined.cuh, for
+# NCHW k = 3, 5, 7); "cuda-tiles", the plain tile kernel it replaced; "cuda-rows", the
+# row-blocked NCHW kernels before that; "cuda-tile-mb3"/"-mb4", the plain tile kernel built for
+# 3 or 4 resident blocks per SM (fewer registers, see tile_min_blocks in csrc/mcs_conv_cuda.cu).
+CUDA_VARIANTS = {"cuda": {}, "cuda-tiles": {"SFICONV_CUDA_NCHW_KERNEL": "tiles"},
+                 "cuda-rows": {"SFICONV_CUDA_NCHW_KERNEL": "rows"},
                  "cuda-tile-mb3": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "3"},
-                 "cuda-tile-mb4": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"},
-                 "cuda-tile-pipelined": {"SFICONV_CUDA_NCHW_KERNEL": "tiles-pipelined"}}
+                 "cuda-tile-mb4": {"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"}}
 CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
                    "SFICONV_CUDA_TILE_MIN_BLOCKS")
 

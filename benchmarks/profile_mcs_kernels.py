@@ -32,9 +32,10 @@ def backends_here():
     return [b for b, ok in (("cuda", info["cuda"]), ("triton", info["triton_ops"])) if ok]
 
 
-# The NCHW tile kernel's untimed experiments (see csrc/mcs_conv_cuda.cu), profiled first so
-# that the launch limit of gpu_check.sh's ncu call never cuts them: forward only.
-EXPERIMENTS = {"tiles-pipelined": ("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined"),
+# The NCHW kernels other than the default (the double-buffered tiles, see
+# csrc/mcs_conv_cuda.cu), profiled first so that the launch limit of gpu_check.sh's ncu call
+# never cuts them: forward only.
+EXPERIMENTS = {"tiles": ("SFICONV_CUDA_NCHW_KERNEL", "tiles"),
                "tiles-mb3": ("SFICONV_CUDA_TILE_MIN_BLOCKS", "3")}
 
 
@@ -66,7 +67,7 @@ def main(argv=None):
     n, c, h, w = (int(v) for v in args.shape.split("x"))
     k = args.kernel_size
     torch.manual_seed(0)
-    kernels = (f"SFICONV_CUDA_NCHW_KERNEL={os.environ.get('SFICONV_CUDA_NCHW_KERNEL', 'tiles')}, "
+    kernels = (f"SFICONV_CUDA_NCHW_KERNEL={os.environ.get('SFICONV_CUDA_NCHW_KERNEL', 'tiles-pipelined')}, "
                f"SFICONV_CUDA_FUSED_BACKWARD={os.environ.get('SFICONV_CUDA_FUSED_BACKWARD', '0')}")
     if "cuda" in backends_here():
         experimental_nchw_forwards(n, c, h, w, k, args.repeats)

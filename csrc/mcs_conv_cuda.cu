@@ -262,19 +262,25 @@ std::string env_choice(const char* name, std::initializer_list<const char*> allo
 }
 
 // Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
-// shared-memory tiles (default; 1.7x the row kernel on an H100), the row-blocked kernel
-// (SFICONV_CUDA_NCHW_KERNEL=rows), or the double-buffered tiles (=tiles-pipelined, an
-// experiment not yet timed on a GPU: mcs_conv_cuda_tiles_pipelined.cuh), kept selectable so
-// benchmarks and tests compare them on the same build.
+// double-buffered tiles (default since an H100 run of 2026-11-27 timed them at 1.04-1.64x the
+// plain tiles' forward, 1.04-1.34x the whole forward + backward: mcs_conv_cuda_tiles_pipelined.cuh;
+// inputs whose rows are not whole aligned 16-byte vectors take the plain tiles), the plain
+// shared-memory tiles (SFICONV_CUDA_NCHW_KERNEL=tiles) or the row-blocked kernel (=rows), kept
+// selectable so benchmarks and tests compare them on the same build.
 std::string nchw_kernel_choice() {
-  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles", "rows", "tiles-pipelined"});
+  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles-pipelined", "tiles", "rows"});
+}
+bool nchw_kernel_chosen_explicitly() {
+  const char* value = std::getenv("SFICONV_CUDA_NCHW_KERNEL");
+  return value != nullptr && *value != '\0';
 }
 bool nchw_tiles_selected() { return nchw_kernel_choice() != "rows"; }
 
-// The tile kernel's register budget, an experiment for the next GPU run: Nsight Compute found
-// it at 25% occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks
-// the compiler for that many resident blocks (__launch_bounds__: at most 85 or 64 registers a
-// thread), to be timed (bench_mcs.py's cuda-tile-mb3/-mb4 rows) before any becomes the default.
+// The plain tile kernel's register budget, an experiment: Nsight Compute found it at 25%
+// occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks the
+// compiler for that many resident blocks (__launch_bounds__: at most 85 or 64 registers a
+// thread). Timed on an H100 (2026-11-27): 3 level with the uncapped kernel, 4 slower. Setting
+// it selects the plain tiles (unless SFICONV_CUDA_NCHW_KERNEL names another kernel: an error).
 int tile_min_blocks() {
   return std::stoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}));
 }
@@ -379,10 +385,15 @@ bool launch_conv_tiles_pipelined(const at::Tensor& x, const at::Tensor& taps, at
 
 template <typename scalar_t, int K>
 void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
-  if (nchw_kernel_choice() == "tiles-pipelined" &&
-      launch_conv_tiles_pipelined<scalar_t, K>(x, taps, y))
+  const int min_blocks = tile_min_blocks();
+  const bool pipelined = nchw_kernel_choice() == "tiles-pipelined";
+  TORCH_CHECK(min_blocks == 1 || !pipelined || !nchw_kernel_chosen_explicitly(),
+              "mcs_conv CUDA kernel: SFICONV_CUDA_TILE_MIN_BLOCKS=", min_blocks,
+              " caps the plain tile kernel, but SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined asks for "
+              "the double-buffered one");
+  if (pipelined && min_blocks == 1 && launch_conv_tiles_pipelined<scalar_t, K>(x, taps, y))
     return;
-  switch (tile_min_blocks()) {
+  switch (min_blocks) {
     case 3: launch_conv_tiles_mb<scalar_t, K, 3>(x, taps, y); break;
     case 4: launch_conv_tiles_mb<scalar_t, K, 4>(x, taps, y); break;
     default: launch_conv_tiles_mb<scalar_t, K, 1>(x, taps, y);
@@ -435,9 +446,7 @@ void launch_weight_grad(const at::Tensor& g, const at::Tensor& x, at::Tensor& pa
                         int64_t chunks, int64_t chunk_len, int k) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_pixels = x.size(0) * x.size(2) * x.size(3);
-  // This fallback alone puts channels on gridDim.y (the row kernels loop over planes).
-  TORCH_CHECK(x.size(1) <= kMaxGrid, "mcs_conv CUDA kernel: the weight gradient for k = ", k,
-              " in this layout supports at most ", kMaxGrid, " channels, got ", x.size(1));
+  // Channels on gridDim.y: check_weight_grad_grid refused more than kMaxGrid before any work.
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(x.size(1)));
   weight_grad_partials<scalar_t, acc_t, K>
       <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -468,29 +477,59 @@ void launch_weight_grad_rows(const at::Tensor& g, const at::Tensor& x, at::Tenso
 
 // dL/d(effective filter) as [C, k*k] in the accumulation dtype, from per-block partial sums
 // (fixed blocks, so a fixed reduction order: deterministic).
+// Which kernels compute the weight gradient of x with a k x k filter: the row kernels
+// (channels_last or NCHW, k = 3, 5, 7, within the grid limits) or the per-pixel fallback.
+enum class WeightGradPath { kRowsChannelsLast, kRowsNchw, kFallback };
+
+int64_t grad_row_chunks(int64_t h) { return (h + kGradRowsPerBlock - 1) / kGradRowsPerBlock; }
+int64_t cl_column_chunks(int64_t w) {
+  return (w + 8 * kClColumnsPerThread - 1) / (8 * kClColumnsPerThread);
+}
+
+WeightGradPath weight_grad_path(const at::Tensor& x, int k) {
+  if (k != 3 && k != 5 && k != 7) return WeightGradPath::kFallback;
+  const int64_t row_chunks = grad_row_chunks(x.size(2));
+  // channels_last: 32 channel lanes per warp; with fewer channels most lanes would idle, and
+  // the per-pixel kernel reads nearly contiguous memory anyway.
+  if (is_channels_last(x)) {
+    const bool fits = x.size(1) >= 16 && x.size(0) * row_chunks <= kMaxGrid &&
+                      cl_column_chunks(x.size(3)) <= kMaxGrid;
+    return fits ? WeightGradPath::kRowsChannelsLast : WeightGradPath::kFallback;
+  }
+  return row_chunks <= kMaxGrid ? WeightGradPath::kRowsNchw : WeightGradPath::kFallback;
+}
+
+// Called before any allocation or launch: the fallback alone puts channels on gridDim.y (the
+// row kernels loop over planes). Raised from here, outside the dtype dispatch, rather than
+// from inside the launcher: on an H100 (torch 2.11) the same error raised from
+// launch_weight_grad crashed the process (segfault in the autograd thread, 2026-11-27);
+// raised here it unwinds only through frames the other backward errors already take.
+void check_weight_grad_grid(const at::Tensor& x, int k) {
+  TORCH_CHECK(weight_grad_path(x, k) != WeightGradPath::kFallback || x.size(1) <= kMaxGrid,
+              "mcs_conv CUDA kernel: the weight gradient for k = ", k,
+              " in this layout supports at most ", int64_t(kMaxGrid), " channels, got ",
+              x.size(1));
+}
+
 template <typename scalar_t>
 at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto geo = row_geometry(x);
   const int64_t n = x.size(0), channels = x.size(1);
-  const int64_t row_chunks = (geo.h + kGradRowsPerBlock - 1) / kGradRowsPerBlock;
-  const bool fixed_k = k == 3 || k == 5 || k == 7;
-  // channels_last: 32 channel lanes per warp; with fewer channels most lanes would idle, and
-  // the per-pixel kernel below reads nearly contiguous memory anyway.
-  const int64_t cl_column_chunks =
-      (geo.w + 8 * kClColumnsPerThread - 1) / (8 * kClColumnsPerThread);
-  const bool rows_cl = geo.channels_last && channels >= 16 && n * row_chunks <= kMaxGrid &&
-                       cl_column_chunks <= kMaxGrid;
-  const bool rows_nchw = !geo.channels_last && row_chunks <= kMaxGrid;
-  if (fixed_k && (rows_cl || rows_nchw)) {
+  const int64_t row_chunks = grad_row_chunks(geo.h);
+  const auto path = weight_grad_path(x, k);
+  const bool rows_cl = path == WeightGradPath::kRowsChannelsLast;
+  if (path != WeightGradPath::kFallback) {
     dim3 grid, block;
     at::Tensor partials;
     if (rows_cl) {
       block = dim3(32, 8);  // 8 = the column lanes cl_column_chunks counts with
       grid = dim3(static_cast<unsigned>((channels + 31) / 32),
-                  static_cast<unsigned>(cl_column_chunks), static_cast<unsigned>(n * row_chunks));
-      partials = at::empty({n * row_chunks * cl_column_chunks, channels, k * k}, acc_options);
+                  static_cast<unsigned>(cl_column_chunks(geo.w)),
+                  static_cast<unsigned>(n * row_chunks));
+      partials = at::empty({n * row_chunks * cl_column_chunks(geo.w), channels, k * k},
+                           acc_options);
     } else {
       block = dim3(row_threads(geo.w, 128));
       grid = dim3(static_cast<unsigned>((geo.w + block.x - 1) / block.x),
@@ -618,6 +657,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   check_cuda_sizes(x);
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
+  if (need_weight) check_weight_grad_grid(args.x, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
         if (need_x && need_weight && fused_backward_requested() && can_fuse_backward(args.x, k)) {

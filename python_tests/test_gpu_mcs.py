@@ -118,7 +118,8 @@ FUSED_TOLERANCES = {torch.float32: 5e-5, torch.float16: 4e-3, torch.bfloat16: 2e
 # variant -> (environment, patterns of the kernel names its forward and input+weight backward
 # run, as the CUDA profiler reports them).
 NCHW_VARIANTS = {
-    "tiles": ({}, (r"conv_tile_kernel<", r"weight_grad_nchw_kernel<")),
+    "tiles": ({"SFICONV_CUDA_NCHW_KERNEL": "tiles"},
+              (r"conv_tile_kernel<", r"weight_grad_nchw_kernel<")),
     "rows": ({"SFICONV_CUDA_NCHW_KERNEL": "rows"},
              (r"conv_rows_kernel<", r"weight_grad_nchw_kernel<")),
     "rows-fused": ({"SFICONV_CUDA_NCHW_KERNEL": "rows", "SFICONV_CUDA_FUSED_BACKWARD": "1"},
@@ -128,9 +129,9 @@ NCHW_VARIANTS = {
                   (r"conv_tile_kernel_capped<[^>]*, 3>", r"weight_grad_nchw_kernel<")),
     "tiles-mb4": ({"SFICONV_CUDA_TILE_MIN_BLOCKS": "4"},
                   (r"conv_tile_kernel_capped<[^>]*, 4>", r"weight_grad_nchw_kernel<")),
-    # Double-buffered tiles (cp.async), for inputs whose rows are whole aligned 16-byte vectors.
-    "tiles-pipelined": ({"SFICONV_CUDA_NCHW_KERNEL": "tiles-pipelined"},
-                        (r"conv_tile_pipelined_kernel<", r"weight_grad_nchw_kernel<")),
+    # Double-buffered tiles (cp.async), for inputs whose rows are whole aligned 16-byte vectors:
+    # the default (no environment), so the profiler test below checks that the default runs it.
+    "tiles-pipelined": ({}, (r"conv_tile_pipelined_kernel<", r"weight_grad_nchw_kernel<")),
 }
 CUDA_KERNEL_ENV = ("SFICONV_CUDA_NCHW_KERNEL", "SFICONV_CUDA_FUSED_BACKWARD",
                    "SFICONV_CUDA_TILE_MIN_BLOCKS")
@@ -264,6 +265,8 @@ def test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension(layout):
     want = grads("torch", x.double(), weight.double(), g.double(), True)
     for a, b in zip(got, want):
         assert rel_err(a.double(), b) < 4 * TOLERANCES[torch.float32]
+    # Raised from inside the launcher, this error crashed the process on an H100 (segfault in
+    # the autograd thread, 2026-11-27); it is now raised before any work (check_weight_grad_grid).
     with pytest.raises(RuntimeError, match="at most 65535 channels"):
         grads("cuda", x, torch.rand(70000, 1, 9, 9, device="cuda") + 0.5, g, True)
 
@@ -278,3 +281,15 @@ def test_gpu_bad_kernel_choice_is_an_error(monkeypatch, name):
     weight = torch.rand(2, 1, 5, 5, device="cuda", requires_grad=True)
     with pytest.raises(RuntimeError, match=f"{name}=bogus is not one of"):
         ops.mcs_conv(x, weight, backend="cuda").sum().backward()
+
+
+def test_gpu_register_cap_with_the_pipelined_kernel_is_an_error(monkeypatch):
+    # The register cap builds only the plain tile kernel: asked for together with the
+    # double-buffered one, it must say so rather than silently run one of the two.
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined")
+    monkeypatch.setenv("SFICONV_CUDA_TILE_MIN_BLOCKS", "3")
+    x = torch.randn(1, 2, 9, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="caps the plain tile kernel"):
+        ops.mcs_conv(x, torch.rand(2, 1, 5, 5, device="cuda") + 0.5, backend="cuda")
