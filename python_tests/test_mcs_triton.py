@@ -41,6 +41,31 @@ def test_triton_float32_matches_torch(shape, k, constrained, layout):
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_sums_inside_the_clamp_keep_their_sign(layout):
+    # |S| below eps is clamped to eps with S's sign (0 counting as positive): -eps/10 divides
+    # by -eps, +eps/10 by +eps. A kernel that clamped to +eps, or took |S|, fails here.
+    eps = 1e-3
+    weight = torch.rand(6, 1, 3, 3, dtype=torch.float64) + 0.5
+    for c, s in [(1, -eps / 10), (2, eps / 10), (3, -2 * eps), (5, 0.0)]:
+        weight[c] = 0.0
+        weight[c, 0, 0, 0], weight[c, 0, 2, 2] = 1.0, s - 1.0  # off-centre sum exactly s
+    x = torch.randn(1, 6, 5, 7, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(1, 6, 5, 7, device=DEVICE)
+    weight32 = weight.float().to(DEVICE)
+    xr, wr = x.clone().requires_grad_(), weight32.clone().requires_grad_()
+    y = ops.mcs_conv(xr, wr, eps=eps, backend="triton")
+    got = (y,) + torch.autograd.grad(y, (xr, wr), g)
+    xt, wt = x.double().requires_grad_(), weight32.double().requires_grad_()
+    y = ops.mcs_conv(xt, wt, eps=eps, backend="torch")
+    want = (y,) + torch.autograd.grad(y, (xt, wt), g.double())
+    for a, b in zip(got, want):
+        assert rel_err(a.double(), b) < 1e-4
+
+
+@needs_triton
 def test_triton_rejects_float64():
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
