@@ -121,6 +121,45 @@ def test_ffpp_tree_video_ids_and_hold_out_by_video(tmp_path):
     assert [s.path for s in again] == [s.path for s in val]
 
 
+def _flat_ffpp_tree(root, videos=8, frames=2):
+    # Frames extracted flat: every video of a method in one folder, named <video>_<frame>;
+    # fakes swap faces pairwise (000_001 and 001_000), as FaceForensics++ does.
+    for v in range(videos):
+        for f in range(frames):
+            write_image(str(root / "original_sequences" / "youtube" / "c23" / "images"
+                            / f"{v:03d}_{f:04d}.png"))
+            for method in ("Deepfakes", "FaceSwap"):
+                write_image(str(root / "manipulated_sequences" / method / "c23" / "images"
+                                / f"{v:03d}_{v ^ 1:03d}_{f:04d}.png"))
+
+
+def test_ffpp_frames_extracted_flat_are_grouped_by_the_video_their_names_start_with(tmp_path):
+    # One folder as one "video" would hold out a whole method and no real frame at all.
+    _flat_ffpp_tree(tmp_path)
+    samples = load_samples(str(tmp_path))
+    assert len(samples) == 48 and len({s.video for s in samples}) == 24
+    assert {os.path.basename(s.video) for s in samples if s.label == 0} == {
+        f"{v:03d}" for v in range(8)}
+    train, val = hold_out(samples, 0.25, seed=7)
+    assert {s.label for s in val} == {0, 1}
+    assert {s.video for s in train}.isdisjoint({s.video for s in val})
+    # Ids link across methods and to the real video: no face of a held-out video is trained on.
+    ids = lambda part: {i for s in part for i in os.path.basename(s.video).split("_")}
+    assert ids(train).isdisjoint(ids(val))
+
+
+def test_ffpp_folders_that_do_not_name_videos_stay_one_group(tmp_path):
+    # Names that do not read as <video>_<frame> (or a single video's frames) are not guessed at.
+    for name in ("a.png", "b_0001.png"):
+        write_image(str(tmp_path / "original_sequences" / "youtube" / "c23" / "images" / name))
+    for name in ("000_003_0000.png", "000_003_0001.png"):
+        write_image(str(tmp_path / "manipulated_sequences" / "Deepfakes" / "c23" / "images"
+                        / name))
+    videos = {s.video for s in load_samples(str(tmp_path))}
+    assert videos == {os.path.join("original_sequences", "youtube", "c23", "images"),
+                      os.path.join("manipulated_sequences", "Deepfakes", "c23", "images")}
+
+
 def test_unknown_data_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_samples(str(tmp_path / "nope"))

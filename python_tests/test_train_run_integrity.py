@@ -105,6 +105,29 @@ def test_a_run_of_an_earlier_hold_out_split_is_not_resumed(stopped_run, tmp_path
     assert "earlier version of the split" in capsys.readouterr().err
 
 
+def test_a_run_of_a_flat_ffpp_tree_split_before_version_3_is_not_resumed(stopped_run, tmp_path,
+                                                                         capsys):
+    # Version 3 groups frames extracted flat into a FaceForensics++ folder by video; a run
+    # split under version 2 held out whole folders. A tree of per-video folders splits as it did.
+    from test_train_data import _flat_ffpp_tree
+    state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
+    state["holdout_split"] = 2
+    per_video = tmp_path / "per_video"
+    for v in range(2):
+        write_image(str(per_video / "original_sequences" / "c23" / f"{v:03d}" / "0.png"), 32)
+        write_image(str(per_video / "manipulated_sequences" / "c23" / f"{v:03d}_00{1 - v}"
+                        / "0.png"), 32)
+    state["config"]["data"] = str(per_video)
+    _check_resumable(state, "old_last.pt", dict(state["config"]))
+    flat = tmp_path / "flat"
+    _flat_ffpp_tree(flat, videos=2, frames=1)
+    state["config"]["data"] = str(flat)
+    old = tmp_path / "old_last.pt"
+    torch.save(state, old)
+    assert main(["train", "--resume", str(old), "--out", str(tmp_path / "resumed")]) == 2
+    assert "earlier version of the split" in capsys.readouterr().err
+
+
 def test_progress_is_this_invocations_choice_not_the_runs(stopped_run, tmp_path):
     state, _ = ckpt.load_file(str(stopped_run / "run" / "last.pt"))
     assert "progress" not in state["config"]

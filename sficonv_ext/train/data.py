@@ -82,7 +82,22 @@ def read_list_file(path):
 
 # The version of what hold_out groups (recorded in checkpoints: a resumed run must hold out
 # the same images). 2: frames in subfolders of real/ and fake/ are grouped by their folder.
-HOLDOUT_VERSION = 2
+# 3: frames extracted flat into one folder of a FaceForensics++ tree are grouped by the video
+# their file names start with (_ffpp_videos), no longer as one video per folder.
+HOLDOUT_VERSION = 3
+
+
+def holdout_changed_since(version, data):
+    """Whether hold_out of ``data`` (a DATA path, not builtin) holds out other images now than
+    under hold-out ``version`` (None: a run from before versions were recorded)."""
+    version = version or 1
+    kind = describe_kind(data)
+    if kind == "real_fake" and version < 2:
+        return any(s.video for s in load_samples(data))
+    if kind == "ffpp" and version < 3:
+        # Videos named from file names are the only ones that are not folders.
+        return any(not os.path.isdir(os.path.join(data, s.video)) for s in load_samples(data))
+    return False
 
 
 def _real_fake_folder(path):
@@ -109,12 +124,43 @@ def _ffpp_tree(path):
         sub = os.path.join(path, name)
         if not os.path.isdir(sub):
             continue
+        frames = defaultdict(list)  # folder -> its images, in order
         for image in images_under(sub):
-            video = os.path.relpath(os.path.dirname(image), path)
-            if "masks" in video.split(os.sep):
+            folder = os.path.relpath(os.path.dirname(image), path)
+            if "masks" in folder.split(os.sep):
                 continue  # the manipulation masks some releases include: not frames
-            samples.append(Sample(image, label, video))
+            frames[folder].append(image)
+        for folder, images in frames.items():
+            samples += [Sample(image, label, video)
+                        for image, video in zip(images, _ffpp_videos(folder, images))]
     return samples
+
+
+def _is_ffpp_video_name(name):
+    """Whether ``name`` reads as a FaceForensics++ video: ``000``, ``000_003``, or
+    DeepFakeDetection's ``01_02__scene``."""
+    ids = name.split("__", 1)[0].split("_")
+    return all(part.isdigit() for part in ids)
+
+
+def _ffpp_videos(folder, images):
+    """The video of each image in ``folder``. A folder per video (named ``000``,
+    ``000_003``, ...) is the video. Frames extracted flat, many videos to a folder
+    (``c23/images/000_003_0012.png``), would make the folder one huge "video": a hold-out
+    would then take a whole manipulation method and no real frame at all. Those are grouped
+    by the video their names start with (the name less its trailing ``_<frame>``) when every
+    name parses so and there are at least two."""
+    if _is_ffpp_video_name(os.path.basename(folder)):
+        return [folder] * len(images)
+    prefixes = []
+    for image in images:
+        stem, _, frame = os.path.splitext(os.path.basename(image))[0].rpartition("_")
+        if not (frame.isdigit() and stem and _is_ffpp_video_name(stem)):
+            return [folder] * len(images)
+        prefixes.append(stem)
+    if len(set(prefixes)) < 2:
+        return [folder] * len(images)
+    return [os.path.join(folder, prefix) for prefix in prefixes]
 
 
 def describe_kind(path):

@@ -16,7 +16,7 @@ from .architectures import build_model
 from .config import (BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, PATH_OPTIONS,
                      absolute_path_option, convert)
 from .cpu_memory import cpu_malloc
-from .data import HOLDOUT_VERSION, class_counts, describe_kind, load_samples
+from .data import HOLDOUT_VERSION, class_counts, holdout_changed_since
 from .errors import DataError, NonFiniteError, UserError
 from .evaluation import ScoringSet, default_workers, failure_message, metrics_of
 from .images import ImageDataset, collate
@@ -262,11 +262,9 @@ def _check_resumable(state, path, cfg):
     if cfg.get("data") == "builtin":
         builtin_data.check_split_version(state.get("builtin_split"), path, "resume it")
     elif (cfg.get("val_data") is None and state.get("holdout_split") != HOLDOUT_VERSION
-          and describe_kind(cfg["data"]) == "real_fake"
-          and any(s.video for s in load_samples(cfg["data"]))):
-        # Version 2 grouped the frames in real/ and fake/ subfolders: an earlier run's split
-        # of such a folder held out other images (a folder without subfolders splits as it
-        # did).
+          and holdout_changed_since(state.get("holdout_split"), cfg["data"])):
+        # Only data whose split changed is refused (a folder without subfolders, or a
+        # FaceForensics++ tree of per-video folders, splits as it did).
         raise UserError(f"{path} held out its validation images from {cfg['data']} with an "
                         f"earlier version of the split, which would now hold out other images "
                         f"(some it trained on): it cannot be resumed; train a new run")
