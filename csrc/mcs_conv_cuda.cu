@@ -20,6 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -42,6 +44,7 @@ constexpr int kRowBlock = 8;        // output rows per thread in the row-blocked
 constexpr int kGradRowsPerBlock = 32;  // rows each weight-gradient block reduces
 constexpr int kMaxGrid = 65535;     // gridDim.y and gridDim.z limit
 constexpr int kClColumnsPerThread = 2;  // columns each channels_last weight-gradient thread sums
+constexpr int kMaxCachedDevices = 64;   // devices whose launch limits are remembered
 
 template <typename scalar_t, typename acc_t>
 __global__ void taps_kernel(const scalar_t* __restrict__ weight, acc_t* __restrict__ taps,
@@ -353,14 +356,21 @@ void launch_conv_tiles_pipelined_k(const at::Tensor& x, const at::Tensor& taps, 
   using T = tiles::Tile<K, TX>;
   using P = tiles::PipelinedTile<scalar_t, K, TX>;
   auto kernel = tiles::conv_tile_pipelined_kernel<scalar_t, acc_t, K, TX>;
-  int per_sm = 0, sms = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                               tiles::kTileThreads,
-                                                               P::shared_bytes));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
+  // Blocks of this kernel the device holds at once: two driver queries, made once per device
+  // (this instantiation is one kernel), not on every call.
+  static std::array<std::atomic<int64_t>, kMaxCachedDevices> resident_on{};  // 0: not asked yet
+  const int device = c10::cuda::current_device();
+  int64_t resident = device < kMaxCachedDevices ? resident_on[device].load() : 0;
+  if (resident == 0) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                                 tiles::kTileThreads,
+                                                                 P::shared_bytes));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sms, 1);
+    if (device < kMaxCachedDevices) resident_on[device].store(resident);
+  }
   const dim3 full = tile_launch_grid(geo, TX, T::rows);  // gridDim.y = min(planes, kMaxGrid)
-  const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * std::max(sms, 1);
   // Rounded down: one block more than fits would make a second wave as long as the first
   // (every block loops over planes / gridDim.y planes).
   const int64_t planes_at_once = std::max<int64_t>(resident / full.x, 1);
