@@ -63,7 +63,8 @@ def test_fused_matches_composition_float32(shape, layout, constrained, bias):
     assert len(got) == len(want)
     for a, e in zip(got, want):
         assert rel_err(a.double(), e) < 1e-5
-    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    # The output in the layout the composed path gives (NCHW input once came back channels_last).
+    assert got[0].stride() == want[0].stride(), layout
 
 
 def test_composition_matches_published_layer_float64():

@@ -103,3 +103,16 @@ def test_triton_second_derivatives_follow_the_pytorch_path():
         results.append(torch.autograd.grad(gx.sum() + (gw ** 2).sum(), (xr, wr)))
     for got, expect in zip(*results):
         assert expect.abs().max() > 0 and rel_err(got, expect) < 1e-5
+
+
+@needs_triton
+def test_triton_nan_filter_tap_makes_its_channel_nan_as_in_the_other_backends():
+    # A diverged filter must show in the output, not be clamped or masked away: every output
+    # of that channel is NaN (padding multiplies the NaN tap too), the other channel finite.
+    weight = torch.rand(2, 1, 3, 3, device=DEVICE) + 0.5
+    weight[1, 0, 0, 0] = float("nan")
+    x = torch.randn(1, 2, 4, 5, device=DEVICE)
+    got = ops.mcs_conv(x, weight, backend="triton")
+    want = ops.mcs_conv(x, weight, backend="torch")
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isnan(got[0, 1]).all() and not torch.isnan(got[0, 0]).any()

@@ -138,3 +138,50 @@ def test_gpu_triton_epilogue_matches_batchnorm(dtype, shape):
     want = run(bn_ref, x.double(), r.double(), False, g.double() * mask, "torch")
     for a, e in zip(got[1:], want[1:]):
         assert rel_err(a.double(), e.double()) < GPU_TOLERANCES[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_a_nan_reaches_the_output_through_every_epilogue(backend):
+    # One NaN makes its channel's batch statistics NaN: the whole channel must come out NaN
+    # (Triton's tl.maximum once turned it into ReLU's 0, hiding a diverged run).
+    if backend == "cpp" and not ops.backends()["cpp"]:
+        pytest.skip("C++ extension not built")
+    device = "cpu" if backend == "cpp" else DEVICE
+    x = torch.randn(2, 3, 4, 5, device=device).contiguous(memory_format=torch.channels_last)
+    x[1, 1, 2, 3] = float("nan")
+    bn = make_bn(3, device=device)
+    y = ops.batch_norm_act(x, bn, None, True, backend=backend)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("x_channels,bn_channels", [(1, 4), (3, 1)])
+def test_a_batchnorm_of_another_channel_count_is_refused_before_anything_changes(
+        backend, x_channels, bn_channels):
+    # Broadcasting once ran a 1-channel input through a 4-channel BatchNorm's first parameters
+    # and wrote its statistics into all four running means, with no error.
+    if backend == "cpp" and not ops.backends()["cpp"]:
+        pytest.skip("C++ extension not built")
+    device = "cpu" if backend == "cpp" else DEVICE
+    bn = make_bn(bn_channels, device=device)
+    before = copy.deepcopy(bn.state_dict())
+    x = torch.randn(2, x_channels, 4, 5, device=device)
+    with pytest.raises(ValueError, match="channels"):
+        ops.batch_norm_act(x, bn, None, True, backend=backend)
+    after = bn.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_triton_epilogue_returns_the_inputs_layout(layout):
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bn = make_bn(3)
+    want = ops.batch_norm_act(x, copy.deepcopy(bn), None, True, backend="torch")
+    got = ops.batch_norm_act(x, bn, None, True, backend="triton")
+    assert got.stride() == want.stride()
+    assert rel_err(got.double(), want.double()) < 1e-5

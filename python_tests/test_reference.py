@@ -62,3 +62,32 @@ def test_forward_shapes_all_depths():
     for depth in (26, 50):
         out = reference.PublishedTrainingWrapper(depth)(torch.randn(2, 3, 64, 64))
         assert out.shape == (2, 2)
+
+
+def test_constraint_ignores_a_non_finite_centre_tap():
+    # The centre is replaced by -1, never read: an inf there once made the channel NaN (inf * 0).
+    w = torch.rand(2, 1, 5, 5, dtype=torch.float64) + 0.5
+    w[0, 0, 2, 2] = float("inf")
+    w[1, 0, 2, 2] = float("nan")
+    c = reference.constrain_mcs_weight(w)
+    finite = w.clone()
+    finite[:, 0, 2, 2] = 7.0
+    assert torch.equal(c, reference.constrain_mcs_weight(finite))
+
+
+def test_constraint_gradient_passes_through_a_sum_exactly_at_eps():
+    # |S| == eps is outside the clamp, as the kernels' comparisons have it (csrc clamp_sum,
+    # mcs_torch.constraint_backward): the gradient flows through S there. torch.clamp's own
+    # gradient at its bound is 0 in torch 2.14, which made the reference disagree at exactly +-eps.
+    from sficonv_ext.ops.mcs_torch import constraint_backward
+    eps = 0.25
+    for s in (eps, -eps):
+        w = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+        w[0, 0, 0, 0], w[0, 0, 2, 2] = 1.0 + s, -1.0  # off-centre sum exactly s
+        w[0, 0, 1, 2] = 0.5
+        w[0, 0, 2, 1] = -0.5
+        w.requires_grad_()
+        g = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+        (reference.constrain_mcs_weight(w, eps) * g).sum().backward()
+        want = constraint_backward(g.reshape(1, 9), w.detach(), True, eps)
+        assert torch.allclose(w.grad, want, rtol=1e-12, atol=1e-12), s

@@ -78,8 +78,11 @@ def first_sfi_conv_triton(x: torch.Tensor, weight: torch.Tensor, mcs_weight: tor
                           eps: float) -> torch.Tensor:
     n, cin, h, w = x.shape
     cout = weight.shape[0]
+    # The output takes x's layout, as the composed path's convolutions give it (the kernel
+    # writes through y's strides).
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     y = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if y.numel() == 0:
         return y
     block_r, block_q = _patch(cin)

@@ -50,7 +50,10 @@ def _mcs_conv_kernel(x_ptr, w_ptr, y_ptr, C, H, W,
         taps = tl.load(w_base + t, mask=(t < kk) & (t != centre), other=0.0).to(tl.float32)
         s = tl.sum(taps, axis=0)
         # float32 whatever eps arrives as (inductor passes Python floats as float64)
-        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
+        # csrc's clamp_sum, comparison for comparison (a NaN sum stays NaN, where tl.minimum
+        # may drop it on a GPU)
+        scale = tl.where(s >= 0, tl.where(s < eps, eps, s),
+                         tl.where(s > -eps, -eps, s)).to(tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     x_base = x_ptr + n * sxn + c * sxc
     for a in tl.static_range(K):

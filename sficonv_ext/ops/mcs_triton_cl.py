@@ -42,7 +42,10 @@ def depthwise_patch(x_base, w_row, rows, cols, cmask, H, W, sxh, sxw, eps,
         taps = tl.load(w_row + t, mask=(t < kk) & (t != centre) & cmask, other=0.0)
         s = tl.sum(taps.to(tl.float32), axis=0)[None, :]
         # float32 whatever eps arrives as (inductor passes Python floats as float64)
-        scale = tl.where(s >= 0, tl.maximum(s, eps), tl.minimum(s, -eps)).to(tl.float32)
+        # csrc's clamp_sum, comparison for comparison (a NaN sum stays NaN, where tl.minimum
+        # may drop it on a GPU)
+        scale = tl.where(s >= 0, tl.where(s < eps, eps, s),
+                         tl.where(s > -eps, -eps, s)).to(tl.float32)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for a in tl.static_range(K):
         r = rows + (a - pad)

@@ -116,6 +116,14 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
         raise ValueError("batch_norm_act backend='triton' needs Triton, an affine BatchNorm "
                          "with running statistics and a non-empty float32/float16/bfloat16 4-D "
                          f"input ({TRITON_DEVICE_HINT})")
+    channels = x.shape[1]
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        param = getattr(bn, name)
+        if param is not None and tuple(param.shape) != (channels,):
+            # Broadcasting would otherwise run a 1-channel BatchNorm's parameters over every
+            # channel (or every channel's statistics into one), with no error.
+            raise ValueError(f"batch_norm_act: the BatchNorm's {name} has shape "
+                             f"{tuple(param.shape)}, but x has {channels} channels")
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
@@ -130,6 +138,7 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
                         f"parameters)")
     if residual is not None:
         residual = residual.to(x.dtype)
+    nchw_in = x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
     if path == "cpp":
         op = torch.ops.sficonv_ext.batch_norm_act_forward
     else:
@@ -139,4 +148,6 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
             residual = residual.contiguous(memory_format=torch.channels_last)
     y, mean, var = op(x, bn.weight, bn.bias, residual, relu, float(bn.eps))
     _update_running_stats(bn, mean.detach(), var.detach(), x.numel() // x.shape[1])
+    if path == "triton" and nchw_in:
+        y = y.contiguous()  # the Triton kernels work in channels_last; the caller's layout back
     return y

@@ -57,7 +57,7 @@ def _apply_kernel(x_ptr, res_ptr, scale_ptr, shift_ptr, y_ptr, M, C,
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0, 0.0, y)  # not tl.maximum, which turns NaN into 0 (F.relu keeps it)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -11,8 +11,17 @@ def constrain_mcs_weight(weight, eps=1e-6):
     """
     k = weight.shape[-1]
     centre = k // 2
-    off_centre = torch.ones_like(weight)
-    off_centre[:, :, centre, centre] = 0
-    sums = (weight * off_centre).sum(dim=(1, 2, 3), keepdim=True)
-    sums = torch.where(sums >= 0, sums.clamp(min=eps), sums.clamp(max=-eps))
-    return weight * off_centre / sums - (1 - off_centre)
+    off_centre = torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    off_centre[:, :, centre, centre] = False
+    # Selected, not multiplied by a 0/1 mask: the raw centre tap is never used, so an inf or
+    # NaN there must not turn the channel into NaN (inf * 0), as the kernels never read it.
+    taps = torch.where(off_centre, weight, torch.zeros((), dtype=weight.dtype,
+                                                       device=weight.device))
+    sums = taps.sum(dim=(1, 2, 3), keepdim=True)
+    # The clamp as comparisons, as the kernels make them: the gradient passes through S where
+    # |S| >= eps (at |S| == eps too; torch.clamp's own rule at its bound has changed between
+    # versions), and a NaN sum stays NaN.
+    sums = torch.where(sums >= 0, torch.where(sums < eps, eps, sums),
+                       torch.where(sums > -eps, -eps, sums))
+    return torch.where(off_centre, taps / sums, -torch.ones((), dtype=weight.dtype,
+                                                            device=weight.device))
