@@ -364,3 +364,21 @@ def test_builtin_validation_split_does_not_depend_on_the_set_size():
     assert 0.15 < len(large) / 2000 < 0.25
     tiny = builtin_data.validation_indices(8)
     assert {i % 2 for i in tiny} == {0, 1}  # both classes even in the smallest set
+
+
+def test_a_run_of_unreadable_images_counts_each_once(tmp_path):
+    # Three unreadable images in a row: each fails as its own sample and again while standing
+    # in for the one before it; only the first counts (the count was once 3 + 2 + 1 = 6).
+    from sficonv_ext.train.images import ImageDataset, collate
+    samples = []
+    for i in range(3):
+        bad = tmp_path / f"bad{i}.png"
+        bad.write_bytes(b"not an image")
+        samples.append(Sample(str(bad), 0))
+    for i in range(3):
+        write_image(str(tmp_path / f"good{i}.png"), 16, seed=i)
+        samples.append(Sample(str(tmp_path / f"good{i}.png"), 1))
+    data = ImageDataset(samples, lambda image, rng: torch.zeros(3, 2, 2), substitute=True)
+    batch = collate([data[i] for i in range(len(samples))])
+    assert len(batch.labels) == 6
+    assert sorted(f.path for f in batch.failures if f.requested) == [s.path for s in samples[:3]]

@@ -10,6 +10,7 @@ import yaml
 from sficonv_ext.train import checkpoint as ckpt
 from sficonv_ext.train.cli import main
 from sficonv_ext.train.config import resolve
+from sficonv_ext.train.errors import UserError
 from sficonv_ext.train.trainer import _check_resumable, resolve_run_config
 from test_train_support import FAST, real_fake_folder, write_image
 
@@ -152,3 +153,50 @@ def test_a_negative_seed_is_refused_like_any_bad_option(capsys):
         main(["train", "--data", "builtin", "--out", "x", "--seed", "-1"])
     assert exited.value.code == 2
     assert "must be 0 or more" in capsys.readouterr().err
+
+
+def test_a_run_stopped_inside_the_last_asked_epoch_is_not_resumed_to_end_there():
+    # Stopped after step 1 of epoch 2: resuming with --epochs 1 would run nothing and report a
+    # model trained one step into epoch 2 as epoch 1's.
+    state = {"progress": {"epoch": 1, "step": 1}}
+    cfg = {"epochs": 1, "data": "data", "val_data": "val"}  # no split to check
+    with pytest.raises(UserError, match="stopped inside epoch 2 .*give --epochs 2 or more"):
+        _check_resumable(state, "last.pt", cfg)
+    _check_resumable({"progress": {"epoch": 1, "step": 0}}, "last.pt", cfg)  # epoch 1 done
+
+
+def test_a_resume_with_more_epochs_takes_the_new_schedules_rate_from_its_first_step(
+        stopped_run, tmp_path, monkeypatch):
+    # The optimizer's saved rate is the old schedule's: the first resumed step once ran at the
+    # finished cosine schedule's 0.
+    import shutil
+
+    from sficonv_ext.train import loop, schedules
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run / "run", run)
+    seen = []
+    apply = loop.apply_update
+
+    def record(optimizer, scaler, scheduler):
+        seen.append((scheduler.last_epoch, optimizer.param_groups[0]["lr"]))
+        apply(optimizer, scaler, scheduler)
+    monkeypatch.setattr(loop, "apply_update", record)
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--no-progress"]) == 0
+    state, _ = ckpt.load_file(str(run / "last.pt"))
+    cfg, per_epoch = state["config"], state["progress"]["steps_per_epoch"]
+    factor = schedules.lr_factor(cfg["lr_schedule"], per_epoch, per_epoch * 3)
+    assert seen and seen[0][0] == per_epoch  # the first resumed step is epoch 2's first
+    for step, lr in seen:
+        assert lr == pytest.approx(cfg["lr"] * factor(step), rel=1e-12), step
+
+
+def test_a_resume_naming_its_folder_through_a_link_resumes_there(stopped_run, tmp_path):
+    # The run's own folder through a link once counted as another folder: refused, and with
+    # --overwrite its checkpoints and log were deleted before the resume read them.
+    import shutil
+    shutil.copytree(stopped_run / "run", tmp_path / "runs" / "S")
+    os.symlink(tmp_path / "runs", tmp_path / "link")
+    log_before = (tmp_path / "runs" / "S" / "train.log").read_text()
+    assert main(["train", "--resume", str(tmp_path / "link" / "S"), "--out",
+                 str(tmp_path / "runs" / "S"), "--epochs", "2", "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "S" / "train.log").read_text().startswith(log_before)

@@ -1,6 +1,6 @@
 """Reading images for a DataLoader, with unreadable files skipped and counted (or fatal with
 ``strict``)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,6 +55,9 @@ class Failure:
     index: int
     path: str
     reason: str
+    # False for an image that failed while standing in for an unreadable one: that image is
+    # requested (and counted) as its own sample too.
+    requested: bool = True
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -98,7 +101,7 @@ class ImageDataset(torch.utils.data.Dataset):
             item = self._load((index + attempt) % len(self.samples), epoch)
             if not isinstance(item, Failure):
                 return (*item, failures)
-            failures.append(item)
+            failures.append(item if attempt == 0 else replace(item, requested=False))
         if self.substitute:
             raise UnreadableImageError(
                 f"{len(failures)} unreadable images in a row from {failures[0].path}: "

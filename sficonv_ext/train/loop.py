@@ -85,8 +85,11 @@ def train_epoch(run, epoch, start_step, totals, on_step):
         loss_sum, images, skipped = 0.0, 0, 0
         for micro in range(plan.accum_steps):
             batch = next(batches)
-            skipped += len(batch.failures)
-            failures_seen += [f.path for f in batch.failures]
+            # Each unreadable image once, as the sample it was requested as (a run of unreadable
+            # images fails again while standing in for the one before it).
+            own = [f.path for f in batch.failures if f.requested]
+            skipped += len(own)
+            failures_seen += own
             x = to_device(batch.images, ctx.device, cfg["channels_last"])
             y = batch.labels.to(ctx.device, non_blocking=True)
             sync = (micro == plan.accum_steps - 1) or not ctx.distributed

@@ -24,7 +24,8 @@ def _builtin(cfg, ctx, log):
 
 
 def training_sets(cfg, ctx, log):
-    """``(train, val)`` sample lists for ``sficonv train``."""
+    """``(train, val, missing_train, missing_val)``: the sample lists for ``sficonv train`` and
+    how many of each named an image that is not there (dropped from the lists)."""
     if cfg["data"] == "builtin":
         train_list, val_list = _builtin(cfg, ctx, log)
         train = read_list_file(train_list)
@@ -44,7 +45,7 @@ def training_sets(cfg, ctx, log):
         val = evaluation_set(cfg["val_data"], cfg, ctx, log)
     train, missing_train = drop_missing(train, cfg["strict"], log)
     val, missing_val = drop_missing(val, cfg["strict"], log)
-    return train, val, missing_train + missing_val
+    return train, val, missing_train, missing_val
 
 
 def evaluation_set(spec, cfg, ctx, log):

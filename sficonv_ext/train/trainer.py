@@ -101,6 +101,7 @@ class Run:
         self.cfg, self.ctx, self.reporter = cfg, ctx, reporter
         self.global_step = 0
         self.history, self.best = [], None
+        self.missing_val = 0  # validation images named but not there (see validate)
 
     # -- set-up -------------------------------------------------------------------------------
     def build(self, train_samples):
@@ -191,6 +192,13 @@ class Run:
         ckpt.load_into(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The optimizer kept the old schedule's rate: with another --epochs the next step must
+        # take this schedule's rate at the step reached (the same number when nothing changed).
+        step_reached = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step_reached)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.global_step = progress["global_step"]
@@ -202,6 +210,9 @@ class Run:
         bar = self.progress_bar(total=val_set.local_images, desc=f"validate {epoch + 1}")
         scored = val_set.run(self.model, self.cfg["amp"], self.cfg["channels_last"], bar)
         metrics = metrics_of(scored, val_samples)
+        # Validation images named but not there were dropped before scoring: counted, as eval
+        # counts them.
+        metrics["skipped"] += self.missing_val
         warning = failure_message([f[1] for f in scored["failures"]])
         if warning:
             self.reporter.log(warning)
@@ -255,10 +266,15 @@ def resolve_run_config(cfg, explicit):
 
 def _check_resumable(state, path, cfg):
     """Refuse a resume that would not continue the same run (before anything is written)."""
-    done = state["progress"]["epoch"]
+    done, step = state["progress"]["epoch"], state["progress"]["step"]
     if done > cfg["epochs"]:
         raise UserError(f"{path} has trained {done} epochs, more than --epochs {cfg['epochs']}: "
                         f"give --epochs {done} or more")
+    if done == cfg["epochs"] and step > 0:
+        # Stopped inside epoch done + 1: ending at --epochs done would report a model trained
+        # part of an epoch further as epoch done's.
+        raise UserError(f"{path} stopped inside epoch {done + 1} (step {step}), after "
+                        f"--epochs {cfg['epochs']}: give --epochs {done + 1} or more")
     if cfg.get("data") == "builtin":
         builtin_data.check_split_version(state.get("builtin_split"), path, "resume it")
     elif (cfg.get("val_data") is None and state.get("holdout_split") != HOLDOUT_VERSION
@@ -285,8 +301,10 @@ def train(cfg, explicit):
 
 def _train(cfg, ctx, resume_state, resume_path, malloc_note):
     out = cfg["out"]
-    resuming_here = resume_path is not None and (os.path.abspath(os.path.dirname(resume_path))
-                                                 == os.path.abspath(out))
+    # realpath: the run's own folder named through a link must not count as another folder
+    # (--overwrite would then delete the checkpoints being resumed).
+    resuming_here = resume_path is not None and (os.path.realpath(os.path.dirname(resume_path))
+                                                 == os.path.realpath(out))
     _agree(ctx, lambda: output_folder.prepare(out, resuming_here, cfg["overwrite"]))
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, tensorboard=True)
@@ -300,7 +318,7 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
                           output_folder.CONFIG_HEADER + "\n" + yaml.safe_dump(saved,
                                                                               sort_keys=True))
     try:
-        train_samples, val_samples, _ = training_sets(cfg, ctx, log)
+        train_samples, val_samples, _, missing_val = training_sets(cfg, ctx, log)
         if not train_samples:
             raise DataError(f"the training set from {cfg['data']} is empty: no images to train "
                             f"on")
@@ -312,6 +330,7 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
                             f"{'real' if not real else 'fake'} images ({real} real, {fake} "
                             f"fake): a detector needs both (label 0 real, 1 fake)")
         run = Run(cfg, ctx, reporter)
+        run.missing_val = missing_val
         run.build(train_samples)
         epoch, start_step, totals = 0, 0, EpochTotals()
         if resume_state is not None:
@@ -402,8 +421,12 @@ def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):
         failures = train_epoch(run, epoch, start_step, totals, lambda s: on_step(epoch, s))
         seconds = time.perf_counter() - started
         if totals.skipped:
-            log(failure_message(failures) if failures else
-                f"warning: skipped {totals.skipped} unreadable image(s) in epoch {epoch + 1}")
+            # The epoch's count (history.csv's), even when this process saw only the part of
+            # the epoch since a resume; the paths it saw as examples.
+            shown = f": {', '.join(failures[:3])}{' ...' if len(failures) > 3 else ''}" \
+                if failures else ""
+            log(f"warning: skipped {totals.skipped} unreadable or too small image(s) in epoch "
+                f"{epoch + 1}{shown}")
         row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
                "train_loss": totals.mean_loss, "train_images": totals.images,
                "skipped": totals.skipped, "seconds": round(seconds, 3),
