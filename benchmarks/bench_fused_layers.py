@@ -126,8 +126,10 @@ def time_paths(paths, call, inputs, trainable_inputs, grad, args, measure, param
             with torch.no_grad():
                 samples[path]["forward"].append(
                     measure(lambda: call(path, *inputs), warmup, args.iters))
+            # allow_unused: the plain convolution never reads a learnable MCS filter.
             samples[path]["forward_backward"].append(measure(
-                lambda: torch.autograd.grad(call(path, *trainable_inputs), leaves, grad),
+                lambda: torch.autograd.grad(call(path, *trainable_inputs), leaves, grad,
+                                            allow_unused=True),
                 warmup, args.iters))
     return {path: {phase: statistics.median(values) for phase, values in phases.items()}
             for path, phases in samples.items()}
@@ -144,7 +146,22 @@ def main(argv=None):
     device = torch.device(args.device)
     with contextlib.ExitStack() as stack:
         set_malloc(args.malloc, stack)
+        if device.type == "cuda":
+            # float32 compared in float32 on both sides: the fused Triton layer computes in
+            # IEEE float32, and cuDNN would otherwise round the composed path's products to
+            # TF32 (PyTorch's default), a cheaper product (bfloat16 rows are not affected).
+            stack.enter_context(_no_tf32())
         run(args, device)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def run(args, device):

@@ -157,7 +157,7 @@ def main(argv=None):
 
 
 def measure_group(shape, dtype, layout, device, measure, args):
-    """``(copy seconds, {backend: {phase: [seconds per round]}})`` for one shape, dtype and
+    """``(copy seconds per round, {backend: {phase: [seconds per round]}})`` for one shape, dtype and
     layout: the copy and the backends take turns round by round, so a slow spell of a shared
     machine hits them alike instead of one backend's block."""
     src = torch.randn(shape, device=device).to(dtype)
@@ -170,8 +170,33 @@ def measure_group(shape, dtype, layout, device, measure, args):
                                args)
             for phase, seconds in times.items():
                 samples.setdefault(backend, {}).setdefault(phase, []).append(seconds)
-    # The copy's best round: its rate moved by up to 29% between groups of one run.
-    return min(copies), samples
+    return copies, samples
+
+
+def _group_rows(shape_text, shape, dtype_name, layout, copy_s, samples):
+    """The table rows of one shape, dtype and layout, against a copy taking ``copy_s``."""
+    numel = torch.Size(shape).numel()
+    bytes_per = torch.finfo(DTYPES[dtype_name]).bits // 8
+    copy_gbs = 2 * numel * bytes_per / copy_s / 1e9
+    rows = []
+    min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3, "forward_backward": 5}
+    results = {}
+    for backend, phases in samples.items():
+        results[backend] = {phase: statistics.median(v) for phase, v in phases.items()}
+        # The issue's training figure: one forward and one backward, learnable weight.
+        if "forward" in phases and "backward_xw" in phases:
+            results[backend]["forward_backward"] = (results[backend]["forward"]
+                                                    + results[backend]["backward_xw"])
+    for backend, times in results.items():
+        for phase, seconds in times.items():
+            gbs = min_bytes[phase] * numel * bytes_per / seconds / 1e9
+            rows.append({"shape": shape_text, "dtype": dtype_name, "layout": layout,
+                         "backend": backend,
+                         "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
+                         "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
+                         "speedup_vs_torch": results["torch"][phase] / seconds,
+                         "round_ms": [v * 1e3 for v in samples[backend].get(phase, [])]})
+    return rows
 
 
 def run(args):
@@ -184,7 +209,7 @@ def run(args):
     out = result_path(args.json, f"mcs_{device.type}.json")
 
     def save(complete):
-        # Rewritten after every shape/dtype/layout group, so a run cut short (scripts/gpu_check.sh
+        # Rewritten after every shape and dtype, so a run cut short (scripts/gpu_check.sh
         # gives this step a time limit) keeps what it measured.
         write_json(out, {"benchmark": "bench_mcs", "complete": complete, "settings": vars(args),
                          "machine": machine_info(device), "load_average_at_start": load_at_start,
@@ -192,29 +217,16 @@ def run(args):
 
     for shape_text in shapes:
         shape = tuple(int(v) for v in shape_text.split("x"))
-        for dtype_name, layout in [(d, l) for d in dtypes for l in args.layouts]:
+        for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            numel = torch.Size(shape).numel()
-            bytes_per = torch.finfo(dtype).bits // 8
-            copy_s, samples = measure_group(shape, dtype, layout, device, measure, args)
-            copy_gbs = 2 * numel * bytes_per / copy_s / 1e9
-            min_bytes = {"forward": 2, "backward_x": 2, "backward_xw": 3, "forward_backward": 5}
-            results = {}
-            for backend, phases in samples.items():
-                results[backend] = {phase: statistics.median(v) for phase, v in phases.items()}
-                # The issue's training figure: one forward and one backward, learnable weight.
-                if "forward" in phases and "backward_xw" in phases:
-                    results[backend]["forward_backward"] = (results[backend]["forward"]
-                                                            + results[backend]["backward_xw"])
-            for backend, times in results.items():
-                for phase, seconds in times.items():
-                    gbs = min_bytes[phase] * numel * bytes_per / seconds / 1e9
-                    rows.append({"shape": shape_text, "dtype": dtype_name, "layout": layout,
-                                 "backend": backend,
-                                 "phase": phase, "ms": seconds * 1e3, "GB/s": gbs,
-                                 "pct_copy_bw": 100 * gbs / copy_gbs, "copy_GB/s": copy_gbs,
-                                 "speedup_vs_torch": results["torch"][phase] / seconds,
-                                 "round_ms": [v * 1e3 for v in samples[backend].get(phase, [])]})
+            groups = {layout: measure_group(shape, dtype, layout, device, measure, args)
+                      for layout in args.layouts}
+            # One copy rate per shape and dtype (the copy reads and writes the same NCHW tensor
+            # whatever the layout): its best round over every layout's group, the highest rate
+            # and so the strictest denominator (it moved by up to 29% between groups of a run).
+            copy_s = min(s for copies, _ in groups.values() for s in copies)
+            for layout, (_, samples) in groups.items():
+                rows += _group_rows(shape_text, shape, dtype_name, layout, copy_s, samples)
             save(complete=False)
     header = (f"{'shape':>14} {'dtype':>8} {'layout':>13} {'backend':>14} {'phase':>16} "
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")

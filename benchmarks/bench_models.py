@@ -94,6 +94,7 @@ def make_steps(variant, x, target, args):
                 loss = torch.nn.functional.cross_entropy(model(x), target)
             loss.backward()
             opt.step()
+        train.release = lambda: opt.zero_grad(set_to_none=True)
         steps["train"] = train
 
     def infer():
@@ -104,11 +105,15 @@ def make_steps(variant, x, target, args):
     return steps
 
 
-def peak_step_memory(fn, device):
+def peak_step_memory(fn, device, release=None):
     """Bytes a call of ``fn`` allocates above what was allocated before it (CUDA only). A
-    CUDA-graph variant allocates its pool at capture, earlier: its figure leaves the pool out."""
+    CUDA-graph variant allocates its pool at capture, earlier: its figure leaves the pool out.
+    ``release`` runs first: a train step frees the gradients the warm-up left, so that the
+    figure counts them (the step sets them to None only once it starts)."""
     if device.type != "cuda":
         return None
+    if release is not None:
+        release()
     _sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -134,7 +139,8 @@ def measure_interleaved(variants, args, device, on_progress=None):
                     if round_index == 0:
                         for _ in range(args.warmup):
                             fn()
-                        memory[(name, phase)] = peak_step_memory(fn, device)
+                        memory[(name, phase)] = peak_step_memory(
+                            fn, device, getattr(fn, "release", None))
                     times[(name, phase)].append(time_it(fn, device, 1, args.iters))
                 except Exception as error:  # noqa: BLE001  (reported in the table and JSON)
                     errors[(name, phase)] = f"{type(error).__name__}: {error}"[:300]
@@ -145,10 +151,12 @@ def measure_interleaved(variants, args, device, on_progress=None):
 
 
 def _medians(times, errors):
-    return {key: statistics.median(v) for key, v in times.items() if v and key not in errors}
+    """{key: (median seconds, rounds it is the median of)}."""
+    return {key: (statistics.median(v), len(v)) for key, v in times.items()
+            if v and key not in errors}
 
 
-def print_table(rows, batch):
+def print_table(rows, batch, rounds=None):
     """The table; the 'x ref' columns are ratios to the first variant, named above it (a
     baseline that failed to build would otherwise silently be another)."""
     ref = rows[0]
@@ -172,20 +180,29 @@ def print_table(rows, batch):
         peak = r.get("train_peak_bytes")
         peak_text = f"{peak / 2**20:14.0f}" if peak is not None else f"{'-':>14}"
         print(f"{r['variant']:26} {cell('train_s')} {cell('infer_s')} {peak_text}")
+    short = [f"{r['variant']} {phase} ({r[phase + '_rounds']})" for r in rows
+             for phase in ("train", "infer") if r.get(phase + "_rounds", rounds) != rounds]
+    if rounds is not None and short:
+        print(f"fewer rounds than the {rounds} asked (a run cut short): " + ", ".join(short))
 
 
-def collect_rows(variants, medians, memory, errors, build_errors):
+def collect_rows(names, variants, medians, memory, errors, build_errors):
+    """One row per variant in the order ``names`` lists them (the first is the baseline of the
+    ratios, even when it failed to build)."""
     rows = []
-    for name, steps in variants.items():
+    for name in names:
+        if name in build_errors:
+            rows.append({"variant": name, "build_error": build_errors[name]})
+            continue
         row = {"variant": name}
-        for phase in steps:
+        for phase in variants[name]:
             if (name, phase) in medians:
-                row[f"{phase}_s"] = medians[(name, phase)]
+                row[f"{phase}_s"], row[f"{phase}_rounds"] = medians[(name, phase)]
                 row[f"{phase}_peak_bytes"] = memory.get((name, phase))
             elif (name, phase) in errors:
                 row[f"{phase}_error"] = errors[(name, phase)]
         rows.append(row)
-    return rows + [{"variant": name, "build_error": text} for name, text in build_errors.items()]
+    return rows
 
 
 def main(argv=None):
@@ -217,8 +234,9 @@ def run(args, device):
     load_at_start = warn_if_loaded()
 
     def save(medians, memory, errors, complete=False):
-        rows = collect_rows(variants, medians, memory, errors, build_errors)
+        rows = collect_rows(names, variants, medians, memory, errors, build_errors)
         result = {"benchmark": "bench_models", "complete": complete, "settings": vars(args),
+                  "baseline": names[0],
                   "machine": machine_info(device), "load_average_at_start": load_at_start,
                   "rows": [{**r, **{k.replace("_s", "_images_per_s"): args.batch / r[k]
                                     for k in ("train_s", "infer_s") if k in r}} for r in rows]}
@@ -232,7 +250,7 @@ def run(args, device):
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
           f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps, "
           f"malloc {args.malloc}")
-    print_table(rows, args.batch)
+    print_table(rows, args.batch, args.rounds)
     print(f"\nwrote {out}")
     if errors or build_errors:
         sys.exit(f"{len(errors) + len(build_errors)} variant step(s) failed: see the *_error "

@@ -32,8 +32,10 @@ KINDS = (
     ("BatchNorm", ("batch_norm", "native_batch_norm", "batch_norm_act")),
     ("ReLU", ("relu", "threshold_backward")),
     ("pooling", ("pool",)),
-    ("adds", ("add", "sum")),
+    # Before "adds": Adam's step counter is aten._foreach_add_.
     ("Adam", ("adam", "_foreach")),
+    ("linear", ("addmm", "linear", "aten::mm")),
+    ("adds", ("add", "sum")),
     ("copies and layout", ("copy", "contiguous", "clone", "cat", "to", "empty", "zero", "fill")),
 )
 

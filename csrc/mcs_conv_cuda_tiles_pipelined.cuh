@@ -1,7 +1,7 @@
 // Double-buffered variant of the shared-memory tile kernel (mcs_conv_cuda_tiles.cuh): NCHW,
 // K = 3, 5, 7, forward and input gradient: the default NCHW kernel for rows of whole aligned
 // 16-byte vectors (SFICONV_CUDA_NCHW_KERNEL=tiles selects the plain tiles; see mcs_conv_cuda.cu).
-// On an H100 (2026-11-27) it took the forward from 42% to 55-68% of the copy rate in float32.
+// On an H100 (2026-11-27) it took the forward from 42% to 55-67% of the copy rate in float32.
 //
 // Why: the tile kernel stages a tile, waits for it, computes, and only then asks for the next
 // one, with two resident blocks per SM (registers). On an H100 that left DRAM at 29% of its

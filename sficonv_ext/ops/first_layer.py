@@ -9,8 +9,8 @@ and on an H100 (benchmarks/results/fused_layers_cuda.json, [64, 64, 64, 64] chan
 2026-11-26) it did nowhere. bfloat16 inference: 0.395 ms against 0.145 ms composed (0.37x; an
 earlier run's 1.07x was against a composition whose MCSConv ran our NCHW-oriented kernel
 rather than cuDNN); training, whose backward recomputes MCS(x): 0.53x; float32, where Triton
-must use the exact (IEEE) matrix product to match cuDNN: 0.06x. ``backend="triton"`` still
-runs it.
+uses the exact (IEEE) matrix product against cuDNN's TF32 in that run: 0.06x (the benchmark
+now compares IEEE with IEEE). ``backend="triton"`` still runs it.
 """
 import torch
 import torch.nn.functional as F
