@@ -62,15 +62,19 @@ at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& wei
   if (!constrained) return grad_eff.reshape(weight.sizes()).to(weight.scalar_type());
   // w_eff[t] = w[t] / S' (t != centre), S' = clamp(S): dL/dw[t] = g[t] / S' - <g, w> / S'^2
   // where |S| >= eps (the clamp passes the gradient there), and dL/dw[centre] = 0.
-  auto w = weight.reshape({channels, kk}).to(grad_eff.scalar_type());
-  auto off_centre = at::ones_like(w);
-  off_centre.select(1, kk / 2).zero_();
-  auto s = (w * off_centre).sum(1, /*keepdim=*/true);
+  // The centre is selected away, never multiplied by 0: an inf or NaN raw centre tap (never
+  // used) or a NaN in the centre's incoming gradient (a constant -1 takes none) must not
+  // reach the other taps or the centre's own gradient (inf * 0 is NaN), as in the reference.
+  auto off_centre = at::ones({1, kk}, grad_eff.options().dtype(at::kBool));
+  off_centre.select(1, kk / 2).fill_(false);
+  const auto zero = at::zeros({}, grad_eff.options());
+  auto w = at::where(off_centre, weight.reshape({channels, kk}).to(grad_eff.scalar_type()), zero);
+  auto s = w.sum(1, /*keepdim=*/true);
   auto s_clamped = at::where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps));
   auto passes = at::logical_or(s >= eps, s <= -eps);
-  auto dot = (grad_eff * w * off_centre).sum(1, /*keepdim=*/true);
+  auto dot = at::where(off_centre, grad_eff * w, zero).sum(1, /*keepdim=*/true);
   auto through_sum = at::where(passes, dot / (s_clamped * s_clamped), at::zeros_like(dot));
-  auto grad_w = (grad_eff / s_clamped - through_sum) * off_centre;
+  auto grad_w = at::where(off_centre, grad_eff / s_clamped - through_sum, zero);
   return grad_w.reshape(weight.sizes()).to(weight.scalar_type());
 }
 

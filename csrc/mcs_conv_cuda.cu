@@ -2,8 +2,10 @@
 // <torch/extension.h> multiplies nvcc time many times over.
 //
 // Forward: a small prologue kernel turns the raw weight into the effective (constrained) taps in
-// float32/float64. For k = 3, 5, 7 (the network uses 5): NCHW runs the shared-memory tiles of
-// mcs_conv_cuda_tiles.cuh (forward and input gradient), channels_last the row-blocked kernels of
+// float32/float64. For k = 3, 5, 7 (the network uses 5): NCHW runs the double-buffered
+// shared-memory tiles of mcs_conv_cuda_tiles_pipelined.cuh (forward and input gradient; the plain
+// tiles of mcs_conv_cuda_tiles.cuh for rows that are not whole aligned 16-byte vectors, or with
+// SFICONV_CUDA_NCHW_KERNEL=tiles), channels_last the row-blocked kernels of
 // mcs_conv_cuda_rows.cuh (NCHW too with SFICONV_CUDA_NCHW_KERNEL=rows); the weight gradient
 // runs the row-blocked kernels in both layouts. Other k: NCHW runs a simple tiled kernel,
 // channels_last a per-element kernel. Backward: the input gradient is the same convolution with
@@ -282,8 +284,10 @@ bool nchw_tiles_selected() { return nchw_kernel_choice() != "rows"; }
 // The plain tile kernel's register budget, an experiment: Nsight Compute found it at 25%
 // occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks the
 // compiler for that many resident blocks (__launch_bounds__: at most 85 or 64 registers a
-// thread). Timed on an H100 (2026-11-27): 3 level with the uncapped kernel, 4 slower. Setting
-// it selects the plain tiles (unless SFICONV_CUDA_NCHW_KERNEL names another kernel: an error).
+// thread). Timed on an H100 (2026-11-27): 3 level with the uncapped kernel in float32, 7-8%
+// faster in bfloat16, 4 slower. Setting it selects the plain tiles for the NCHW k = 3, 5, 7
+// cases they serve; with SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined set too it is an error, and
+// the row kernels (=rows, channels_last) have no such build and ignore it.
 int tile_min_blocks() {
   return std::stoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}));
 }
@@ -485,8 +489,6 @@ void launch_weight_grad_rows(const at::Tensor& g, const at::Tensor& x, at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// dL/d(effective filter) as [C, k*k] in the accumulation dtype, from per-block partial sums
-// (fixed blocks, so a fixed reduction order: deterministic).
 // Which kernels compute the weight gradient of x with a k x k filter: the row kernels
 // (channels_last or NCHW, k = 3, 5, 7, within the grid limits) or the per-pixel fallback.
 enum class WeightGradPath { kRowsChannelsLast, kRowsNchw, kFallback };
@@ -509,11 +511,12 @@ WeightGradPath weight_grad_path(const at::Tensor& x, int k) {
   return row_chunks <= kMaxGrid ? WeightGradPath::kRowsNchw : WeightGradPath::kFallback;
 }
 
-// Called before any allocation or launch: the fallback alone puts channels on gridDim.y (the
-// row kernels loop over planes). Raised from here, outside the dtype dispatch, rather than
-// from inside the launcher: on an H100 (torch 2.11) the same error raised from
-// launch_weight_grad crashed the process (segfault in the autograd thread, 2026-11-27);
-// raised here it unwinds only through frames the other backward errors already take.
+// Called before any kernel of the backward runs (prepare_backward has only allocated the
+// outputs): the fallback alone puts channels on gridDim.y (the row kernels loop over planes).
+// Raised from here, outside the dtype dispatch, rather than from inside the launcher: on an
+// H100 (torch 2.11) the same error raised from launch_weight_grad crashed the process
+// (segfault in the autograd thread, 2026-11-27; cause not found); raised here it unwinds only
+// through frames the other backward errors already take.
 void check_weight_grad_grid(const at::Tensor& x, int k) {
   TORCH_CHECK(weight_grad_path(x, k) != WeightGradPath::kFallback || x.size(1) <= kMaxGrid,
               "mcs_conv CUDA kernel: the weight gradient for k = ", k,
@@ -521,6 +524,8 @@ void check_weight_grad_grid(const at::Tensor& x, int k) {
               x.size(1));
 }
 
+// dL/d(effective filter) as [C, k*k] in the accumulation dtype, from per-block partial sums
+// (fixed blocks, so a fixed reduction order: deterministic).
 template <typename scalar_t>
 at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k) {
   using acc_t = at::opmath_type<scalar_t>;

@@ -143,7 +143,7 @@ __device__ __forceinline__ void store_column(scalar_t* __restrict__ plane, const
       plane[static_cast<int64_t>(oy0 + o) * geo.w + ox] = static_cast<scalar_t>(acc[o]);
 }
 
-// The kernel body, shared by the default kernel and the register-capped experiment below.
+// The kernel body, shared by the plain tile kernel and its register-capped build below.
 template <typename scalar_t, typename acc_t, int K, int TX>
 __device__ __forceinline__ void conv_tile(const scalar_t* __restrict__ x,
                                           const acc_t* __restrict__ taps,

@@ -479,3 +479,37 @@ def test_autocast_leaves_float64_alone_in_the_first_layer():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = ops.first_sfi_conv(x, weight, mcs_weight, 3)
     assert got.dtype == torch.float64 and torch.equal(got, plain)
+
+
+def reference_mcs(x, weight, eps=1e-6):
+    """The published constraint and PyTorch's depthwise convolution, differentiated by autograd."""
+    return F.conv2d(x, constrain_mcs_weight(weight, eps), padding=weight.shape[-1] // 2,
+                    groups=x.shape[1])
+
+
+@cpp
+@pytest.mark.parametrize("centre", [float("inf"), float("nan")])
+def test_a_non_finite_raw_centre_tap_leaves_the_gradients_finite(centre):
+    # The constraint never uses the raw centre tap (it becomes -1): the forward ignores it, and
+    # the weight gradient once went NaN for the whole channel (inf * 0 in the backward).
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    w[0, 0, 1, 1] = centre
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    g = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    got = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="cpp"), x, w, g)
+    want = both_grads(lambda a, b: reference_mcs(a, b), x, w, g)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-10
+
+
+@cpp
+def test_a_nan_gradient_leaves_the_centre_taps_gradient_zero():
+    # The centre is the constant -1: its gradient is 0 whatever arrives (NaN * 0 was NaN).
+    w = torch.rand(2, 1, 3, 3, dtype=torch.float64) + 0.5
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    g = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    g[0, 0, 2, 2] = float("nan")
+    got = both_grads(lambda a, b: ops.mcs_conv(a, b, backend="cpp"), x, w, g)[2]
+    want = both_grads(lambda a, b: reference_mcs(a, b), x, w, g)[2]
+    assert got[:, 0, 1, 1].eq(0).all() and want[:, 0, 1, 1].eq(0).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))

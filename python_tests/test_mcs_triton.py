@@ -116,3 +116,16 @@ def test_triton_nan_filter_tap_makes_its_channel_nan_as_in_the_other_backends():
     want = ops.mcs_conv(x, weight, backend="torch")
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.isnan(got[0, 1]).all() and not torch.isnan(got[0, 0]).any()
+
+
+@needs_triton
+def test_triton_a_non_finite_raw_centre_tap_leaves_the_weight_gradient_finite():
+    # The Triton backward shares mcs_torch.constraint_backward: inf * 0 once made it NaN.
+    weight = torch.rand(2, 1, 3, 3, device=DEVICE) + 0.5
+    weight[0, 0, 1, 1] = float("inf")
+    x = torch.randn(1, 2, 5, 6, device=DEVICE)
+    g = torch.randn(1, 2, 5, 6, device=DEVICE)
+    got = grads("triton", x, weight, g, True)
+    want = grads("torch", x.double(), weight.double(), g.double(), True)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all() and rel_err(a.double(), b) < 5e-5

@@ -1,5 +1,6 @@
 """Bad input loses nothing: missing and corrupt images, bad list lines, empty and one-class
 data, a non-finite loss, an occupied output folder (see test_train_e2e)."""
+import csv
 import json
 import math
 
@@ -149,3 +150,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     assert all(torch.isfinite(v).all() for v in state["model"].values()
                if v.is_floating_point())
     assert not (out / "metrics.json").exists()
+
+
+def test_a_run_of_unreadable_training_images_is_counted_once_each(tmp_path, capsys):
+    # Four unreadable images in a row: each also fails while standing in for the one before
+    # it; history.csv and the log once counted every failed stand-in (10 here).
+    real_fake_folder(tmp_path / "d", 8, 8)
+    good = [(f"d/real/r{i}.png", 0) for i in range(8)] + [(f"d/fake/f{i}.png", 1)
+                                                          for i in range(8)]
+    bad = []
+    for i in range(4):
+        (tmp_path / "d" / "fake" / f"bad{i}.png").write_bytes(b"not an image")
+        bad.append((f"d/fake/bad{i}.png", 1))
+    train = _list(tmp_path, "train.txt", good[:6] + bad + good[6:12])
+    val = _list(tmp_path, "val.txt", good[12:])
+    out = tmp_path / "run"
+    assert main(["train", "--data", train, "--val-data", val, "--image-size", "32", *FAST,
+                 "--batch-size", "16", "--out", str(out)]) == 0
+    with open(out / "history.csv") as f:
+        assert [row["skipped"] for row in csv.DictReader(f)] == ["4"]
+    assert "skipped 4 unreadable or too small image(s) in epoch 1" in capsys.readouterr().out

@@ -148,6 +148,34 @@ def test_ffpp_frames_extracted_flat_are_grouped_by_the_video_their_names_start_w
     assert ids(train).isdisjoint(ids(val))
 
 
+def test_ffpp_flat_frames_group_what_parses_and_leave_the_rest_with_the_folder(tmp_path):
+    # One odd file name (a copy) must not turn a whole flat folder back into one group.
+    _flat_ffpp_tree(tmp_path, videos=4)
+    odd = (tmp_path / "manipulated_sequences" / "Deepfakes" / "c23" / "images"
+           / "000_001_0000 (copy).png")
+    write_image(str(odd))
+    videos = {s.path: s.video for s in load_samples(str(tmp_path))}
+    folder = os.path.join("manipulated_sequences", "Deepfakes", "c23", "images")
+    assert videos[str(odd)] == folder
+    assert sum(v == folder for v in videos.values()) == 1
+    assert len({v for v in videos.values() if v.startswith(folder + os.sep)}) == 4
+
+
+def test_ffpp_video_folders_with_frames_named_frame_and_face_stay_videos(tmp_path):
+    # A folder per video named 000.mp4, frames named <frame>_<face>: the frame numbers are not
+    # videos (they would put every video on both sides of the split).
+    for video in ("000.mp4", "001.mp4"):
+        for frame in range(3):
+            write_image(str(tmp_path / "original_sequences" / "c23" / video
+                            / f"{frame:04d}_0.png"))
+    for video in ("a_clip", "b_clip"):  # not video-like names, frames that do not repeat
+        for frame in range(3):
+            write_image(str(tmp_path / "manipulated_sequences" / "X" / video
+                            / f"{frame:04d}_0.png"))
+    videos = {os.path.basename(s.video) for s in load_samples(str(tmp_path))}
+    assert videos == {"000.mp4", "001.mp4", "a_clip", "b_clip"}
+
+
 def test_ffpp_folders_that_do_not_name_videos_stay_one_group(tmp_path):
     # Names that do not read as <video>_<frame> (or a single video's frames) are not guessed at.
     for name in ("a.png", "b_0001.png"):

@@ -16,13 +16,17 @@ def constraint_backward(grad_eff, weight, constrained, eps):
     if not constrained:
         return grad_eff.reshape(weight.shape).to(weight.dtype)
     kk = grad_eff.shape[1]
-    w = weight.reshape(weight.shape[0], kk).to(grad_eff.dtype)
-    off_centre = torch.ones_like(w)
-    off_centre[:, kk // 2] = 0
-    s = (w * off_centre).sum(1, keepdim=True)
+    # The centre is selected away, never multiplied by 0: an inf or NaN raw centre tap (never
+    # used) or a NaN in the centre's incoming gradient (a constant -1 takes none) must not
+    # reach the other taps or the centre's own gradient (inf * 0 is NaN), as in the reference.
+    off_centre = torch.ones(1, kk, dtype=torch.bool, device=grad_eff.device)
+    off_centre[:, kk // 2] = False
+    zero = torch.zeros((), dtype=grad_eff.dtype, device=grad_eff.device)
+    w = torch.where(off_centre, weight.reshape(weight.shape[0], kk).to(grad_eff.dtype), zero)
+    s = w.sum(1, keepdim=True)
     s_clamped = torch.where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps))
     passes = (s >= eps) | (s <= -eps)
-    dot = (grad_eff * w * off_centre).sum(1, keepdim=True)
+    dot = torch.where(off_centre, grad_eff * w, zero).sum(1, keepdim=True)
     through_sum = torch.where(passes, dot / (s_clamped * s_clamped), torch.zeros_like(dot))
-    grad_w = (grad_eff / s_clamped - through_sum) * off_centre
+    grad_w = torch.where(off_centre, grad_eff / s_clamped - through_sum, zero)
     return grad_w.reshape(weight.shape).to(weight.dtype)

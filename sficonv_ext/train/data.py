@@ -2,7 +2,8 @@
 
 DATA is one of: a published-style list file (``path label`` per line); a folder with ``real/``
 and ``fake/`` subfolders; a FaceForensics++-style tree (``original_sequences/`` and
-``manipulated_sequences/`` holding one folder of frames per video); or ``builtin``.
+``manipulated_sequences/`` holding one folder of frames per video, or frames extracted flat and
+named ``<video>_<frame>``); or ``builtin``.
 """
 import os
 from collections import OrderedDict, defaultdict
@@ -95,8 +96,9 @@ def holdout_changed_since(version, data):
     if kind == "real_fake" and version < 2:
         return any(s.video for s in load_samples(data))
     if kind == "ffpp" and version < 3:
-        # Videos named from file names are the only ones that are not folders.
-        return any(not os.path.isdir(os.path.join(data, s.video)) for s in load_samples(data))
+        # Version 2 took every frame's folder as its video.
+        return any(s.video != os.path.relpath(os.path.dirname(s.path), data)
+                   for s in load_samples(data))
     return False
 
 
@@ -145,22 +147,27 @@ def _is_ffpp_video_name(name):
 
 def _ffpp_videos(folder, images):
     """The video of each image in ``folder``. A folder per video (named ``000``,
-    ``000_003``, ...) is the video. Frames extracted flat, many videos to a folder
+    ``000_003``, or ``000.mp4``) is the video. Frames extracted flat, many videos to a folder
     (``c23/images/000_003_0012.png``), would make the folder one huge "video": a hold-out
     would then take a whole manipulation method and no real frame at all. Those are grouped
-    by the video their names start with (the name less its trailing ``_<frame>``) when every
-    name parses so and there are at least two."""
-    if _is_ffpp_video_name(os.path.basename(folder)):
+    by the video their names start with (the name less its trailing ``_<frame>``) when at
+    least two videos show and each has two frames on average (names that parse but do not
+    repeat, such as ``<frame>_<face>`` inside a video's folder, are not videos). Names that
+    do not parse stay together as the folder's group, as before."""
+    if _is_ffpp_video_name(os.path.splitext(os.path.basename(folder))[0]):
         return [folder] * len(images)
-    prefixes = []
-    for image in images:
-        stem, _, frame = os.path.splitext(os.path.basename(image))[0].rpartition("_")
-        if not (frame.isdigit() and stem and _is_ffpp_video_name(stem)):
-            return [folder] * len(images)
-        prefixes.append(stem)
-    if len(set(prefixes)) < 2:
+    prefixes = [_flat_frame_video(image) for image in images]
+    named = [prefix for prefix in prefixes if prefix is not None]
+    videos = len(set(named))
+    if videos < 2 or len(named) < 2 * videos:
         return [folder] * len(images)
-    return [os.path.join(folder, prefix) for prefix in prefixes]
+    return [folder if prefix is None else os.path.join(folder, prefix) for prefix in prefixes]
+
+
+def _flat_frame_video(image):
+    """``000_003`` for ``.../000_003_0012.png``; None for a name that is not ``<video>_<frame>``."""
+    stem, _, frame = os.path.splitext(os.path.basename(image))[0].rpartition("_")
+    return stem if frame.isdigit() and stem and _is_ffpp_video_name(stem) else None
 
 
 def describe_kind(path):
