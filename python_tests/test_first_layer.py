@@ -78,8 +78,9 @@ def test_composition_matches_published_layer_float64():
 
 
 @needs_triton
-def test_first_layer_opcheck():
-    x, weight, mcs_weight, b, _ = make_inputs(1, 16, 4, 5, 16, "channels_last")
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])  # the output follows x's layout
+def test_first_layer_opcheck(layout):
+    x, weight, mcs_weight, b, _ = make_inputs(1, 16, 4, 5, 16, layout)
     kwargs = {} if torch.cuda.is_available() else {
         # Triton's CPU interpreter dereferences fake tensors: those checks need a GPU.
         "test_utils": ("test_schema", "test_autograd_registration")}
