@@ -91,6 +91,18 @@ wanted eager && step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/ben
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
     fused-inference-lowp fused-inference-cudnn fused-inference-cudnn-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1
+# The test that crashed the process on 2026-11-27 (segfault in the autograd thread while a
+# CUDA backward raised its grid-limit error), under gdb where the machine has it, so that a
+# crash leaves a C++ backtrace in bench.log instead of a lost xdist worker.
+if command -v gdb > /dev/null && wanted tests; then
+  note "== the 70,000-channel weight-gradient test under gdb (backtrace in bench.log if it crashes)"
+  echo "== gdb: test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension" >> "$OUTDIR/bench.log"
+  timeout "$(limit 60)" gdb -q -batch -ex run -ex bt --args "$PY" -m pytest \
+      python_tests/test_gpu_mcs.py -k more_channels_than_a_grid -q -p no:cacheprovider \
+      >> "$OUTDIR/bench.log" 2>&1
+  sed -n '/== gdb: /,$p' "$OUTDIR/bench.log" | grep -E "SIGSEGV|^#[0-9]+ |passed|failed" | head -30 \
+      | tee -a "$OUTDIR/summary.txt"
+fi
 note "== GPU tests"
 # Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
 # Without it the tests run one by one and may not finish in their time (noted).
