@@ -169,8 +169,15 @@ def test_a_raw_learnable_filter_is_refused_by_a_frozen_model():
     learnable = models.sfi_resnet26(mcs_learnable=True, mcs_init="stable")
     with torch.no_grad():
         learnable.layer1[0].SFIC1.conv.mcs.weight.mul_(1.05)  # off-centre sums 1.05
+    frozen = models.sfi_resnet26()
+    before = frozen.layer1[0].SFIC1.conv.mcs.weight.clone()
     with pytest.raises(RuntimeError, match="mcs_learnable=True"):
-        models.sfi_resnet26().load_state_dict(learnable.state_dict())
+        frozen.load_state_dict(learnable.state_dict())
+    # Refused, so not copied in either (PyTorch copies every other tensor before it raises).
+    assert torch.equal(frozen.layer1[0].SFIC1.conv.mcs.weight, before)
+    with pytest.raises(RuntimeError, match="mcs_learnable=True") as refused:
+        frozen.load_state_dict(learnable.state_dict(), strict=False)
+    assert "Missing key" not in str(refused.value)
     models.sfi_resnet26(mcs_learnable=True).load_state_dict(learnable.state_dict())
     # A constrained filter stored in another dtype, or rounded to one and back, still loads.
     for dtype in (torch.float64, torch.bfloat16, torch.float16):

@@ -22,9 +22,10 @@ def published_mcs_init(channels, kernel_size=5, generator=None, dtype=None):
 
 
 def stable_mcs_init(channels, kernel_size=5, generator=None, dtype=None):
-    """A bounded initialisation: positive off-centre taps summing to exactly 1, centre -1.
+    """A bounded initialisation: positive off-centre taps summing to 1 (to float rounding),
+    centre -1.
 
-    Every ``S_c`` is 1, so no filter starts near the clamp and no tap exceeds 1.
+    Every ``S_c`` is 1 up to rounding, so no filter starts near the clamp and no tap exceeds 1.
     """
     raw = torch.rand(channels, 1, kernel_size, kernel_size, generator=generator, dtype=dtype)
     raw = raw + 0.5  # keeps every tap well away from 0
@@ -60,7 +61,8 @@ class MCSConv2d(nn.Module):
     ``learnable=False`` (default, published behaviour): ``weight`` holds the constrained filter
     and is frozen. ``learnable=True``: ``weight`` is a raw parameter and the constraint is applied
     in every forward as a differentiable reparametrisation, so training moves the filter.
-    ``published_bias`` is the published module's unused random ``bias``; it is kept only so that
+    ``published_bias`` is the published module's unused random ``bias`` (zeros until a published
+    checkpoint is loaded); it is kept only so that
     published checkpoints round-trip exactly, and never enters the computation.
     ``backend`` picks the kernel (see :func:`sficonv_ext.ops.mcs_conv`); it is not saved.
     """
@@ -101,6 +103,14 @@ class MCSConv2d(nn.Module):
                     f"this frozen MCSConv filter are not constrained (centre -1, other taps "
                     f"summing to 1); a learnable MCSConv's raw weight? Build the model with "
                     f"mcs_learnable=True to load it")
+                # Refused, so not copied in either (as PyTorch skips a tensor of the wrong
+                # shape): the model keeps its filter whatever load_state_dict's caller does next.
+                state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                              missing_keys, unexpected_keys, error_msgs)
+                if prefix + "weight" in missing_keys:
+                    missing_keys.remove(prefix + "weight")
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

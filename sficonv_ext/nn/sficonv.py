@@ -21,7 +21,8 @@ from .mcs import MCSConv2d
 def pool_before_pointwise(in_channels, out_channels):
     """Whether a stride-2 1x1 convolution should average-pool its input (True) or its output.
 
-    Both orders give the same result exactly (pooling is linear and a 1x1 conv acts per pixel).
+    Both orders compute the same function (pooling is linear and a 1x1 conv acts per pixel):
+    they differ only by floating-point rounding.
     Elements moved, per input pixel: pool first reads C_in, writes and re-reads C_in/4, writes
     C_out/4; pool last reads C_in, writes and re-reads C_out, writes C_out/4. Pool first also does
     a quarter of the multiply-adds, so it wins unless C_in is much larger than C_out.

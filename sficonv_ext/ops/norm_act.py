@@ -82,7 +82,8 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
     """``relu(bn(x) + residual)`` (each part optional). ``bn`` is an ``nn.BatchNorm2d`` (in
     training mode its running statistics are updated as ``nn.BatchNorm2d`` does) or any other
     module, such as the ``nn.Identity`` left where ``fuse_for_inference`` folded a BatchNorm
-    away, which then runs as it is. ``inplace_ok=True`` lets the PyTorch path add and ReLU in
+    away, which then runs as it is (on the PyTorch path; ``"cpp"`` and ``"triton"`` in training
+    mode need an ``nn.BatchNorm2d``). ``inplace_ok=True`` lets the PyTorch path add and ReLU in
     place on what ``bn`` returns even when that is ``x`` itself (callers pass a fresh
     convolution output)."""
     if backend not in NORM_ACT_BACKENDS:
