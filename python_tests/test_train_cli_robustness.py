@@ -2,6 +2,7 @@
 files, 16-bit and too-small images, paths that cannot be written, YAML nulls, list-file
 encodings, linked folders, errors inside DataLoader workers, resuming into a new folder."""
 import csv
+import re
 import math
 import os
 import shutil
@@ -253,3 +254,63 @@ def test_a_file_name_that_is_not_utf8_is_scored_and_written_back(run_dir, tmp_pa
     assert main(["predict", "--checkpoint", str(out), str(tmp_path / "imgs"), "--out",
                  str(scores), "--workers", "0", "--no-progress"]) == 0
     assert b"caf\xe9.png," in scores.read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], "positive and finite"),
+    (["--weight-decay", "inf"], "0 or more and finite"),
+    (["--seed", str(2**64)], "below 2\\*\\*63"),
+    (["--image-size", "99999999"], "at most 8192"),
+])
+def test_values_that_would_fail_later_are_refused_up_front(tmp_path, capsys, args, message):
+    # Each once passed validation: inf trained NaN (reported as a diverged model), the seed
+    # overflowed in torch.manual_seed, the size in PIL, with a traceback.
+    with pytest.raises(SystemExit) as stopped:  # argparse's one-line error, exit 2
+        main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *args])
+    assert stopped.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_config_file_loose_ends(tmp_path, capsys):
+    from sficonv_ext.train.config import read_yaml
+    from sficonv_ext.train.errors import UserError
+    cases = {"twice.yaml": ("image_size: 32\nimage-size: 64\n", "given twice"),
+             "list.yaml": ("data: [a, b]\n", "takes one value, not a list"),
+             "latin1.yaml": ("data: caf\xe9\n".encode("latin-1"), "not UTF-8")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        with pytest.raises(UserError, match=message):
+            read_yaml(str(path), "train")
+    (tmp_path / "null_arch.yaml").write_text("arch: null\n")
+    assert read_yaml(str(tmp_path / "null_arch.yaml"), "train") == {}  # train's default arch
+
+
+def test_tilde_and_empty_paths(tmp_path, monkeypatch):
+    from sficonv_ext.train.config import absolute_path_option, resolve
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = resolve("train", {"out": "~/o", "resume": "~/r", "data": "~/d"})
+    assert (cfg["out"], cfg["resume"]) == (str(tmp_path / "o"), str(tmp_path / "r"))
+    assert resolve("predict", {"out": "-"})["out"] == "-"
+    assert absolute_path_option("data", "") == ""  # "needs --data", not the current folder
+
+
+def test_an_out_folder_inside_the_data_is_refused(tmp_path, capsys):
+    # Its roc.png would be read back as an image of the data set (a fake one under fake/).
+    from test_train_support import real_fake_folder
+    real_fake_folder(tmp_path / "data", 6, 6)
+    code = main(["train", "--data", str(tmp_path / "data"), *FAST, "--image-size", "32",
+                 "--out", str(tmp_path / "data" / "fake" / "run")])
+    assert code == 2 and "inside the data folder" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "fake" / "run").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from sficonv_ext.train import trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        "sficonv train: interrupted; resume from the last checkpoint with --resume OUT")

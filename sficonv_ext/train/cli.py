@@ -4,10 +4,11 @@ Every option may also come from a YAML file (``--config``); the command line ove
 Exit status: 0 done, 2 bad input or options, 3 a non-finite loss or score.
 """
 import argparse
+import os
 import sys
 
 from .architectures import ARCHS
-from .config import options_for, read_yaml, resolve
+from .config import default_values, options_for, read_yaml, resolve
 from .errors import NonFiniteError, UserError
 
 DESCRIPTION = """\
@@ -38,13 +39,18 @@ history.csv, roc.png, train.log and config.yaml. Resume with --resume DIR.
 """
 
 
-def _add_option(parser, option):
+def _add_option(parser, option, default=None):
     flag = "--" + option.name.replace("_", "-")
+    # The default in the help (argparse cannot show it: SUPPRESS keeps unset options out of
+    # the parsed values, so that YAML and the built-in data set's defaults can apply).
+    shown = option.help
+    if default is not None and "default" not in option.help:
+        shown = f"{option.help} (default: {default})"
     if option.flag:
         parser.add_argument(flag, dest=option.name, action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS, help=option.help)
+                            default=argparse.SUPPRESS, help=shown)
         return
-    kwargs = dict(dest=option.name, default=argparse.SUPPRESS, help=option.help,
+    kwargs = dict(dest=option.name, default=argparse.SUPPRESS, help=shown,
                   metavar=option.metavar)
     if option.choices:
         kwargs["choices"] = option.choices
@@ -76,8 +82,9 @@ def build_parser():
         if name == "predict":
             sub.add_argument("inputs", nargs="+", metavar="INPUT",
                              help="images or folders (searched recursively)")
+        defaults = default_values(name)
         for option in options_for(name):
-            _add_option(sub, option)
+            _add_option(sub, option, defaults.get(option.name))
         sub.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
                          help="YAML file of options (the command line overrides it)")
     export = commands.add_parser(
@@ -117,7 +124,7 @@ def main(argv=None):
             return 0
         inputs = args.pop("inputs", None)
         config_file = args.pop("config", None)
-        yaml_values = read_yaml(config_file, command) if config_file else {}
+        yaml_values = read_yaml(os.path.expanduser(config_file), command) if config_file else {}
         cfg = resolve(command, args, yaml_values)
         explicit = dict(yaml_values)
         explicit.update(args)
@@ -139,6 +146,13 @@ def main(argv=None):
     except (OSError, UnicodeError) as exc:  # an output path that cannot be made or written
         print(f"sficonv {command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # One line, not a traceback: what was written stays (a training run resumes from its
+        # last checkpoint with --resume OUT).
+        print(f"sficonv {command}: interrupted"
+              + ("; resume from the last checkpoint with --resume OUT" if command == "train"
+                 else ""), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,6 +4,7 @@ set's own defaults, and what a resumed run may not change.
 Precedence, lowest first: defaults, the ``--data builtin`` defaults, the YAML file
 (``--config``), the command line.
 """
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -42,15 +43,22 @@ def _non_negative_int(text):
 
 def _positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise ValueError("must be positive")
+    if not (value > 0 and math.isfinite(value)):  # inf: an inf rate trains NaN, not an error
+        raise ValueError("must be positive and finite")
     return value
 
 
 def _non_negative_float(text):
     value = float(text)
-    if not value >= 0:
-        raise ValueError("must be 0 or more")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError("must be 0 or more and finite")
+    return value
+
+
+def _seed(text):
+    value = _non_negative_int(text)
+    if value >= 2**63:  # torch.manual_seed takes a signed 64-bit integer
+        raise ValueError("must be below 2**63")
     return value
 
 
@@ -71,7 +79,12 @@ def _optional_size(text):
     value = int(text)
     if value < MIN_INPUT_SIZE:  # the network halves its input 5 times
         raise ValueError(f"must be at least {MIN_INPUT_SIZE} (the network's smallest input)")
+    if value > MAX_IMAGE_SIZE:  # PIL and memory fail far past this with a traceback
+        raise ValueError(f"must be at most {MAX_IMAGE_SIZE}")
     return value
+
+
+MAX_IMAGE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ OPTIONS = [
            metavar="DIR|CKPT"),
     Option("overwrite", bool, False, "reuse an output folder that holds another run",
            flag=True),
-    Option("seed", _non_negative_int, 7, "seed for initialisation, data order, augmentation, "
+    Option("seed", _seed, 7, "seed for initialisation, data order, augmentation, "
            "hold-out"),
     Option("deterministic", bool, False, "deterministic algorithms only (bit-exact reruns and "
            "resumes; can be slower)", flag=True),
@@ -185,13 +198,16 @@ FIXED_ON_RESUME = ("data", "val_data", "arch", "batch_size", "accum_steps", "ima
 # Options naming files or folders: a run records them as absolute paths, so that it resumes
 # from any working directory, and compares them as such.
 PATH_OPTIONS = ("data", "val_data", "cache_dir")
+# Paths where "~" means the home folder too, from a YAML file or a quoted argument ("-" for
+# predict's standard output is not a path).
+TILDE_OPTIONS = PATH_OPTIONS + ("out", "checkpoint", "resume", "config")
 
 
 def absolute_path_option(name, value):
     """``value`` of option ``name`` with a relative path made absolute (``builtin`` and unset
     values as they are)."""
-    if name not in PATH_OPTIONS or value in (None, "builtin"):
-        return value
+    if name not in PATH_OPTIONS or value in (None, "builtin", ""):
+        return value  # "" stays empty, for the "needs --data" error (not the current folder)
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -211,6 +227,9 @@ def default_values(command):
 def convert(option, value, where):
     """Validate a value from YAML (or an earlier checkpoint) with the option's parser, as the
     command line would parse its text (so 1.9 is not silently an integer 1)."""
+    if isinstance(value, (list, tuple, dict)):
+        raise UserError(f"{where}: {option.name} takes one value, not a "
+                        f"{'mapping' if isinstance(value, dict) else 'list'}: {value!r}")
     if value is None:
         # null means "not set" only where that is the option's default, or a native size.
         if option.default is None or option.parse is _optional_size:
@@ -243,6 +262,8 @@ def read_yaml(path, command):
             content = yaml.safe_load(f)
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {path} is not UTF-8 text: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML: {exc}") from None
     if content is None:
@@ -251,11 +272,18 @@ def read_yaml(path, command):
         raise UserError(f"config file {path} must hold a mapping of option: value")
     known = {o.name: o for o in options_for(command)}
     values = {}
+    defaults, seen = default_values(command), set()
     for key, value in content.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise UserError(f"config file {path}: unknown option {key!r} for '{command}' "
                             f"(known: {', '.join(sorted(known))})")
+        if name in seen:  # image_size and image-size: which one wins would be a guess
+            raise UserError(f"config file {path}: {name} is given twice (as {key!r} and "
+                            f"another spelling)")
+        seen.add(name)
+        if value is None and defaults.get(name) is not None and known[name].default is None:
+            continue  # null for an option this command defaults (train's arch): the default
         values[name] = convert(known[name], value, f"config file {path}")
     return values
 
@@ -269,8 +297,8 @@ def resolve(command, explicit, yaml_values=None):
     if command == "train" and data == "builtin":
         values.update(BUILTIN_DEFAULTS)
     values.update(given)
-    for name in PATH_OPTIONS:  # "~" from a YAML file or a quoted "--data=~/x", every command
-        if isinstance(values.get(name), str) and values[name] != "builtin":
+    for name in TILDE_OPTIONS:  # "~" from a YAML file or a quoted "--out=~/x", every command
+        if isinstance(values.get(name), str) and values[name] not in ("builtin", "-"):
             values[name] = os.path.expanduser(values[name])
     if "progress" in values and values["progress"] is None:
         values["progress"] = sys.stderr.isatty()

@@ -22,6 +22,7 @@ def evaluate(cfg, explicit=None):
     for name in ("checkpoint", "data", "out"):
         if not cfg.get(name):
             raise UserError(f"eval needs --{name}")
+    output_folder.refuse_inside_data(cfg["out"], cfg["data"])
     training_files = output_folder.run_markers_in(cfg["out"], output_folder.TRAINING_ONLY)
     if training_files:
         # eval writes metrics.json and roc.png, which would replace the training run's own.

@@ -39,6 +39,19 @@ def written_by_us(folder):
         return False
 
 
+def refuse_inside_data(out, *data):
+    """Refuse an output folder inside a data folder: its files (roc.png) would be read back as
+    images of that data set by the next run, a class's images if under real/ or fake/."""
+    target = os.path.realpath(out)
+    for folder in data:
+        if not folder or folder == "builtin" or not os.path.isdir(folder):
+            continue
+        root = os.path.realpath(folder)
+        if target == root or target.startswith(root + os.sep):
+            raise UserError(f"--out {out} is inside the data folder {folder}: its files would "
+                            f"be read as images of that data set; choose an --out outside it")
+
+
 def prepare(folder, resuming_here, overwrite):
     """Create ``folder``; refuse one that holds another run unless resuming it or
     ``overwrite`` (which removes that run's files, nothing else). Without ``overwrite`` only

@@ -41,6 +41,10 @@ def predict(cfg, inputs):
         raise UserError("predict needs --checkpoint")
     if not cfg.get("out"):
         raise UserError("predict needs --out FILE.csv")
+    if cfg["out"] != "-" and os.path.isdir(cfg["out"]):
+        # Refused before scoring, not after it when the CSV cannot be written.
+        raise UserError(f"--out {cfg['out']} is a folder: give a file name such as "
+                        f"{os.path.join(cfg['out'], 'scores.csv')}")
     if not inputs:
         raise UserError("predict needs at least one image or folder")
     ctx = Context(device=resolve_device(cfg["device"]))

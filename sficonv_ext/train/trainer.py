@@ -305,6 +305,7 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
     # (--overwrite would then delete the checkpoints being resumed).
     resuming_here = resume_path is not None and (os.path.realpath(os.path.dirname(resume_path))
                                                  == os.path.realpath(out))
+    output_folder.refuse_inside_data(out, cfg["data"], cfg.get("val_data"))
     _agree(ctx, lambda: output_folder.prepare(out, resuming_here, cfg["overwrite"]))
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, tensorboard=True)
@@ -343,6 +344,9 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
         return _epochs(run, train_samples, val_samples, epoch, start_step, totals)
     except (UserError, NonFiniteError) as exc:
         reporter.log_to_file(f"error: {exc}")  # train.log then says why the run stopped
+        raise
+    except KeyboardInterrupt:
+        reporter.log_to_file("interrupted (Ctrl-C); the last checkpoint written is kept")
         raise
     finally:
         reporter.close()
