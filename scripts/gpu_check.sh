@@ -121,7 +121,7 @@ if [ -f "$OUTDIR/tests.log" ]; then
   grep -E "against float32|found no cuDNN engine" "$OUTDIR/tests.log" | sort | uniq | head -30 \
       >> "$OUTDIR/summary.txt"
   # -rp lists every passed test: a run cut at its limit says which tests it never reached
-  # (476 collected on 2026-11-27; that run's 190 s cap left 10 unrun, names unknown).
+  # (476 collected at a86e189, 491 since; that run's 190 s cap left 10 unrun, names unknown).
   note "passed tests listed in tests.log: $(grep -c '^PASSED' "$OUTDIR/tests.log")"
   tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
 fi
