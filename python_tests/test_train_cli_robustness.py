@@ -314,3 +314,18 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
     assert capsys.readouterr().err.strip() == (
         "sficonv train: interrupted; resume from the last checkpoint with --resume OUT")
+
+
+def test_export_to_standard_output_or_a_folder_is_refused(run_dir, tmp_path, capsys):
+    for out in ("-", str(tmp_path)):
+        assert main(["export", "--checkpoint", str(run_dir[1]), "--out", out]) == 2
+        assert "must be a file name" in capsys.readouterr().err
+    assert not os.path.exists("-")
+
+
+def test_a_failed_eval_says_why_in_its_log(run_dir, tmp_path):
+    out = tmp_path / "eval"
+    code = main(["eval", "--checkpoint", str(run_dir[1]), "--data", str(tmp_path / "nothing"),
+                 "--out", str(out), "--workers", "0", "--no-progress"])
+    assert code == 2
+    assert "error: data" in (out / "eval.log").read_text()

@@ -1,7 +1,7 @@
 """The ``sficonv`` command: ``train``, ``eval``, ``predict`` and ``export``.
 
 Every option may also come from a YAML file (``--config``); the command line overrides it.
-Exit status: 0 done, 2 bad input or options, 3 a non-finite loss or score.
+Exit status: 0 done, 2 bad input or options, 3 a non-finite loss or score, 130 interrupted.
 """
 import argparse
 import os
@@ -21,6 +21,9 @@ Train, evaluate and apply SFIConv deepfake detectors.
 
 Run under torchrun for several GPUs or nodes (DistributedDataParallel; NCCL on GPU, gloo on
 CPU): torchrun --nproc-per-node 2 -m sficonv_ext.train train ...
+
+Exit status: 0 done; 2 bad input or options (one "error:" line); 3 a non-finite loss or score;
+130 interrupted (Ctrl-C); 1 an internal error (a traceback: please report it).
 """
 
 TRAIN_EPILOG = """\
@@ -107,6 +110,10 @@ def build_parser():
 def _export(args):
     from .checkpoint import export_published
     from .inference import load_model
+
+    if args.out == "-" or os.path.isdir(args.out):
+        # A binary state_dict has no standard-output form ("-" would be a file named "-").
+        raise UserError(f"export --out must be a file name such as best.pkl, got {args.out!r}")
 
     model, path = load_model(args.checkpoint, args.arch, __import__("torch").device("cpu"))
     export_published(model, args.out, args.layout)

@@ -6,7 +6,7 @@ from . import checkpoint as ckpt
 from . import distributed, output_folder
 from .cpu_memory import cpu_malloc
 from .data import drop_missing
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 from .evaluation import ScoringSet, failure_message, metrics_of
 from .inference import load_model
 from .metrics import undefined_reason
@@ -66,6 +66,16 @@ def _evaluate(cfg, ctx, malloc_note, explicit):
         os.makedirs(out, exist_ok=True)
     distributed.barrier(ctx)
     reporter = Reporter(ctx.is_main, out, log_name="eval.log")
+    try:
+        return _score(cfg, ctx, malloc_note, explicit, out, reporter)
+    except (UserError, NonFiniteError) as exc:
+        reporter.log_to_file(f"error: {exc}")  # eval.log then says why it stopped
+        raise
+    finally:
+        reporter.close()
+
+
+def _score(cfg, ctx, malloc_note, explicit, out, reporter):
     log = reporter.log
     if malloc_note:
         log(malloc_note)
@@ -104,5 +114,4 @@ def _evaluate(cfg, ctx, malloc_note, explicit):
         log(f"{summary(metrics)}")
         log(f"wrote {os.path.join(out, 'metrics.json')}")
     distributed.barrier(ctx)
-    reporter.close()
     return metrics
