@@ -329,3 +329,21 @@ def test_a_failed_eval_says_why_in_its_log(run_dir, tmp_path):
                  "--out", str(out), "--workers", "0", "--no-progress"])
     assert code == 2
     assert "error: data" in (out / "eval.log").read_text()
+
+
+def test_device_names_are_checked_before_use(monkeypatch):
+    # A malformed cuda:x was a traceback, and cuda:N under torchrun put every process on GPU N.
+    import torch
+
+    from sficonv_ext.train.distributed import resolve_device
+    from sficonv_ext.train.errors import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, world, message in [("cuda:x", 1, "cpu, cuda or cuda:N"),
+                                 ("cudax", 1, "cpu, cuda or cuda:N"),
+                                 ("cuda:1", 2, "names one GPU, but 2 processes"),
+                                 ("cuda:5", 1, "has 2 CUDA device")]:
+        with pytest.raises(UserError, match=message):
+            resolve_device(name, 1, world)
+    assert resolve_device("cuda", 1, 2) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", 1, 1) == torch.device("cuda", 0)

@@ -24,13 +24,26 @@ class Context:
         return self.world_size > 1
 
 
-def resolve_device(name, local_rank=0):
+def resolve_device(name, local_rank=0, world_size=1):
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
+        try:
+            index = None if name == "cuda" else torch.device(name).index
+        except RuntimeError:
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+        if index is None and name != "cuda":  # torch.device("cuda:") and the like
+            raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+        if index is not None and world_size > 1:
+            # Every process would take that one GPU: under torchrun each takes its local rank's.
+            raise UserError(f"--device {name} names one GPU, but {world_size} processes run: "
+                            f"give --device cuda (each process takes its LOCAL_RANK's GPU)")
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA GPU is available")
-        return torch.device("cuda", local_rank if name == "cuda" else torch.device(name).index)
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s)")
+        return torch.device("cuda", local_rank if index is None else index)
     if name != "cpu":
         raise UserError(f"--device must be cpu or cuda, got {name!r}")
     return torch.device("cpu")
@@ -41,7 +54,7 @@ def setup(device_name):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, world_size)
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
