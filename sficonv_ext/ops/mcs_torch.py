@@ -21,12 +21,11 @@ def constraint_backward(grad_eff, weight, constrained, eps):
     # reach the other taps or the centre's own gradient (inf * 0 is NaN), as in the reference.
     off_centre = torch.ones(1, kk, dtype=torch.bool, device=grad_eff.device)
     off_centre[:, kk // 2] = False
-    zero = torch.zeros((), dtype=grad_eff.dtype, device=grad_eff.device)
-    w = torch.where(off_centre, weight.reshape(weight.shape[0], kk).to(grad_eff.dtype), zero)
+    w = torch.where(off_centre, weight.reshape(weight.shape[0], kk).to(grad_eff.dtype), 0.0)
     s = w.sum(1, keepdim=True)
     s_clamped = torch.where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps))
     passes = (s >= eps) | (s <= -eps)
-    dot = torch.where(off_centre, grad_eff * w, zero).sum(1, keepdim=True)
+    dot = torch.where(off_centre, grad_eff * w, 0.0).sum(1, keepdim=True)
     through_sum = torch.where(passes, dot / (s_clamped * s_clamped), torch.zeros_like(dot))
-    grad_w = torch.where(off_centre, grad_eff / s_clamped - through_sum, zero)
+    grad_w = torch.where(off_centre, grad_eff / s_clamped - through_sum, 0.0)
     return grad_w.reshape(weight.shape).to(weight.dtype)

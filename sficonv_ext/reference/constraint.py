@@ -15,13 +15,11 @@ def constrain_mcs_weight(weight, eps=1e-6):
     off_centre[:, :, centre, centre] = False
     # Selected, not multiplied by a 0/1 mask: the raw centre tap is never used, so an inf or
     # NaN there must not turn the channel into NaN (inf * 0), as the kernels never read it.
-    taps = torch.where(off_centre, weight, torch.zeros((), dtype=weight.dtype,
-                                                       device=weight.device))
+    taps = torch.where(off_centre, weight, 0.0)
     sums = taps.sum(dim=(1, 2, 3), keepdim=True)
     # The clamp as comparisons, as the kernels make them: the gradient passes through S where
     # |S| >= eps (at |S| == eps too; torch.clamp's own rule at its bound has changed between
     # versions), and a NaN sum stays NaN.
     sums = torch.where(sums >= 0, torch.where(sums < eps, eps, sums),
                        torch.where(sums > -eps, -eps, sums))
-    return torch.where(off_centre, taps / sums, -torch.ones((), dtype=weight.dtype,
-                                                            device=weight.device))
+    return torch.where(off_centre, taps / sums, -1.0)

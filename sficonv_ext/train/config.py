@@ -200,7 +200,7 @@ FIXED_ON_RESUME = ("data", "val_data", "arch", "batch_size", "accum_steps", "ima
 PATH_OPTIONS = ("data", "val_data", "cache_dir")
 # Paths where "~" means the home folder too, from a YAML file or a quoted argument ("-" for
 # predict's standard output is not a path).
-TILDE_OPTIONS = PATH_OPTIONS + ("out", "checkpoint", "resume", "config")
+TILDE_OPTIONS = PATH_OPTIONS + ("out", "checkpoint", "resume")
 
 
 def absolute_path_option(name, value):

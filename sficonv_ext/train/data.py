@@ -138,11 +138,11 @@ def _ffpp_tree(path):
     return samples
 
 
-def _is_ffpp_video_name(name):
-    """Whether ``name`` reads as a FaceForensics++ video: ``000``, ``000_003``, or
-    DeepFakeDetection's ``01_02__scene``."""
+def _ffpp_ids(name):
+    """The ids of a name that reads as a FaceForensics++ video: ``000`` -> [000], ``000_003``
+    -> [000, 003], DeepFakeDetection's ``01_02__scene`` -> [01, 02]; None for another name."""
     ids = name.split("__", 1)[0].split("_")
-    return all(part.isdigit() for part in ids)
+    return ids if all(part.isdigit() for part in ids) else None
 
 
 def _ffpp_videos(folder, images):
@@ -154,7 +154,7 @@ def _ffpp_videos(folder, images):
     least two videos show and each has two frames on average (names that parse but do not
     repeat, such as ``<frame>_<face>`` inside a video's folder, are not videos). Names that
     do not parse stay together as the folder's group, as before."""
-    if _is_ffpp_video_name(os.path.splitext(os.path.basename(folder))[0]):
+    if _ffpp_ids(os.path.splitext(os.path.basename(folder))[0]) is not None:
         return [folder] * len(images)
     prefixes = [_flat_frame_video(image) for image in images]
     named = [prefix for prefix in prefixes if prefix is not None]
@@ -167,7 +167,7 @@ def _ffpp_videos(folder, images):
 def _flat_frame_video(image):
     """``000_003`` for ``.../000_003_0012.png``; None for a name that is not ``<video>_<frame>``."""
     stem, _, frame = os.path.splitext(os.path.basename(image))[0].rpartition("_")
-    return stem if frame.isdigit() and stem and _is_ffpp_video_name(stem) else None
+    return stem if frame.isdigit() and stem and _ffpp_ids(stem) is not None else None
 
 
 def describe_kind(path):
@@ -248,11 +248,10 @@ def hold_out(samples, fraction, seed):
 
 
 def _video_ids(video):
-    """The ids a video folder's name links it by: ``000`` -> [000], ``000_003`` -> [000,
-    003] (DeepFakeDetection's ``01_02__scene``: [01, 02]); another name is its own id."""
-    name = os.path.basename(video).split("__", 1)[0]
-    parts = name.split("_")
-    return parts if all(p.isdigit() for p in parts) else [name]
+    """The ids a video folder's name links it by (:func:`_ffpp_ids`); another name is its own
+    id."""
+    name = os.path.basename(video)
+    return _ffpp_ids(name) or [name.split("__", 1)[0]]
 
 
 def _video_groups(samples, fraction):
