@@ -126,10 +126,12 @@ def measure_interleaved(variants, args, device, on_progress=None):
     """Median seconds per step for every (variant, phase), each step's peak memory, and the
     error of any step that failed (reported, not fatal: one broken variant must not cost the
     others' numbers). Variants take turns over several rounds, so a slow spell of the machine
-    hits them all alike. ``on_progress(medians, memory, errors)`` runs after every measurement,
-    so a run stopped part-way still leaves its numbers."""
+    hits them all alike. ``on_progress(medians, memory, errors, warmup)`` runs after every
+    measurement, so a run stopped part-way still leaves its numbers. ``warmup`` holds each
+    step's warm-up seconds (a compiled variant's compile time), also printed as it ends: a run
+    cut during a compile still says how far that compile had got."""
     times = {(name, phase): [] for name, steps in variants.items() for phase in steps}
-    memory, errors = {}, {}
+    memory, errors, warmup = {}, {}, {}
     for round_index in range(args.rounds):
         for name, steps in variants.items():
             for phase, fn in steps.items():
@@ -137,8 +139,14 @@ def measure_interleaved(variants, args, device, on_progress=None):
                     continue
                 try:
                     if round_index == 0:
+                        print(f"{name} {phase}: {args.warmup} warm-up steps ...", flush=True)
+                        start = time.perf_counter()
                         for _ in range(args.warmup):
                             fn()
+                        _sync(device)
+                        warmup[(name, phase)] = time.perf_counter() - start
+                        print(f"{name} {phase}: warm-up took {warmup[(name, phase)]:.1f} s",
+                              flush=True)
                         memory[(name, phase)] = peak_step_memory(
                             fn, device, getattr(fn, "release", None))
                     times[(name, phase)].append(time_it(fn, device, 1, args.iters))
@@ -146,8 +154,8 @@ def measure_interleaved(variants, args, device, on_progress=None):
                     errors[(name, phase)] = f"{type(error).__name__}: {error}"[:300]
                     print(f"{name} {phase} FAILED: {errors[(name, phase)]}", flush=True)
                 if on_progress is not None:
-                    on_progress(_medians(times, errors), memory, errors)
-    return _medians(times, errors), memory, errors
+                    on_progress(_medians(times, errors), memory, errors, warmup)
+    return _medians(times, errors), memory, errors, warmup
 
 
 def _medians(times, errors):
@@ -186,7 +194,7 @@ def print_table(rows, batch, rounds=None):
         print(f"fewer rounds than the {rounds} asked (a run cut short): " + ", ".join(short))
 
 
-def collect_rows(names, variants, medians, memory, errors, build_errors):
+def collect_rows(names, variants, medians, memory, errors, build_errors, warmup=None):
     """One row per variant in the order ``names`` lists them (the first is the baseline of the
     ratios, even when it failed to build)."""
     rows = []
@@ -196,6 +204,8 @@ def collect_rows(names, variants, medians, memory, errors, build_errors):
             continue
         row = {"variant": name}
         for phase in variants[name]:
+            if warmup and (name, phase) in warmup:
+                row[f"{phase}_warmup_s"] = warmup[(name, phase)]
             if (name, phase) in medians:
                 row[f"{phase}_s"], row[f"{phase}_rounds"] = medians[(name, phase)]
                 row[f"{phase}_peak_bytes"] = memory.get((name, phase))
@@ -233,8 +243,8 @@ def run(args, device):
     out = result_path(args.json, f"models_{device.type}.json")
     load_at_start = warn_if_loaded()
 
-    def save(medians, memory, errors, complete=False):
-        rows = collect_rows(names, variants, medians, memory, errors, build_errors)
+    def save(medians, memory, errors, warmup, complete=False):
+        rows = collect_rows(names, variants, medians, memory, errors, build_errors, warmup)
         result = {"benchmark": "bench_models", "complete": complete, "settings": vars(args),
                   "baseline": names[0],
                   "machine": machine_info(device), "load_average_at_start": load_at_start,
@@ -244,8 +254,9 @@ def run(args, device):
         return rows, result
 
     print(f"measuring {len(variants)} variants, {args.rounds} interleaved rounds ...", flush=True)
-    medians, memory, errors = measure_interleaved(variants, args, device, on_progress=save)
-    rows, result = save(medians, memory, errors, complete=True)
+    medians, memory, errors, warmup = measure_interleaved(variants, args, device,
+                                                          on_progress=save)
+    rows, result = save(medians, memory, errors, warmup, complete=True)
     print(f"\nSFIConv-ResNet-{args.depth}, batch {args.batch}, {args.size}x{args.size}, "
           f"{args.dtype}, device {device} ({machine_info(device).get('gpu', 'CPU')}), "
           f"{args.optimizer}, median over {args.rounds} rounds of {args.iters} steps, "

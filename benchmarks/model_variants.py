@@ -16,8 +16,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
   shapes, the speed an SFIConv network should approach.
-- ``fused-inference``: ``fuse_for_inference(fast)`` (inference only; on the CPU its
-  convolutions run with the residual add as a oneDNN post-op on pre-reordered weights);
+- ``fused-inference``: ``fuse_for_inference(fast, cudnn=False)`` (inference only; on the CPU
+  its convolutions run with the residual add as a oneDNN post-op on pre-reordered weights, on
+  CUDA as plain ``F.conv2d`` calls: the library's CUDA default is ``fused-inference-cudnn``);
   ``fused-inference-unpacked`` the same with plain ``F.conv2d`` calls (``onednn=False``);
   ``fused-inference-compiled`` the same under ``torch.compile``; ``fused-inference-frozen``
   under ``torch.compile`` with inductor's freezing (weights as constants: oneDNN prepacking and
@@ -26,7 +27,7 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   ``fused-inference-lowp`` with the folded weights cast once to the run's autocast dtype (no
   cast per call; on a float32 run the same as ``fused-inference``);
   ``fused-inference-cudnn`` with ``cudnn=True`` (each convolution + bias + add + ReLU as one
-  fused cuDNN call, CUDA only) and ``fused-inference-cudnn-cudagraph`` that replayed from a
+  fused cuDNN call, CUDA only; what ``fuse_for_inference`` does by default on CUDA) and ``fused-inference-cudnn-cudagraph`` that replayed from a
   CUDA graph.
 """
 import copy
@@ -49,7 +50,7 @@ DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
             "fused-inference", "fused-inference-unpacked"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
-             "fused-inference-cudagraph"),
+             "fused-inference-cudnn", "fused-inference-cudagraph"),
 }
 
 
@@ -134,10 +135,11 @@ def build_variants(names, depth, device, amp_dtype):
         "plain": lambda: Variant("plain", plain_twin(fast()), True, amp_dtype),
         "plain-compiled": lambda: Variant("plain-compiled", torch.compile(plain_twin(fast())),
                                           True, amp_dtype),
-        "fused-inference": lambda: Variant("fused-inference",
-                                           models.fuse_for_inference(fast()), False, amp_dtype),
+        "fused-inference": lambda: Variant(
+            "fused-inference", models.fuse_for_inference(fast(), cudnn=False), False, amp_dtype),
         "fused-inference-unpacked": lambda: Variant(
-            "fused-inference-unpacked", models.fuse_for_inference(fast(), onednn=False), False,
+            "fused-inference-unpacked",
+            models.fuse_for_inference(fast(), onednn=False, cudnn=False), False,
             amp_dtype),
         "fused-inference-compiled": lambda: Variant(
             "fused-inference-compiled", torch.compile(models.fuse_for_inference(fast())), False,
@@ -147,11 +149,13 @@ def build_variants(names, depth, device, amp_dtype):
             torch.compile(models.fuse_for_inference(fast()), options={"freezing": True}), False,
             amp_dtype),
         "fused-inference-cudagraph": lambda: Variant(
-            "fused-inference-cudagraph", models.fuse_for_inference(fast(), cuda_graph=True),
+            "fused-inference-cudagraph",
+            models.fuse_for_inference(fast(), cuda_graph=True, cudnn=False),
             False, amp_dtype),
         "fused-inference-lowp": lambda: Variant(
             "fused-inference-lowp",
-            models.fuse_for_inference(fast()).to(amp_dtype or torch.float32), False, amp_dtype),
+            models.fuse_for_inference(fast(), cudnn=False).to(amp_dtype or torch.float32), False,
+            amp_dtype),
         "fused-inference-cudnn": lambda: Variant(
             "fused-inference-cudnn", models.fuse_for_inference(fast(), cudnn=True), False,
             amp_dtype),

@@ -25,12 +25,9 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <initializer_list>
-#include <string>
 
 #include "mcs_conv.h"
+#include "mcs_conv_cuda_config.h"
 #include "mcs_conv_cuda_rows.cuh"
 #include "mcs_conv_cuda_tiles.cuh"
 #include "mcs_conv_cuda_tiles_pipelined.cuh"
@@ -252,47 +249,10 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The value of environment variable `name`, one of `allowed` (the first when unset); anything
-// else is an error that names the choices, not a silent default.
-std::string env_choice(const char* name, std::initializer_list<const char*> allowed) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return *allowed.begin();
-  std::string choices;
-  for (const char* a : allowed) {
-    if (std::strcmp(value, a) == 0) return a;
-    choices += choices.empty() ? a : std::string(", ") + a;
-  }
-  TORCH_CHECK(false, "mcs_conv CUDA kernel: ", name, "=", value, " is not one of: ", choices);
-  return {};
-}
+// The NCHW tile kernels (plain or double-buffered) unless SFICONV_CUDA_NCHW_KERNEL=rows; the
+// choice is read (and so checked) on every call, whatever the input: mcs_conv_cuda_config.cpp.
+bool nchw_tiles_selected() { return cuda_kernel_config().nchw_kernel != NchwKernel::kRows; }
 
-// Which NCHW correlation kernel runs for k = 3, 5, 7 (forward and input gradient): the
-// double-buffered tiles (default since an H100 run of 2026-11-27 timed them at 1.04-1.64x the
-// plain tiles' forward, 1.04-1.34x the whole forward + backward: mcs_conv_cuda_tiles_pipelined.cuh;
-// inputs whose rows are not whole aligned 16-byte vectors take the plain tiles), the plain
-// shared-memory tiles (SFICONV_CUDA_NCHW_KERNEL=tiles) or the row-blocked kernel (=rows), kept
-// selectable so benchmarks and tests compare them on the same build.
-std::string nchw_kernel_choice() {
-  return env_choice("SFICONV_CUDA_NCHW_KERNEL", {"tiles-pipelined", "tiles", "rows"});
-}
-bool nchw_kernel_chosen_explicitly() {
-  const char* value = std::getenv("SFICONV_CUDA_NCHW_KERNEL");
-  return value != nullptr && *value != '\0';
-}
-bool nchw_tiles_selected() { return nchw_kernel_choice() != "rows"; }
-
-// The plain tile kernel's register budget, an experiment: Nsight Compute found it at 25%
-// occupancy, limited by registers (2 blocks of 256 threads per SM). "3" or "4" asks the
-// compiler for that many resident blocks (__launch_bounds__: at most 85 or 64 registers a
-// thread). Timed on an H100 (2026-11-27): 3 level with the uncapped kernel in float32, 7-8%
-// faster in bfloat16, 4 slower. Setting it selects the plain tiles for the NCHW k = 3, 5, 7
-// cases they serve; with SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined set too it is an error, and
-// the row kernels (=rows, channels_last) have no such build and ignore it.
-int tile_min_blocks() {
-  return std::stoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}));
-}
-
-// The choice is read (and so checked) on every call, whatever the input.
 bool can_tile(const at::Tensor& x, int k) {
   return nchw_tiles_selected() && !is_channels_last(x) && (k == 3 || k == 5 || k == 7);
 }
@@ -399,12 +359,11 @@ bool launch_conv_tiles_pipelined(const at::Tensor& x, const at::Tensor& taps, at
 
 template <typename scalar_t, int K>
 void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
-  const int min_blocks = tile_min_blocks();
-  const bool pipelined = nchw_kernel_choice() == "tiles-pipelined";
-  TORCH_CHECK(min_blocks == 1 || !pipelined || !nchw_kernel_chosen_explicitly(),
-              "mcs_conv CUDA kernel: SFICONV_CUDA_TILE_MIN_BLOCKS=", min_blocks,
-              " caps the plain tile kernel, but SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined asks for "
-              "the double-buffered one");
+  // A register cap (SFICONV_CUDA_TILE_MIN_BLOCKS) selects the plain tiles; with an explicit
+  // tiles-pipelined it was refused by cuda_kernel_config.
+  const auto config = cuda_kernel_config();
+  const int min_blocks = config.tile_min_blocks;
+  const bool pipelined = config.nchw_kernel == NchwKernel::kTilesPipelined;
   if (pipelined && min_blocks == 1 && launch_conv_tiles_pipelined<scalar_t, K>(x, taps, y))
     return;
   switch (min_blocks) {
@@ -513,15 +472,11 @@ WeightGradPath weight_grad_path(const at::Tensor& x, int k) {
 
 // Called before any kernel of the backward runs (prepare_backward has only allocated the
 // outputs): the fallback alone puts channels on gridDim.y (the row kernels loop over planes).
-// Raised from here, outside the dtype dispatch, rather than from inside the launcher: on an
-// H100 (torch 2.11) the same error raised from launch_weight_grad crashed the process
-// (segfault in the autograd thread, 2026-11-27; cause not found); raised here it unwinds only
-// through frames the other backward errors already take.
+// The error itself is raised by host code the C++ compiler built (mcs_conv_cuda_config.h says
+// why).
 void check_weight_grad_grid(const at::Tensor& x, int k) {
-  TORCH_CHECK(weight_grad_path(x, k) != WeightGradPath::kFallback || x.size(1) <= kMaxGrid,
-              "mcs_conv CUDA kernel: the weight gradient for k = ", k,
-              " in this layout supports at most ", int64_t(kMaxGrid), " channels, got ",
-              x.size(1));
+  if (weight_grad_path(x, k) == WeightGradPath::kFallback)
+    check_weight_grad_channels(x.size(1), kMaxGrid, k);
 }
 
 // dL/d(effective filter) as [C, k*k] in the accumulation dtype, from per-block partial sums
@@ -582,9 +537,7 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
 // The one-pass NCHW backward of the row kernels (rows::backward_fused_nchw_kernel) measured
 // slower than the row kernels' two passes on an H100 in 3 of 4 cases (faster only in float32 at
 // [64, 64, 64, 64]), so it is opt-in: SFICONV_CUDA_FUSED_BACKWARD=1 (either NCHW kernel choice).
-bool fused_backward_requested() {
-  return env_choice("SFICONV_CUDA_FUSED_BACKWARD", {"0", "1"}) == "1";
-}
+bool fused_backward_requested() { return cuda_kernel_config().fused_backward; }
 
 bool can_fuse_backward(const at::Tensor& x, int k) {
   const auto geo = row_geometry(x);
@@ -630,24 +583,11 @@ at::Tensor fused_backward_nchw(const at::Tensor& g, const at::Tensor& x,
   return at::sum(partials, at::IntArrayRef{0, 2});
 }
 
-void check_cuda(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
-}
-
-// Called after check_inputs: the kernels keep per-image sizes in 32-bit ints, and add a tile,
-// a halo or a row block (under 1024) to H and W before comparing.
-void check_cuda_sizes(const at::Tensor& x) {
-  constexpr int64_t kMaxSide = INT32_MAX - 1024;
-  TORCH_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= kMaxSide && x.size(3) <= kMaxSide,
-              "mcs_conv CUDA kernel: C must fit in 32 bits and H and W must be at most ",
-              kMaxSide, ", got ", x.sizes());
-}
-
 }  // namespace
 
 at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                  double eps) {
-  check_cuda(x);
+  check_cuda_device(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_forward(x, weight, eps);
   check_cuda_sizes(x);
@@ -666,7 +606,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
                                                           const at::Tensor& weight,
                                                           bool constrained, double eps,
                                                           bool need_x, bool need_weight) {
-  check_cuda(x);
+  check_cuda_device(x);
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x);
   check_cuda_sizes(x);

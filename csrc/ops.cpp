@@ -7,6 +7,7 @@
 
 #include "cpu_block_cache.h"
 #include "mcs_conv.h"
+#include "mcs_conv_cuda_config.h"
 #include "norm_act.h"
 
 // setup.py writes the CUDA architectures it compiled for into this header.
@@ -33,7 +34,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 3;
+constexpr int kExtensionApi = 4;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
@@ -63,6 +64,9 @@ TORCH_LIBRARY(sficonv_ext, m) {
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
       "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
+  // The CUDA kernel choices the SFICONV_CUDA_* variables make now (an error if they are invalid):
+  // plain C++, so it runs, and is tested, in builds and on machines without CUDA too.
+  m.def("cuda_kernel_config() -> str", &cuda_kernel_config_text);
   // Not tensor ops: switches for the CPU block cache (sficonv_ext.cpu_allocator).
   m.def("cpu_block_cache_enter(int token, int min_bytes, float budget) -> ()",
         &cpu_block_cache_enter);

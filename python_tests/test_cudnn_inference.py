@@ -166,6 +166,9 @@ def test_fuse_for_inference_refuses_cudnn_off_cuda():
     _, fast = make_pair(26, dtype=torch.float32)
     with pytest.raises(ValueError, match="cudnn=True needs the model on a CUDA device"):
         models.fuse_for_inference(fast, cudnn=True)
+    # The default (cudnn=None) chooses by device: no cuDNN layers for a CPU model, no error.
+    fused = models.fuse_for_inference(fast)
+    assert not any(isinstance(m, (CudnnConvNorm, CudnnPlainBottleneck)) for m in fused.modules())
 
 
 def test_a_moved_or_converted_weight_is_recast(pair, fake):

@@ -63,8 +63,11 @@ def test_fused_matches_composition_float32(shape, layout, constrained, bias):
     assert len(got) == len(want)
     for a, e in zip(got, want):
         assert rel_err(a.double(), e) < 1e-5
-    # The output in the layout the composed path gives (NCHW input once came back channels_last).
-    assert got[0].stride() == want[0].stride(), layout
+    # The output keeps the input's layout (NCHW input once came back channels_last). Stated, not
+    # taken from the float64 composition: on a GPU that runs a native kernel whose output is NCHW
+    # whatever the input (cuDNN has no float64 channels_last), so its strides are no reference.
+    want_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got[0].is_contiguous(memory_format=want_format), (layout, got[0].stride())
 
 
 def test_composition_matches_published_layer_float64():

@@ -37,7 +37,7 @@ def _autocast(amp):
 def test_cudnn_layers_match_the_plain_folded_model(fast, dtype):
     amp, tol = CASES[dtype]
     _no_tf32()
-    plain = models.fuse_for_inference(fast)
+    plain = models.fuse_for_inference(fast, cudnn=False)
     fused = models.fuse_for_inference(fast, cudnn=True)
     x = torch.randn(3, 3, 97, 131, device="cuda")  # odd sizes: odd maps in every stage
     with torch.inference_mode():
@@ -102,7 +102,7 @@ def test_nan_in_the_input_reaches_the_output_as_on_the_plain_path(fast, dtype):
     # A ReLU that maps NaN to 0 would hide a broken input: the fused call must keep every NaN
     # the plain path keeps, in one layer and through the whole model.
     amp = CASES[dtype][0]
-    plain = models.fuse_for_inference(fast)
+    plain = models.fuse_for_inference(fast, cudnn=False)
     fused = models.fuse_for_inference(fast, cudnn=True)
     x = torch.randn(2, 64, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     x[0, 5, 7, 9] = float("nan")

@@ -20,6 +20,10 @@
 # than the budget). GPU_CHECK_SKIP="mcs fused eager tests compiled profile ncu" (any of them)
 # leaves steps out, e.g. for a second call that times only the compiled models:
 #   GPU_CHECK_SKIP="mcs fused eager tests profile ncu" scripts/gpu_check.sh $OUT
+# GPU_CHECK_COMPILED_VARIANTS replaces that step's variant list, e.g. "reference
+# reference-compiled" with GPU_CHECK_BUDGET_S=520 to give the compiled reference (never timed:
+# its compile outlasted every budget so far) the whole call; each step's warm-up (compile) time
+# is printed and lands in the summary.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-gpu_results}
@@ -91,16 +95,22 @@ wanted eager && step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/ben
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
     fused-inference-lowp fused-inference-cudnn fused-inference-cudnn-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1
-# The test that crashed the process on 2026-11-27 (segfault in the autograd thread while a
-# CUDA backward raised its grid-limit error), under gdb where the machine has it, so that a
-# crash leaves a C++ backtrace in bench.log instead of a lost xdist worker.
-if command -v gdb > /dev/null && wanted tests; then
-  note "== the 70,000-channel weight-gradient test under gdb (backtrace in bench.log if it crashes)"
-  echo "== gdb: test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension" >> "$OUTDIR/bench.log"
-  timeout "$(limit 60)" gdb -q -batch -ex run -ex bt --args "$PY" -m pytest \
-      python_tests/test_gpu_mcs.py -k more_channels_than_a_grid -q -p no:cacheprovider \
+# The CUDA tests that raise errors, alone and first: on 2026-11-27 (H100, then H200) every error
+# raised from nvcc-compiled code with a number in its message crashed its process (segfault);
+# those checks now live in C++-compiled code (csrc/mcs_conv_cuda_config.h). Run serially with
+# faulthandler (and under gdb where the machine has it), so a crash is named in the summary
+# with its traceback in bench.log rather than lost with an xdist worker.
+if wanted tests; then
+  note "== the CUDA error tests, alone (segfaulted on 2026-11-27)"
+  runner=()
+  command -v gdb > /dev/null && runner=(gdb -q -batch -ex run -ex bt --args)
+  echo "== error tests ${runner[*]:+under gdb}" >> "$OUTDIR/bench.log"
+  timeout "$(limit 60)" "${runner[@]}" "$PY" -X faulthandler -m pytest python_tests/test_gpu_mcs.py \
+      python_tests/test_cuda_kernel_config.py -q -p no:cacheprovider \
+      -k "more_channels_than_a_grid or register_cap or bad_kernel_choice or kernel_config" \
       >> "$OUTDIR/bench.log" 2>&1
-  sed -n '/== gdb: /,$p' "$OUTDIR/bench.log" | grep -E "SIGSEGV|^#[0-9]+ |passed|failed" | head -30 \
+  sed -n '/== error tests/,$p' "$OUTDIR/bench.log" \
+      | grep -E "Segmentation|SIGSEGV|^#[0-9]+ |passed|failed|^FAILED" | head -30 \
       | tee -a "$OUTDIR/summary.txt"
 fi
 note "== GPU tests"
@@ -111,6 +121,7 @@ note "pytest-xdist: ${XDIST:-not installed, tests run serially}"
 # SFICONV_REQUIRE_*: a build whose CUDA kernels did not load fails here instead of skipping.
 wanted tests && SFICONV_REQUIRE_EXTENSION=1 SFICONV_REQUIRE_CUDA=1 \
 step "GPU tests" "$(limit 240)" "$PY" -m pytest python_tests/test_gpu_mcs.py \
+    python_tests/test_cuda_kernel_config.py \
     python_tests/test_gpu_models.py python_tests/test_gpu_cudnn_inference.py \
     python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py \
     -q -p no:cacheprovider $XDIST -rfEpP > "$OUTDIR/tests.log" 2>&1
@@ -137,8 +148,9 @@ note "== compiled models (bfloat16, batch 64)"
 wanted compiled && step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench_models.py \
     --device cuda --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_compiled.json" \
-    --variants reference fused-inference-compiled fast-compiled plain-compiled reference-compiled \
+    --variants ${GPU_CHECK_COMPILED_VARIANTS:-reference fused-inference-compiled fast-compiled plain-compiled reference-compiled} \
     >> "$OUTDIR/bench.log" 2>&1
+grep -E "warm-up took" "$OUTDIR/bench.log" | tee -a "$OUTDIR/summary.txt"
 
 # Why eager fuse_for_inference ran slower than the unfolded model on the H100: kernels per
 # forward and the costliest kernels of each inference variant, into bench.log and the summary.
@@ -165,7 +177,7 @@ else
   note "no ncu on this machine: kernel profile skipped"
 fi
 
-grep -vE "^(W[0-9]|  warnings|$)" "$OUTDIR/bench.log" | grep -E "^ *[0-9]+x|^ *(bfloat16|float32)|^(MCSConv|Fused|SFIConv|variant|reference|fast|plain|fused)|^ +(first|bn)|FAILED|built" \
+grep -vE "^(W[0-9]|  warnings|$)|warm-up" "$OUTDIR/bench.log" | grep -E "^ *[0-9]+x|^ *(bfloat16|float32)|^(MCSConv|Fused|SFIConv|variant|reference|fast|plain|fused)|^ +(first|bn)|FAILED|built" \
     | tee -a "$OUTDIR/summary.txt"
 note "finished at ${SECONDS} s, exit status $status"
 exit $status
