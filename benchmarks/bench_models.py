@@ -140,13 +140,17 @@ def measure_interleaved(variants, args, device, on_progress=None):
                 try:
                     if round_index == 0:
                         print(f"{name} {phase}: {args.warmup} warm-up steps ...", flush=True)
-                        start = time.perf_counter()
-                        for _ in range(args.warmup):
-                            fn()
-                        _sync(device)
-                        warmup[(name, phase)] = time.perf_counter() - start
-                        print(f"{name} {phase}: warm-up took {warmup[(name, phase)]:.1f} s",
-                              flush=True)
+                        start, finished = time.perf_counter(), False
+                        try:
+                            for _ in range(args.warmup):
+                                fn()
+                            _sync(device)
+                            finished = True
+                        finally:  # a failed or interrupted warm-up (compile) says how long too
+                            warmup[(name, phase)] = time.perf_counter() - start
+                            print(f"{name} {phase}: warm-up "
+                                  f"{'took' if finished else 'stopped after'} "
+                                  f"{warmup[(name, phase)]:.1f} s", flush=True)
                         memory[(name, phase)] = peak_step_memory(
                             fn, device, getattr(fn, "release", None))
                     times[(name, phase)].append(time_it(fn, device, 1, args.iters))

@@ -27,8 +27,8 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   ``fused-inference-lowp`` with the folded weights cast once to the run's autocast dtype (no
   cast per call; on a float32 run the same as ``fused-inference``);
   ``fused-inference-cudnn`` with ``cudnn=True`` (each convolution + bias + add + ReLU as one
-  fused cuDNN call, CUDA only; what ``fuse_for_inference`` does by default on CUDA) and ``fused-inference-cudnn-cudagraph`` that replayed from a
-  CUDA graph.
+  fused cuDNN call, CUDA only; what ``fuse_for_inference`` does by default on CUDA) and
+  ``fused-inference-cudnn-cudagraph`` that replayed from a CUDA graph.
 """
 import copy
 from dataclasses import dataclass
@@ -142,11 +142,13 @@ def build_variants(names, depth, device, amp_dtype):
             models.fuse_for_inference(fast(), onednn=False, cudnn=False), False,
             amp_dtype),
         "fused-inference-compiled": lambda: Variant(
-            "fused-inference-compiled", torch.compile(models.fuse_for_inference(fast())), False,
+            "fused-inference-compiled",
+            torch.compile(models.fuse_for_inference(fast(), cudnn=False)), False,
             amp_dtype),
         "fused-inference-frozen": lambda: Variant(
             "fused-inference-frozen",
-            torch.compile(models.fuse_for_inference(fast()), options={"freezing": True}), False,
+            torch.compile(models.fuse_for_inference(fast(), cudnn=False),
+                          options={"freezing": True}), False,
             amp_dtype),
         "fused-inference-cudagraph": lambda: Variant(
             "fused-inference-cudagraph",

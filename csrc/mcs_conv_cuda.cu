@@ -591,6 +591,7 @@ at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_forward(x, weight, eps);
   check_cuda_sizes(x);
+  cuda_kernel_config();  // an invalid SFICONV_CUDA_* choice fails here, before any dispatch
   if (args.y.numel() == 0) return args.y;
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -610,6 +611,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x);
   check_cuda_sizes(x);
+  cuda_kernel_config();  // an invalid SFICONV_CUDA_* choice fails here, before any dispatch
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
   if (need_weight) check_weight_grad_grid(args.x, k);

@@ -54,8 +54,9 @@ CudaKernelConfig cuda_kernel_config() {
   // occupancy, limited by registers; "3" or "4" asks the compiler for that many resident blocks
   // of 256 threads (__launch_bounds__). Timed on an H100 (2026-11-27): 3 level with the uncapped
   // kernel in float32, 7-8% faster in bfloat16, 4 slower. It exists for the plain tiles only:
-  // setting it selects them where they serve (NCHW, k = 3, 5, 7; the row kernels ignore it);
-  // asked for together with an explicit double-buffered kernel it is a contradiction.
+  // setting it selects them where they serve (NCHW, k = 3, 5, 7; other calls run kernels it
+  // does not change); asked for together with an explicit double-buffered kernel it is a
+  // contradiction, refused on every call whatever its input, like an unknown value.
   config.tile_min_blocks =
       std::atoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}).c_str());
   TORCH_CHECK(config.tile_min_blocks == 1 ||

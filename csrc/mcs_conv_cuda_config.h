@@ -23,9 +23,10 @@ struct CudaKernelConfig {
   bool fused_backward;  // both NCHW gradients in one pass where the kernel serves the input
 };
 
-// Read and checked on every call (tests and benchmarks change the variables between calls): an
-// unknown value, or a register cap together with an explicit tiles-pipelined, is an error that
-// names the choices rather than a silent default.
+// Read and checked on every call (tests and benchmarks change the variables between calls),
+// all three at once whatever the input (a layout or filter size that one of them does not
+// concern included): an unknown value, or a register cap together with an explicit
+// tiles-pipelined, is an error that names the choices rather than a silent default.
 CudaKernelConfig cuda_kernel_config();
 
 // "nchw_kernel=...;tile_min_blocks=...;fused_backward=..." (the op cuda_kernel_config).

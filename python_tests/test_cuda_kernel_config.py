@@ -62,3 +62,10 @@ def test_register_cap_with_explicit_pipelined_kernel_is_an_error(monkeypatch):
         config()
     monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "tiles")
     assert config() == {"nchw_kernel": "tiles", "tile_min_blocks": "3", "fused_backward": "0"}
+    monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "rows")  # the cap changes nothing there
+    assert config()["nchw_kernel"] == "rows"
+    # Without a cap, the double-buffered kernel may be named explicitly.
+    monkeypatch.setenv("SFICONV_CUDA_TILE_MIN_BLOCKS", "1")
+    monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined")
+    assert config() == {"nchw_kernel": "tiles-pipelined", "tile_min_blocks": "1",
+                        "fused_backward": "0"}

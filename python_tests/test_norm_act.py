@@ -113,15 +113,16 @@ def test_fast_model_with_every_fused_path_forced():
     # noise moves some parameters' gradients by 8-40% (ReLUs flip, BatchNorms over a few values
     # per channel). So float32 rounding alone moves them that far, by machine: on an AMD EPYC
     # every path stayed within 1.8e-3 here; on an Intel Xeon the PyTorch float32 path was off by
-    # 0.33. Each gradient of the Triton model is held to the PyTorch float32 path's own error
-    # (plus 5e-3), and the median over parameters to 5e-3: a wrong kernel is off everywhere.
+    # 0.33. Each gradient of the Triton model is held to twice the PyTorch float32 path's own
+    # error plus 5e-3 (the two paths measured within 1% of each other's error here), and the
+    # median over parameters to that path's median plus 5e-3: a wrong kernel is off everywhere.
     errors, baselines = [], []
     params = zip(fast.named_parameters(), fused.named_parameters(), plain32.named_parameters())
     for (name, p_ref), (_, p), (_, p32) in params:
         if p_ref.grad is not None:
             error, baseline = rel_err(p.grad.double(), p_ref.grad), rel_err(p32.grad.double(),
                                                                            p_ref.grad)
-            assert error < 3 * baseline + 5e-3, (name, error, baseline)
+            assert error < 2 * baseline + 5e-3, (name, error, baseline)
             errors.append(error)
             baselines.append(baseline)
     assert statistics.median(errors) < 5e-3 + statistics.median(baselines), (errors, baselines)

@@ -85,8 +85,8 @@ wanted fused && step "fused-layer benchmark" "$(limit 45)" "$PY" benchmarks/benc
     --device cuda --iters 25 --rounds 2 --json "$OUTDIR/fused_layers_cuda.json" \
     >> "$OUTDIR/bench.log" 2>&1
 note "== model benchmark (bfloat16, batch 64): eager variants, then compiled ones"
-# The last three variants are candidates for fuse_for_inference's default on CUDA (weights
-# cast once; cuDNN's fused convolution + bias + add + ReLU), untimed on a GPU so far.
+# fused-inference* are fuse_for_inference with plain F.conv2d calls (cudnn=False); the last two
+# are its CUDA default (weights cast once; cuDNN's fused convolution + bias + add + ReLU).
 # --cudnn-benchmark: cuDNN's autotuned algorithms for every variant, as sficonv train runs
 # (the 2026-11-26 runs used its heuristics).
 wanted eager && step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/bench_models.py --device cuda \
@@ -104,12 +104,13 @@ if wanted tests; then
   note "== the CUDA error tests, alone (segfaulted on 2026-11-27)"
   runner=()
   command -v gdb > /dev/null && runner=(gdb -q -batch -ex run -ex bt --args)
-  echo "== error tests ${runner[*]:+under gdb}" >> "$OUTDIR/bench.log"
-  timeout "$(limit 60)" "${runner[@]}" "$PY" -X faulthandler -m pytest python_tests/test_gpu_mcs.py \
-      python_tests/test_cuda_kernel_config.py -q -p no:cacheprovider \
+  marker="== error tests $(date +%s) ${runner[*]:+under gdb}"  # bench.log may hold older runs
+  echo "$marker" >> "$OUTDIR/bench.log"
+  step "CUDA error tests" "$(limit 60)" "${runner[@]}" "$PY" -X faulthandler -m pytest \
+      python_tests/test_gpu_mcs.py python_tests/test_cuda_kernel_config.py -q -p no:cacheprovider \
       -k "more_channels_than_a_grid or register_cap or bad_kernel_choice or kernel_config" \
       >> "$OUTDIR/bench.log" 2>&1
-  sed -n '/== error tests/,$p' "$OUTDIR/bench.log" \
+  sed -n "/^$marker\$/,\$p" "$OUTDIR/bench.log" \
       | grep -E "Segmentation|SIGSEGV|^#[0-9]+ |passed|failed|^FAILED" | head -30 \
       | tee -a "$OUTDIR/summary.txt"
 fi
@@ -145,12 +146,16 @@ note "tests done at ${SECONDS} s"
 # Before the inference profile and the Nsight Compute step, which keep 30 and 50 s: these
 # numbers are issue 4's targets.
 note "== compiled models (bfloat16, batch 64)"
+cmarker="== compiled models $(date +%s)"
+echo "$cmarker" >> "$OUTDIR/bench.log"
 wanted compiled && step "compiled model benchmark" "$(limit_keeping 80 400)" "$PY" benchmarks/bench_models.py \
     --device cuda --batch 64 --dtype bfloat16 --iters 10 --warmup 3 --rounds 2 --cudnn-benchmark \
     --json "$OUTDIR/models_cuda_compiled.json" \
     --variants ${GPU_CHECK_COMPILED_VARIANTS:-reference fused-inference-compiled fast-compiled plain-compiled reference-compiled} \
     >> "$OUTDIR/bench.log" 2>&1
-grep -E "warm-up took" "$OUTDIR/bench.log" | tee -a "$OUTDIR/summary.txt"
+# Each compiled step's warm-up: its compile time, or how long it ran before the limit cut it.
+wanted compiled && sed -n "/^$cmarker\$/,\$p" "$OUTDIR/bench.log" | grep -E "warm-up (took|stopped)" \
+    | tee -a "$OUTDIR/summary.txt"
 
 # Why eager fuse_for_inference ran slower than the unfolded model on the H100: kernels per
 # forward and the costliest kernels of each inference variant, into bench.log and the summary.
