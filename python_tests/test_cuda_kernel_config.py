@@ -69,3 +69,13 @@ def test_register_cap_with_explicit_pipelined_kernel_is_an_error(monkeypatch):
     monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined")
     assert config() == {"nchw_kernel": "tiles-pipelined", "tile_min_blocks": "1",
                         "fused_backward": "0"}
+
+
+@pytest.mark.skipif(not ops.backends()["cuda"], reason="CUDA kernels not built")
+def test_backends_report_the_choices(monkeypatch):
+    # python -m sficonv_ext.info shows them (and a bad value without raising itself).
+    assert ops.backends()["cuda_kernels"] == torch.ops.sficonv_ext.cuda_kernel_config()
+    monkeypatch.setenv("SFICONV_CUDA_NCHW_KERNEL", "bogus")
+    assert ops.backends()["cuda_kernels"].startswith(
+        "invalid: mcs_conv CUDA kernel: SFICONV_CUDA_NCHW_KERNEL=bogus")
+

@@ -35,9 +35,22 @@ def backends():
             "auto", torch.empty(1, 2, 2, 2, dtype=torch.bfloat16).contiguous(
                 memory_format=torch.channels_last)),
     }
+    if _extension.has_cuda_kernels():
+        result["cuda_kernels"] = cuda_kernel_choices()
     if cuda_device:
         result["auto_cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))
         result["auto_cuda_channels_last"] = resolve_backend(
             "auto", torch.empty(1, 2, 2, 2, device="cuda").contiguous(
                 memory_format=torch.channels_last))
     return result
+
+
+def cuda_kernel_choices():
+    """The CUDA kernels the SFICONV_CUDA_* environment variables choose now, as the extension
+    reads them ("nchw_kernel=...;tile_min_blocks=...;fused_backward=..."), or why they are
+    invalid (every CUDA MCSConv call would then raise that error)."""
+    try:
+        return torch.ops.sficonv_ext.cuda_kernel_config()
+    except RuntimeError as error:
+        return f"invalid: {str(error).splitlines()[0]}"
+
