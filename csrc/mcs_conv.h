@@ -43,6 +43,38 @@ SFI_HOST_DEVICE inline void effective_taps(const scalar_t* raw, int k, bool cons
   }
 }
 
+// The chain rule through the constraint for one channel: dL/d(raw taps) `out` (k*k, the
+// weight's dtype) from dL/d(effective taps) `grad_eff` (k*k, the accumulation type), in one
+// pass over the taps, on the host or the device (CUDA runs it one thread per channel: one launch
+// where a chain of small tensor ops took about twenty). Constrained, w_eff[t] = w[t] / S'
+// (t != centre) with S' = clamp_sum(S), so dL/dw[t] = g[t] / S' - <g, w> / S'^2, the second term
+// only where |S| >= eps (the clamp passes no gradient to S below it), and dL/dw[centre] = 0.
+// The centre is skipped, never multiplied by 0: an inf or NaN raw centre tap (never used) or a
+// NaN in the centre's incoming gradient must not reach the other taps (inf * 0 is NaN), as in
+// the reference. A NaN sum S propagates to every off-centre tap. Unconstrained: `grad_eff`.
+template <typename scalar_t, typename acc_t>
+SFI_HOST_DEVICE inline void constraint_grad(const acc_t* grad_eff, const scalar_t* raw, int k,
+                                            bool constrained, acc_t eps, scalar_t* out) {
+  const int kk = k * k, centre = kk / 2;
+  if (!constrained) {
+    for (int t = 0; t < kk; ++t) out[t] = static_cast<scalar_t>(grad_eff[t]);
+    return;
+  }
+  acc_t s = acc_t(0), dot = acc_t(0);
+  for (int t = 0; t < kk; ++t) {
+    if (t == centre) continue;
+    const acc_t w = static_cast<acc_t>(raw[t]);
+    s += w;
+    dot += grad_eff[t] * w;
+  }
+  const acc_t scale = clamp_sum(s, eps);
+  const bool passes = s >= eps || s <= -eps;
+  const acc_t through = passes ? dot / (scale * scale) : acc_t(0);
+  for (int t = 0; t < kk; ++t)
+    out[t] = t == centre ? static_cast<scalar_t>(acc_t(0))
+                         : static_cast<scalar_t>(grad_eff[t] / scale - through);
+}
+
 // Output columns j for which input column j + offset lies inside [0, width).
 SFI_HOST_DEVICE inline void valid_columns(int width, int offset, int* begin, int* end) {
   *begin = offset < 0 ? -offset : 0;
@@ -72,10 +104,11 @@ struct BackwardArgs {
 BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
                               const at::Tensor& weight, double eps, bool need_x);
 
-// Chain rule through the constraint: gradient w.r.t. the effective filter -> raw weight.
-// `grad_eff` is [C, k*k] in an accumulation dtype; returns a tensor shaped and typed like weight.
-at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,
-                               bool constrained, double eps);
+// Chain rule through the constraint on the CPU: gradient w.r.t. the effective filter -> raw
+// weight. `grad_eff` is [C, k*k] in at::opmath_type of the weight's dtype (double for double);
+// returns a contiguous tensor shaped and typed like weight (constraint_grad per channel).
+at::Tensor constraint_backward_cpu(const at::Tensor& grad_eff, const at::Tensor& weight,
+                                   bool constrained, double eps);
 
 at::Tensor mcs_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                 double eps);

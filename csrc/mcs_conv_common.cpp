@@ -1,4 +1,4 @@
-// Device-independent parts of the MCSConv op: input validation and the constraint's chain rule.
+// Device-independent parts of the MCSConv op: input validation and argument preparation.
 #include <ATen/ATen.h>
 
 #include "mcs_conv.h"
@@ -54,28 +54,6 @@ BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
           weight.contiguous(),
           need_x ? at::empty(x.sizes(), options) : at::empty(x.sizes(), options).zero_(),
           at::zeros(weight.sizes(), weight.options())};
-}
-
-at::Tensor constraint_backward(const at::Tensor& grad_eff, const at::Tensor& weight,
-                               bool constrained, double eps) {
-  const int64_t channels = weight.size(0), kk = weight.size(2) * weight.size(3);
-  if (!constrained) return grad_eff.reshape(weight.sizes()).to(weight.scalar_type());
-  // w_eff[t] = w[t] / S' (t != centre), S' = clamp(S): dL/dw[t] = g[t] / S' - <g, w> / S'^2
-  // where |S| >= eps (the clamp passes the gradient there), and dL/dw[centre] = 0.
-  // The centre is selected away, never multiplied by 0: an inf or NaN raw centre tap (never
-  // used) or a NaN in the centre's incoming gradient (a constant -1 takes none) must not
-  // reach the other taps or the centre's own gradient (inf * 0 is NaN), as in the reference.
-  auto off_centre = at::ones({1, kk}, grad_eff.options().dtype(at::kBool));
-  off_centre.select(1, kk / 2).fill_(false);
-  const auto zero = at::zeros({}, grad_eff.options());
-  auto w = at::where(off_centre, weight.reshape({channels, kk}).to(grad_eff.scalar_type()), zero);
-  auto s = w.sum(1, /*keepdim=*/true);
-  auto s_clamped = at::where(s >= 0, s.clamp_min(eps), s.clamp_max(-eps));
-  auto passes = at::logical_or(s >= eps, s <= -eps);
-  auto dot = at::where(off_centre, grad_eff * w, zero).sum(1, /*keepdim=*/true);
-  auto through_sum = at::where(passes, dot / (s_clamped * s_clamped), at::zeros_like(dot));
-  auto grad_w = at::where(off_centre, grad_eff / s_clamped - through_sum, zero);
-  return grad_w.reshape(weight.sizes()).to(weight.scalar_type());
 }
 
 }  // namespace sficonv

@@ -154,6 +154,31 @@ bool runs_channels_last(at::MemoryFormat layout, const Geometry& g) {
 
 }  // namespace
 
+at::Tensor constraint_backward_cpu(const at::Tensor& grad_eff, const at::Tensor& weight,
+                                   bool constrained, double eps) {
+  const int64_t channels = weight.size(0);
+  const int k = static_cast<int>(weight.size(2));
+  const auto raw = weight.contiguous();
+  auto grad_w = at::empty(weight.sizes(), weight.options());  // contiguous
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(),
+                                  "mcs_conv_constraint_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_INTERNAL_ASSERT(grad_eff.scalar_type() == c10::CppTypeToScalarType<acc_t>::value &&
+                          grad_eff.numel() == channels * k * k);
+    const auto ge = grad_eff.contiguous();
+    const acc_t* g = ge.data_ptr<acc_t>();
+    const scalar_t* w = raw.data_ptr<scalar_t>();
+    scalar_t* out = grad_w.data_ptr<scalar_t>();
+    const int64_t kk = int64_t(k) * k;
+    at::parallel_for(0, channels, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c)
+        constraint_grad<scalar_t, acc_t>(g + c * kk, w + c * kk, k, constrained,
+                                         static_cast<acc_t>(eps), out + c * kk);
+    });
+  });
+  return grad_w;
+}
+
 at::Tensor mcs_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                 double eps) {
   TORCH_CHECK(x.device().is_cpu(), "mcs_conv_forward_cpu: expected CPU tensors, got ",
@@ -220,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_
         for (int t = 0; t < kk; ++t) ge[c * kk + t] += partials[p * kk + t];
       }
     }
-    args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
+    args.grad_weight = constraint_backward_cpu(grad_eff, weight, constrained, eps);
   });
   return {args.grad_x, args.grad_weight};
 }

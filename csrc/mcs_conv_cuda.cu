@@ -53,6 +53,18 @@ __global__ void taps_kernel(const scalar_t* __restrict__ weight, acc_t* __restri
                                                     flip, taps + c * k * k);
 }
 
+// dL/d(raw weight) from dL/d(effective taps), one thread per channel (constraint_grad).
+template <typename scalar_t, typename acc_t>
+__global__ void constraint_grad_kernel(const acc_t* __restrict__ grad_eff,
+                                       const scalar_t* __restrict__ weight,
+                                       scalar_t* __restrict__ grad_w, int64_t channels, int k,
+                                       bool constrained, acc_t eps) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c < channels)
+    constraint_grad<scalar_t, acc_t>(grad_eff + c * k * k, weight + c * k * k, k, constrained,
+                                     eps, grad_w + c * k * k);
+}
+
 // NCHW: one block computes a kTileH x kTileW output tile of one plane.
 template <typename scalar_t, typename acc_t>
 __global__ void conv_nchw_tiled(const scalar_t* __restrict__ x, const acc_t* __restrict__ taps,
@@ -206,6 +218,25 @@ at::Tensor compute_taps(const at::Tensor& weight, bool constrained, double eps, 
       static_cast<acc_t>(eps), flip);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return taps;
+}
+
+// The weight gradient from dL/d(effective taps) `grad_eff` ([C, k*k], acc_t): one launch (the
+// chain of tensor ops it replaces was about twenty launches, a large part of a small backward).
+template <typename scalar_t>
+at::Tensor constraint_backward_cuda(const at::Tensor& grad_eff, const at::Tensor& weight,
+                                    bool constrained, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = weight.size(0);
+  const int k = static_cast<int>(weight.size(2));
+  const auto ge = grad_eff.contiguous();
+  auto grad_w = at::empty(weight.sizes(), weight.options());  // contiguous, like `weight` here
+  const int blocks = static_cast<int>((channels + kThreads - 1) / kThreads);
+  constraint_grad_kernel<scalar_t, acc_t><<<blocks, kThreads, 0,
+                                            c10::cuda::getCurrentCUDAStream()>>>(
+      ge.data_ptr<acc_t>(), weight.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(), channels,
+      k, constrained, static_cast<acc_t>(eps));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_w;
 }
 
 rows::RowGeometry row_geometry(const at::Tensor& x) {
@@ -621,7 +652,8 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
           const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
           const auto grad_eff =
               fused_backward_nchw<scalar_t>(args.grad_out, args.x, flipped, args.grad_x, k);
-          args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
+          args.grad_weight =
+              constraint_backward_cuda<scalar_t>(grad_eff, args.weight, constrained, eps);
           return;
         }
         if (need_x) {
@@ -630,7 +662,8 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
         }
         if (!need_weight) return;
         const auto grad_eff = effective_filter_grad<scalar_t>(args.grad_out, args.x, k);
-        args.grad_weight = constraint_backward(grad_eff, weight, constrained, eps);
+        args.grad_weight =
+            constraint_backward_cuda<scalar_t>(grad_eff, args.weight, constrained, eps);
       });
   return {args.grad_x, args.grad_weight};
 }

@@ -351,6 +351,42 @@ def test_sums_inside_the_clamp_keep_their_sign(dtype, channels_last):
 
 
 @cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_weight_gradient_of_non_finite_taps_matches_the_torch_path(dtype):
+    # The chain rule through the constraint (csrc constraint_grad, the same function a CUDA
+    # kernel runs) against the PyTorch path: an inf or NaN centre tap is never used (finite
+    # gradients elsewhere); a NaN or inf off-centre tap makes that channel's sum, and so its
+    # off-centre gradient, NaN; the centre's gradient is 0 always; |S| exactly eps passes the
+    # gradient through S.
+    eps = 2.0 ** -10  # exact in every dtype here
+    weight = torch.rand(6, 1, 5, 5, dtype=torch.float64) + 0.5
+    weight[0, 0, 2, 2] = float("inf")
+    weight[1, 0, 2, 2] = float("nan")
+    weight[2, 0, 0, 1] = float("nan")
+    weight[3, 0, 4, 0] = float("inf")
+    weight[4] = 0.0
+    weight[4, 0, 0, 0] = eps  # S == eps exactly
+    weight = weight.to(dtype)
+    x = torch.randn(2, 6, 9, 10, dtype=dtype)
+    g = torch.randn(2, 6, 9, 10, dtype=dtype)
+    grads = {}
+    for backend in ("cpp", "torch"):
+        w = weight.clone().requires_grad_()
+        y = ops.mcs_conv(x, w, eps=eps, backend=backend)
+        grads[backend], = torch.autograd.grad(y, w, g)
+    got, want = grads["cpp"].double(), grads["torch"].double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isfinite(got[[0, 1, 4, 5]]).all()
+    assert (got[:, 0, 2, 2] == 0).all()  # the centre's gradient, whatever the channel
+    off_centre = torch.ones(25, dtype=torch.bool)
+    off_centre[12] = False
+    assert torch.isnan(got[[2, 3], 0].flatten(1)[:, off_centre]).all()
+    finite = torch.isfinite(want)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert rel_err(got[finite], want[finite]) < tol
+
+
+@cpp
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("channels", [4, 20])  # 20: a whole float32 vector plus a scalar tail
 def test_nan_propagates(channels_last, channels):
