@@ -120,7 +120,7 @@ def test_triton_nan_filter_tap_makes_its_channel_nan_as_in_the_other_backends():
 
 @needs_triton
 def test_triton_a_non_finite_raw_centre_tap_leaves_the_weight_gradient_finite():
-    # The Triton backward shares mcs_torch.constraint_backward: inf * 0 once made it NaN.
+    # The Triton backward's constraint step once multiplied the centre by 0 (inf * 0 is NaN).
     weight = torch.rand(2, 1, 3, 3, device=DEVICE) + 0.5
     weight[0, 0, 1, 1] = float("inf")
     x = torch.randn(1, 2, 5, 6, device=DEVICE)
@@ -129,3 +129,30 @@ def test_triton_a_non_finite_raw_centre_tap_leaves_the_weight_gradient_finite():
     want = grads("torch", x.double(), weight.double(), g.double(), True)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all() and rel_err(a.double(), b) < 5e-5
+
+
+@needs_triton
+@pytest.mark.parametrize("constrained", [True, False])
+def test_triton_constraint_step_matches_the_torch_one(constrained):
+    # The one-kernel chain rule through the constraint against mcs_torch's tensor ops, channel
+    # by channel: sums exactly 0, inside the clamp with either sign, exactly eps, inf and NaN
+    # centre taps (never used), a NaN and an inf off-centre tap (their channel's sum is
+    # non-finite); 37 channels, more than one program's block.
+    from sficonv_ext.ops.mcs_torch import constraint_backward
+    from sficonv_ext.ops.mcs_triton_constraint import constraint_backward_triton
+    eps = 2.0 ** -10
+    weight = torch.rand(37, 1, 5, 5, device=DEVICE) + 0.5
+    for c, s in [(1, 0.0), (2, eps / 8), (3, -eps / 8), (4, eps), (5, -3 * eps)]:
+        weight[c] = 0.0
+        weight[c, 0, 0, 0], weight[c, 0, 4, 4] = 1.0, s - 1.0
+    weight[6, 0, 2, 2], weight[7, 0, 2, 2] = float("inf"), float("nan")
+    weight[8, 0, 1, 3], weight[9, 0, 3, 0] = float("nan"), float("inf")
+    grad_eff = torch.randn(37, 25, device=DEVICE)
+    grad_eff[10, 12] = float("nan")  # the centre's incoming gradient: reaches nothing
+    got = constraint_backward_triton(grad_eff, weight, constrained, eps)
+    want = constraint_backward(grad_eff.double(), weight.double(), constrained, eps)
+    assert got.shape == weight.shape and got.dtype == weight.dtype
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = torch.isfinite(want)
+    assert rel_err(got[finite].double(), want[finite]) < 1e-5
+

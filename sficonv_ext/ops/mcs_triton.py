@@ -4,7 +4,8 @@ One program computes a BLOCK_H x BLOCK_W output tile of one (n, c) plane. Tensor
 through their strides, so NCHW, channels_last and strided inputs all work. The constraint is
 applied inside the kernel (the channel's off-centre sum is reduced in registers). The weight
 gradient is written as per-tile partial sums and reduced by ``torch.sum``: no atomics, so it is
-deterministic. Accumulation is in float32 (float64 inputs are not supported here).
+deterministic; the chain rule through the constraint then runs as one kernel
+(``mcs_triton_constraint``). Accumulation is in float32 (float64 inputs are not supported here).
 
 Inputs whose channels are innermost (channels_last) go to the patch kernels of
 ``mcs_triton_cl`` instead, whose loads are contiguous along the channels.
@@ -22,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 from . import mcs_triton_cl
 from .mcs_autograd import register_mcs_autograd
 from .mcs_conv import channels_innermost
-from .mcs_torch import constraint_backward
+from .mcs_triton_constraint import constraint_backward_triton
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -189,7 +190,7 @@ def _triton_backward(grad_out, x, weight_c, grad_x, grad_w, constrained, eps, ne
         _launch_conv(grad_out, weight_c, grad_x, constrained, eps, flip=True)
     if need_weight:
         grad_eff = _effective_filter_grad(grad_out, x, weight_c.shape[-1])
-        grad_w = constraint_backward(grad_eff, weight_c, constrained, eps)
+        grad_w = constraint_backward_triton(grad_eff, weight_c, constrained, eps)
     return grad_x, grad_w
 
 
