@@ -98,12 +98,56 @@ def test_gpu_weight_gradient_is_deterministic(backend):
         torch.use_deterministic_algorithms(False)
 
 
-def test_gpu_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_gpu_compile_fullgraph(backend):
+    # "auto" runs the CUDA C++ ops; "triton" the Triton ops, its constraint step included,
+    # traced by inductor through wrap_triton.
+    if backend == "triton" and not _available("triton"):
+        pytest.skip("Triton ops unavailable")
     x = torch.randn(2, 8, 32, 32, device="cuda", requires_grad=True)
-    w = torch.randn(8, 1, 5, 5, device="cuda", requires_grad=True)
-    f = torch.compile(lambda a, b: ops.mcs_conv(a, b).sum(), fullgraph=True)
+    w = (torch.rand(8, 1, 5, 5, device="cuda") + 0.5).requires_grad_()
+    f = torch.compile(lambda a, b: ops.mcs_conv(a, b, backend=backend).square().sum(),
+                      fullgraph=True)
     f(x, w).backward()
-    assert x.grad is not None and w.grad is not None
+    got = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ops.mcs_conv(x, w, backend=backend).square().sum().backward()
+    for a, b in zip(got, (x.grad, w.grad)):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_weight_gradient_of_non_finite_taps(backend, dtype):
+    # The constraint step on the GPU (one CUDA or Triton kernel) against the float64 PyTorch
+    # path: inf and NaN centre taps (never used), NaN and inf off-centre taps (their channel's
+    # sum non-finite), |S| exactly eps, a sum of 0; channel by channel, since the channels near
+    # the clamp have gradients thousands of times the others'.
+    if not _available(backend):
+        pytest.skip(f"{backend} kernels unavailable")
+    eps = 2.0 ** -10
+    weight = torch.rand(7, 1, 5, 5, device="cuda") + 0.5
+    weight[0, 0, 2, 2], weight[1, 0, 2, 2] = float("inf"), float("nan")
+    weight[2, 0, 0, 1], weight[3, 0, 4, 0] = float("nan"), float("inf")
+    weight[4] = 0.0
+    weight[4, 0, 0, 0] = eps
+    weight[5] = 0.0
+    weight[5, 0, 0, 0], weight[5, 0, 4, 4] = 1.0, -1.0
+    weight = weight.to(dtype)
+    x = torch.randn(2, 7, 9, 10, device="cuda").to(dtype)
+    g = torch.randn(2, 7, 9, 10, device="cuda").to(dtype)
+    grads = {}
+    for name, d in ((backend, dtype), ("torch", torch.float64)):
+        w = weight.to(d).requires_grad_()
+        y = ops.mcs_conv(x.to(d), w, eps=eps, backend=name)
+        grads[name], = torch.autograd.grad(y, w, g.to(d))
+    got, want = grads[backend].double(), grads["torch"]
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert (got[:, 0, 2, 2] == 0).all()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for c in range(7):
+        finite = torch.isfinite(want[c])
+        assert rel_err(got[c][finite], want[c][finite]) < tol, c
 
 
 def test_mixed_devices_error():

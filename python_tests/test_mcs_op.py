@@ -381,9 +381,11 @@ def test_weight_gradient_of_non_finite_taps_matches_the_torch_path(dtype):
     off_centre = torch.ones(25, dtype=torch.bool)
     off_centre[12] = False
     assert torch.isnan(got[[2, 3], 0].flatten(1)[:, off_centre]).all()
-    finite = torch.isfinite(want)
+    # Channel by channel: the one at |S| == eps has gradients 1e4 times the others'.
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    assert rel_err(got[finite], want[finite]) < tol
+    for c in range(6):
+        finite = torch.isfinite(want[c])
+        assert rel_err(got[c][finite], want[c][finite]) < tol, c
 
 
 @cpp

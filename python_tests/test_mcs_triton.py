@@ -132,8 +132,7 @@ def test_triton_a_non_finite_raw_centre_tap_leaves_the_weight_gradient_finite():
 
 
 @needs_triton
-@pytest.mark.parametrize("constrained", [True, False])
-def test_triton_constraint_step_matches_the_torch_one(constrained):
+def test_triton_constraint_step_matches_the_torch_one():
     # The one-kernel chain rule through the constraint against mcs_torch's tensor ops, channel
     # by channel: sums exactly 0, inside the clamp with either sign, exactly eps, inf and NaN
     # centre taps (never used), a NaN and an inf off-centre tap (their channel's sum is
@@ -149,10 +148,11 @@ def test_triton_constraint_step_matches_the_torch_one(constrained):
     weight[8, 0, 1, 3], weight[9, 0, 3, 0] = float("nan"), float("inf")
     grad_eff = torch.randn(37, 25, device=DEVICE)
     grad_eff[10, 12] = float("nan")  # the centre's incoming gradient: reaches nothing
-    got = constraint_backward_triton(grad_eff, weight, constrained, eps)
-    want = constraint_backward(grad_eff.double(), weight.double(), constrained, eps)
+    got = constraint_backward_triton(grad_eff, weight, True, eps)
+    want = constraint_backward(grad_eff.double(), weight.double(), True, eps)
     assert got.shape == weight.shape and got.dtype == weight.dtype
     assert torch.equal(torch.isnan(got), torch.isnan(want))
-    finite = torch.isfinite(want)
-    assert rel_err(got[finite].double(), want[finite]) < 1e-5
-
+    # Channel by channel: the channels near the clamp have gradients 1e4-1e6 times the others'.
+    for c in range(37):
+        finite = torch.isfinite(want[c])
+        assert rel_err(got[c][finite].double(), want[c][finite]) < 1e-5, c

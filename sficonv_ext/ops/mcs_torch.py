@@ -1,4 +1,5 @@
-"""The pure-PyTorch MCSConv path, and the constraint's chain rule shared with the Triton path."""
+"""The pure-PyTorch MCSConv path, and the constraint's chain rule in tensor ops (the reference
+the C++, CUDA and Triton constraint steps are tested against)."""
 import torch
 import torch.nn.functional as F
 

@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 from . import mcs_triton_cl
 from .mcs_autograd import register_mcs_autograd
 from .mcs_conv import channels_innermost
-from .mcs_triton_constraint import constraint_backward_triton
+from .mcs_triton_constraint import as_float32, constraint_backward_triton
 
 BLOCK_H = 16
 BLOCK_W = 32
@@ -130,11 +130,11 @@ def _launch_conv(x, weight, out, constrained, eps, flip):
         blocks = mcs_triton_cl.conv_blocks(x.shape[1])
         wrap_triton(mcs_triton_cl.mcs_conv_cl_kernel)[mcs_triton_cl.patch_grid(x, blocks)](
             x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
-            float(eps), BLOCK_R=blocks[0], BLOCK_Q=blocks[1], BLOCK_C=blocks[2], **common)
+            as_float32(eps), BLOCK_R=blocks[0], BLOCK_Q=blocks[1], BLOCK_C=blocks[2], **common)
         return
     wrap_triton(_mcs_conv_kernel)[_grid(x)](
         x, weight, out, x.shape[1], x.shape[2], x.shape[3], *x.stride(), *out.stride(),
-        float(eps), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, **common)
+        as_float32(eps), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, **common)
 
 
 def _effective_filter_grad(grad_out, x, k):

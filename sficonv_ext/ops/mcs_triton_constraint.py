@@ -8,12 +8,20 @@ keeping its sign: dL/dw[t] = g[t] / S' - <g, w> / S'^2 (the second term only whe
 dL/dw[centre] = 0. The centre is masked out of every load, so an inf or NaN raw centre tap (never
 used) or a NaN in its incoming gradient reaches nothing.
 """
+import struct
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
 BLOCK_C = 32  # channels per program
+
+
+def as_float32(value):
+    """``value`` rounded to float32, as a Python float: eps as the C++ kernels and PyTorch's
+    float32 comparisons see it (a float64 eps would move the clamp's edge by its rounding)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @triton.jit
@@ -47,6 +55,6 @@ def constraint_backward_triton(grad_eff, weight, constrained, eps):
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     grid = (triton.cdiv(channels, BLOCK_C),)
     wrap_triton(_constraint_grad_kernel)[grid](
-        grad_eff.contiguous(), weight, out, channels, eps, KK=kk,
+        grad_eff.contiguous(), weight, out, channels, as_float32(eps), KK=kk,
         KK_POW2=triton.next_power_of_2(kk), BLOCK_C=BLOCK_C)
     return out
