@@ -1,13 +1,13 @@
 """CUDA layers for ``fuse_for_inference(model)`` on CUDA (``cudnn=True``, the default there): a
 folded convolution with its bias, its ReLU and (where there is one) its residual add as ONE
-cuDNN call, through the fused
-convolution ops that TorchScript's frozen-graph pass uses: ``torch.cudnn_convolution_relu``
-(``relu(conv(x) + bias)``) and ``torch.cudnn_convolution_add_relu`` (``relu(conv(x) + z +
-bias)``), which build a cuDNN operation graph (convolution, two adds and a ReLU computed in
-float32, one output in the input's dtype).
+cuDNN call, through the fused convolution ops that TorchScript's frozen-graph pass uses:
+``torch.cudnn_convolution_relu`` (``relu(conv(x) + bias)``) and
+``torch.cudnn_convolution_add_relu`` (``relu(conv(x) + z + bias)``), which build a cuDNN
+operation graph (convolution, two adds and a ReLU computed in float32, one output in the input's
+dtype).
 
-Why: eager ``fuse_for_inference`` on an H100 (bfloat16, batch
-64) ran at 8,737 images/s, slower than the unfolded fast model (9,452;
+Why: eager ``fuse_for_inference`` with plain convolutions on an H100 (bfloat16, batch 64) ran at
+8,737 images/s, slower than the unfolded fast model (9,452;
 benchmarks/results/models_cuda_bfloat16_gpu_check.json). Under autocast each folded convolution
 there is a weight cast, a bias cast, the cuDNN convolution, a bias add, the residual add and a
 ReLU: five passes over the output or launches beside the convolution. Here the weight and bias

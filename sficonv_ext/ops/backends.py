@@ -53,4 +53,3 @@ def cuda_kernel_choices():
         return torch.ops.sficonv_ext.cuda_kernel_config()
     except RuntimeError as error:
         return f"invalid: {str(error).splitlines()[0]}"
-
