@@ -280,12 +280,11 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The NCHW tile kernels (plain or double-buffered) unless SFICONV_CUDA_NCHW_KERNEL=rows; the
-// choice is read (and so checked) on every call, whatever the input: mcs_conv_cuda_config.cpp.
-bool nchw_tiles_selected() { return cuda_kernel_config().nchw_kernel != NchwKernel::kRows; }
-
-bool can_tile(const at::Tensor& x, int k) {
-  return nchw_tiles_selected() && !is_channels_last(x) && (k == 3 || k == 5 || k == 7);
+// The NCHW tile kernels (plain or double-buffered) unless SFICONV_CUDA_NCHW_KERNEL=rows.
+// `config` is read (and so checked) once per op call, whatever the input: mcs_conv_cuda_config.h.
+bool can_tile(const at::Tensor& x, int k, const CudaKernelConfig& config) {
+  return config.nchw_kernel != NchwKernel::kRows && !is_channels_last(x) &&
+         (k == 3 || k == 5 || k == 7);
 }
 
 // Threads across a tile: 64, or 32 for narrow planes (fewer idle columns).
@@ -389,10 +388,10 @@ bool launch_conv_tiles_pipelined(const at::Tensor& x, const at::Tensor& taps, at
 }
 
 template <typename scalar_t, int K>
-void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y) {
+void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y,
+                       const CudaKernelConfig& config) {
   // A register cap (SFICONV_CUDA_TILE_MIN_BLOCKS) selects the plain tiles; with an explicit
   // tiles-pipelined it was refused by cuda_kernel_config.
-  const auto config = cuda_kernel_config();
   const int min_blocks = config.tile_min_blocks;
   const bool pipelined = config.nchw_kernel == NchwKernel::kTilesPipelined;
   if (pipelined && min_blocks == 1 && launch_conv_tiles_pipelined<scalar_t, K>(x, taps, y))
@@ -406,16 +405,17 @@ void launch_conv_tiles(const at::Tensor& x, const at::Tensor& taps, at::Tensor& 
 
 // y = depthwise correlation of x with `taps` ([C, k*k]); y has x's layout.
 template <typename scalar_t>
-void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k) {
+void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int k,
+                 const CudaKernelConfig& config) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const bool cl = is_channels_last(x);
-  if (can_tile(x, k)) {
+  if (can_tile(x, k, config)) {
     switch (k) {
-      case 3: launch_conv_tiles<scalar_t, 3>(x, taps, y); break;
-      case 5: launch_conv_tiles<scalar_t, 5>(x, taps, y); break;
-      default: launch_conv_tiles<scalar_t, 7>(x, taps, y);
+      case 3: launch_conv_tiles<scalar_t, 3>(x, taps, y, config); break;
+      case 5: launch_conv_tiles<scalar_t, 5>(x, taps, y, config); break;
+      default: launch_conv_tiles<scalar_t, 7>(x, taps, y, config);
     }
     return;
   }
@@ -567,8 +567,8 @@ at::Tensor effective_filter_grad(const at::Tensor& g, const at::Tensor& x, int k
 
 // The one-pass NCHW backward of the row kernels (rows::backward_fused_nchw_kernel) measured
 // slower than the row kernels' two passes on an H100 in 3 of 4 cases (faster only in float32 at
-// [64, 64, 64, 64]), so it is opt-in: SFICONV_CUDA_FUSED_BACKWARD=1 (either NCHW kernel choice).
-bool fused_backward_requested() { return cuda_kernel_config().fused_backward; }
+// [64, 64, 64, 64]), so it is opt-in: SFICONV_CUDA_FUSED_BACKWARD=1 (either NCHW kernel choice;
+// CudaKernelConfig::fused_backward).
 
 bool can_fuse_backward(const at::Tensor& x, int k) {
   const auto geo = row_geometry(x);
@@ -622,13 +622,13 @@ at::Tensor mcs_conv_forward_cuda(const at::Tensor& x, const at::Tensor& weight, 
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_forward(x, weight, eps);
   check_cuda_sizes(x);
-  cuda_kernel_config();  // an invalid SFICONV_CUDA_* choice fails here, before any dispatch
+  const auto config = cuda_kernel_config();  // an invalid choice fails here, before dispatch
   if (args.y.numel() == 0) return args.y;
   const int k = static_cast<int>(weight.size(2));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_fwd_cuda", [&] {
         const auto taps = compute_taps<scalar_t>(args.weight, constrained, eps, /*flip=*/false);
-        launch_conv<scalar_t>(args.x, taps, args.y, k);
+        launch_conv<scalar_t>(args.x, taps, args.y, k, config);
       });
   return args.y;
 }
@@ -642,13 +642,13 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
   const c10::cuda::CUDAGuard guard(x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x);
   check_cuda_sizes(x);
-  cuda_kernel_config();  // an invalid SFICONV_CUDA_* choice fails here, before any dispatch
+  const auto config = cuda_kernel_config();  // an invalid choice fails here, before dispatch
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
   const int k = static_cast<int>(weight.size(2));
   if (need_weight) check_weight_grad_grid(args.x, k);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "mcs_conv_bwd_cuda", [&] {
-        if (need_x && need_weight && fused_backward_requested() && can_fuse_backward(args.x, k)) {
+        if (need_x && need_weight && config.fused_backward && can_fuse_backward(args.x, k)) {
           const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
           const auto grad_eff =
               fused_backward_nchw<scalar_t>(args.grad_out, args.x, flipped, args.grad_x, k);
@@ -658,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
         }
         if (need_x) {
           const auto flipped = compute_taps<scalar_t>(args.weight, constrained, eps, true);
-          launch_conv<scalar_t>(args.grad_out, flipped, args.grad_x, k);
+          launch_conv<scalar_t>(args.grad_out, flipped, args.grad_x, k, config);
         }
         if (!need_weight) return;
         const auto grad_eff = effective_filter_grad<scalar_t>(args.grad_out, args.x, k);
