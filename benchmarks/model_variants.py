@@ -11,11 +11,12 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   default), under autocast in the run's dtype. ``fast-triton``: the same with every Triton
   fusion forced (BatchNorm + add + ReLU epilogues, fused first layer), which ``"auto"`` leaves
   off where an H100 measured them slower, to track what they bring. ``fast-cpp-epilogue``:
-  the same with the C++ BatchNorm + add + ReLU epilogue forced (CPU only; ``"auto"`` leaves it
-  off, see ``sficonv_ext/ops/norm_act.py``).
+  the same with the C++ BatchNorm + add + ReLU epilogue forced (CPU only; ``"auto"`` takes it in
+  float32 CPU training, see ``sficonv_ext/ops/norm_act.py``); ``fast-torch-epilogue`` with
+  PyTorch's BatchNorm, add and ReLU forced (the CPU default until 2026-11-27).
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
-  SFIConv layer as one ordinary convolution: a plain CNN with exactly the fast model's layer
-  shapes, the speed an SFIConv network should approach.
+  SFIConv layer as one ordinary convolution, and PyTorch's own BatchNorm, add and ReLU: a plain
+  CNN with exactly the fast model's layer shapes, the speed an SFIConv network should approach.
 - ``fused-inference``: ``fuse_for_inference(fast, cudnn=False)`` (inference only; on the CPU
   its convolutions run with the residual add as a oneDNN post-op on pre-reordered weights, on
   CUDA as plain ``F.conv2d`` calls: the library's CUDA default is ``fused-inference-cudnn``);
@@ -41,13 +42,13 @@ from sficonv_ext import models, reference
 from sficonv_ext.nn import FirstSFIConv2d
 
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
-            "fast-cpp-epilogue", "fast-nchw",
+            "fast-cpp-epilogue", "fast-torch-epilogue", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
             "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-frozen",
             "fused-inference-cudagraph", "fused-inference-lowp", "fused-inference-cudnn",
             "fused-inference-cudnn-cudagraph")
 DEFAULT_VARIANTS = {
-    "cpu": ("reference", "reference-amp-cl", "fast", "fast-cpp-epilogue", "fast-nchw", "plain",
+    "cpu": ("reference", "reference-amp-cl", "fast", "fast-torch-epilogue", "fast-nchw", "plain",
             "fused-inference", "fused-inference-unpacked"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudnn", "fused-inference-cudagraph"),
@@ -69,8 +70,9 @@ class PlainFirstConv(nn.Module):
 
 
 def plain_twin(fast_model):
-    """A copy of ``fast_model`` that is an ordinary CNN of the same layer shapes."""
-    plain = copy.deepcopy(fast_model)
+    """A copy of ``fast_model`` that is an ordinary CNN of the same layer shapes (PyTorch's
+    BatchNorm, add and ReLU, as any CNN runs them)."""
+    plain = models.set_norm_backend(copy.deepcopy(fast_model), "torch")
     for module in list(plain.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, FirstSFIConv2d):
@@ -129,6 +131,9 @@ def build_variants(names, depth, device, amp_dtype):
         "fast-cpp-epilogue": lambda: Variant("fast-cpp-epilogue",
                                              models.set_norm_backend(fast(), "cpp"), True,
                                              amp_dtype),
+        "fast-torch-epilogue": lambda: Variant("fast-torch-epilogue",
+                                               models.set_norm_backend(fast(), "torch"), True,
+                                               amp_dtype),
         "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
         "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
                                          amp_dtype),

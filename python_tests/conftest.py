@@ -1,4 +1,5 @@
 """Shared helpers: fast/reference model pairs and a relative-error measure."""
+import importlib.util
 import os
 
 import torch
@@ -20,6 +21,13 @@ def pytest_sessionstart(session):
     if os.environ.get("SFICONV_REQUIRE_EXTENSION") == "1" and not _extension.has_cpp_kernels():
         pytest.exit(f"SFICONV_REQUIRE_EXTENSION=1 but the compiled extension is not loaded: "
                     f"{_extension.LOAD_ERROR or 'sficonv_ext._C was not built'}", returncode=3)
+    if os.environ.get("SFICONV_REQUIRE_EXTENSION") == "1" and importlib.util.find_spec("triton"):
+        # Likewise the Triton ops: with Triton installed but failing to import, every Triton
+        # test would skip.
+        info = ops.backends()
+        if not info["triton_ops"]:
+            pytest.exit(f"SFICONV_REQUIRE_EXTENSION=1 and Triton is installed, but the Triton "
+                        f"ops did not load: {info['triton_error']}", returncode=3)
     if os.environ.get("SFICONV_REQUIRE_CUDA") == "1" and not _extension.has_cuda_kernels():
         pytest.exit("SFICONV_REQUIRE_CUDA=1 but the extension has no CUDA kernels "
                     f"({_extension.LOAD_ERROR or 'built without them'})", returncode=3)
@@ -28,6 +36,38 @@ def pytest_sessionstart(session):
 def rel_err(a, b):
     """Max absolute difference divided by the max magnitude of the reference ``b``."""
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def laid_out(t, kind):
+    """``t`` laid out as ``kind``: "nchw", "channels_last", or "strided" (a non-contiguous view
+    of a tensor twice as wide)."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def worst_channel_rel_err(a, b, dim=1):
+    """``rel_err`` of each channel (slices along ``dim``: 1 for activations, 0 for a depthwise
+    weight), the largest: a channel of large values cannot hide another channel's error."""
+    a, b = a.movedim(dim, 0).flatten(1), b.movedim(dim, 0).flatten(1)
+    if b.shape[1] == 0:
+        return 0.0
+    scale = b.abs().amax(1).clamp_min(1e-300)
+    return ((a - b).abs().amax(1) / scale).max().item()
+
+
+def signed_mcs_weights(channels, k, dtype=torch.float32, device="cpu"):
+    """Random ``[channels, 1, k, k]`` MCSConv taps of both signs (k >= 3) whose off-centre sum,
+    the constraint's divisor, is at least 1 in magnitude: a low-precision result then measures
+    the kernel, not the conditioning of a near-zero divisor (tested on its own elsewhere)."""
+    w = torch.randn(channels, 1, k, k, dtype=torch.float64)
+    off_centre = w.sum(dim=(1, 2, 3)) - w[:, 0, k // 2, k // 2]
+    w[:, 0, 0, 0] += torch.where(off_centre >= 0, 1.0, -1.0)
+    return w.to(dtype=dtype, device=device)
 
 
 @pytest.fixture(autouse=True)

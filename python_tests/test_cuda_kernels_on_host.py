@@ -4,6 +4,7 @@ no GPU, so this is where their indexing, halo, staging and block-reduction logic
 against float64 references on every change. The GPU tests check the same kernels on a device, in
 every dtype, with the real launch code."""
 import os
+import warnings
 
 import pytest
 
@@ -21,5 +22,10 @@ PROGRAMS = {
 @pytest.mark.skipif(compiler() is None, reason="no C++ compiler")
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_cuda_kernels_match_references_on_the_host(tmp_path, program):
+    sanitizer = sanitizer_flags(tmp_path)
+    if not sanitizer:
+        # The values are still checked; out-of-bounds accesses that leave them right are not.
+        warnings.warn(f"{program}: AddressSanitizer cannot build or run here; the host checks "
+                      f"run without it")
     build_and_run(tmp_path, os.path.join(HERE, "cuda_host", program + ".cpp"),
-                  ["-O1", "-pthread", *sanitizer_flags(tmp_path)], " ok", PROGRAMS[program])
+                  ["-O1", "-pthread", *sanitizer], " ok", PROGRAMS[program])

@@ -6,10 +6,28 @@ import pytest
 import torch
 
 from sficonv_ext import models
+from sficonv_ext.nn import FirstSFIConv2d, MCSConv2d
 
 from conftest import make_pair, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# The kernels a parametrised run forces: (MCSConv op backend, first layer backend, BatchNorm +
+# add + ReLU epilogue backend). On CUDA "auto" takes cuDNN for the MCSConv of channels_last
+# input (the models' layout) and PyTorch's ops for the rest, as measured faster: left at "auto",
+# no kernel of this package would run in a model test.
+KERNELS = {"auto": ("auto", "auto", "auto"), "cuda": ("cuda", "auto", "torch"),
+           "triton": ("triton", "triton", "triton")}
+
+
+def force_kernels(model, kernels):
+    mcs, first, norm = KERNELS[kernels]
+    for module in model.modules():
+        if isinstance(module, MCSConv2d):
+            module.backend = mcs
+        if isinstance(module, FirstSFIConv2d):
+            module.backend = first
+    return models.set_norm_backend(model, norm)
 
 # (autocast dtype or None, relative tolerance on logits). float32: fast against the reference.
 # Half types: each model's autocast result against the reference's float32 result; the fast
@@ -58,16 +76,14 @@ def _check_against_float32(name, got, ref_amp, truth, tol):
 
 @cuda
 @pytest.mark.parametrize("dtype", sorted(CASES))
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_eval_and_train_parity(dtype, channels_last):
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
+def test_cuda_eval_and_train_parity(dtype, kernels):
     amp, tol = CASES[dtype]
     _no_tf32()
     ref, fast = make_pair(26, dtype=torch.float32)
-    ref, fast = ref.cuda(), fast.cuda()
+    ref, fast = ref.cuda(), force_kernels(fast.cuda(), kernels)
+    # NCHW input: the model turns it into channels_last on entry.
     x = torch.randn(4, 3, 96, 80, device="cuda")
-    if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
     for train in (False, True):
         ref.train(train), fast.train(train)
         with torch.no_grad():
@@ -164,13 +180,15 @@ def test_cuda_graph_captures_again_after_the_weights_change(cudnn):
 
 @cuda
 @pytest.mark.parametrize("dtype", sorted(CASES))
-def test_cuda_fast_model_gradients_match_reference(dtype):
-    # The fused first layer and the MCSConv kernels inside a full train step: the gradient of a
-    # layer1 convolution (through 23 layers of backward) and of the classifier.
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
+def test_cuda_fast_model_gradients_match_reference(dtype, kernels):
+    # The MCSConv kernels, the fused first layer and the epilogues (as `kernels` forces them)
+    # inside a full train step: the gradient of a layer1 convolution (through 23 layers of
+    # backward) and of the classifier.
     amp, tol = CASES[dtype]
     _no_tf32()
     ref, fast = make_pair(26, dtype=torch.float32)
-    ref, fast = ref.cuda().train(), fast.cuda().train()
+    ref, fast = ref.cuda().train(), force_kernels(fast.cuda(), kernels).train()
     x = torch.randn(4, 3, 64, 72, device="cuda")
     published = ref.rgb_extract_feature[4][0].SFIC1.conv  # children: 4 is layer1
     ref_params = [published.s2s.weight, published.f2f.weight, ref.fc.weight]
@@ -198,12 +216,14 @@ def test_cuda_fast_model_gradients_match_reference(dtype):
 
 
 @cuda
-def test_cuda_fast_model_compiles_fullgraph_with_fused_ops():
-    # fullgraph=True fails on any graph break: the Triton ops (first layer, epilogues, MCSConv)
-    # must all trace. aot_eager keeps the test short; the benchmark runs inductor.
+@pytest.mark.parametrize("kernels", ["cuda", "triton"])
+def test_cuda_fast_model_compiles_fullgraph_with_fused_ops(kernels):
+    # fullgraph=True fails on any graph break: the custom ops forced on (CUDA MCSConv; or the
+    # Triton first layer, epilogues and MCSConv) must all trace. aot_eager keeps the test
+    # short; the benchmark runs inductor.
     _no_tf32()
     _, fast = make_pair(26, dtype=torch.float32)
-    fast = fast.cuda().train()
+    fast = force_kernels(fast.cuda(), kernels).train()
     twin = copy.deepcopy(fast)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 3, 64, 64, device="cuda")

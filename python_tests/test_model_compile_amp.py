@@ -10,7 +10,11 @@ from conftest import rel_err
 
 @pytest.mark.parametrize("learnable", [False, True])
 def test_compile_fullgraph_matches_eager(learnable):
-    model = models.sfi_resnet26(mcs_learnable=learnable)
+    # Under torch.compile "auto" leaves BatchNorm + add + ReLU to PyTorch's ops (inductor fuses
+    # them), while eager float32 CPU training runs the C++ epilogue: another rounding, and this
+    # batch-2 step is ill-conditioned enough (float32 against float64: up to 1e-1 on some
+    # seeds, either path) to hide a compile bug or to flag none. Both runs take PyTorch's path.
+    model = models.set_norm_backend(models.sfi_resnet26(mcs_learnable=learnable), "torch")
     x = torch.randn(2, 3, 64, 64)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     compiled(x).sum().backward()

@@ -12,7 +12,7 @@ from sficonv_ext.ops import _extension
 
 from conftest import epilogue_step as run
 from conftest import make_bn as conftest_make_bn
-from conftest import make_pair, rel_err
+from conftest import laid_out, make_pair, rel_err
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp_kernels(),
                                 reason="the C++ extension is not built")
@@ -25,21 +25,10 @@ def make_bn(c, momentum=0.1, dtype=torch.float64):
     return conftest_make_bn(c, momentum, dtype=dtype)
 
 
-def layout(t, kind):
-    """t laid out as kind: "nchw", "channels_last", or "strided" (a non-contiguous view)."""
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype)
-        wide[..., ::2] = t
-        return wide[..., ::2]
-    return t.contiguous()
-
-
 def inputs(shape, dtype, residual, kind):
-    x = layout((torch.randn(shape, dtype=torch.float64) * 2 + 0.7).to(dtype), kind)
-    r = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind) if residual else None
-    return x, r, layout(torch.randn(shape, dtype=torch.float64), kind)
+    x = laid_out((torch.randn(shape, dtype=torch.float64) * 2 + 0.7).to(dtype), kind)
+    r = laid_out(torch.randn(shape, dtype=torch.float64).to(dtype), kind) if residual else None
+    return x, r, laid_out(torch.randn(shape, dtype=torch.float64), kind)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 9), (3, 3, 4, 3), (1, 64, 13, 11), (2, 1, 1, 67),
@@ -91,10 +80,11 @@ def test_cpp_epilogue_lower_precision(dtype, kind):
 
 
 @pytest.mark.parametrize("check", [torch.autograd.gradcheck, torch.autograd.gradgradcheck])
-def test_cpp_gradcheck(check):
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+def test_cpp_gradcheck(check, kind):
     # gradgradcheck: create_graph=True through the C++ op must give BatchNorm's true second
     # derivatives, not silent zeros.
-    x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, "channels_last")
+    x, r, _ = inputs((2, 3, 4, 5), torch.float64, True, kind)
     w = torch.rand(3, dtype=torch.float64) + 0.5
     b = torch.randn(3, dtype=torch.float64)
     forward = torch.ops.sficonv_ext.batch_norm_act_forward
@@ -103,18 +93,20 @@ def test_cpp_gradcheck(check):
         assert check(lambda *a: forward(*a, relu, 1e-5)[0], args)
 
 
-def test_cpp_opcheck():
-    x, r, g = inputs((2, 6, 3, 5), torch.float32, True, "channels_last")
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_cpp_opcheck(kind, relu):
+    x, r, g = inputs((2, 6, 3, 5), torch.float32, True, kind)
     bn = make_bn(6, dtype=torch.float32)
     w, b = bn.weight.detach().requires_grad_(), bn.bias.detach().requires_grad_()
     for residual in (r, None):
         torch.library.opcheck(torch.ops.sficonv_ext.batch_norm_act_forward.default,
-                              (x.detach().requires_grad_(), w, b, residual, True, 1e-5))
+                              (x.detach().requires_grad_(), w, b, residual, relu, 1e-5))
     y, mean, var = torch.ops.sficonv_ext.batch_norm_act_forward(x, w.detach(), b.detach(), r,
-                                                                True, 1e-5)
+                                                                relu, 1e-5)
     for has_residual in (True, False):
         torch.library.opcheck(torch.ops.sficonv_ext.batch_norm_act_backward.default,
-                              (g.float(), x, y, w.detach(), mean, var, has_residual, True, 1e-5))
+                              (g.float(), x, y, w.detach(), mean, var, has_residual, relu, 1e-5))
 
 
 def test_cpp_compiles_without_graph_breaks():
@@ -216,7 +208,7 @@ def test_cpp_variance_keeps_its_precision_for_a_large_mean(kind):
     # A float32 sum of 1000 + small noise once lost the mean's low bits: the variance came out
     # 5e-4 to 2e-3 off (PyTorch, which sums in double: 1e-5 to 1e-4 in NCHW).
     torch.manual_seed(0)
-    x = layout((1000 + 0.01 * torch.randn(8, 16, 32, 32, dtype=torch.float64)).float(), kind)
+    x = laid_out((1000 + 0.01 * torch.randn(8, 16, 32, 32, dtype=torch.float64)).float(), kind)
     bn = make_bn(16, momentum=1.0, dtype=torch.float32)
     ops.batch_norm_act(x, bn, relu=False, backend="cpp")
     want = x.double().var(dim=(0, 2, 3), unbiased=True)
@@ -242,3 +234,75 @@ def test_fast_model_trains_identically_with_the_cpp_epilogue():
             assert rel_err(p.grad, p_ref.grad) < 1e-9, name
     for (name, b_ref), (_, b) in zip(fast.named_buffers(), fused.named_buffers()):
         assert rel_err(b.double(), b_ref.double()) < 1e-12, name
+
+
+# ---- What "auto" picks in training mode (sficonv_ext/ops/norm_act.py: the C++ epilogue for
+# float32 CPU tensors, PyTorch's BatchNorm wherever the C++ op would change what a caller sees).
+
+class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _auto_ops(x, bn, residual=None, relu=True):
+    with _OpsSeen() as seen:
+        y = ops.batch_norm_act(x, bn, residual, relu)
+    return y, seen.names
+
+
+def _cpp_ran(names):
+    return "sficonv_ext.batch_norm_act_forward" in names
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+def test_auto_takes_the_cpp_epilogue_for_float32_cpu_training(kind):
+    shape = (3, 24, 9, 7)
+    bn = make_bn(shape[1], dtype=torch.float32)
+    x, r, g = inputs(shape, torch.float32, True, kind)
+    _, names = _auto_ops(x, copy.deepcopy(bn), r)
+    assert _cpp_ran(names) and "aten.native_batch_norm" not in names
+    # ... and it computes what the PyTorch path does (outputs, gradients, running statistics).
+    got = run(copy.deepcopy(bn), x, r, True, g, "auto")
+    want = run(copy.deepcopy(bn), x, r, True, g, "torch")
+    for a, e in zip(got, want):
+        assert rel_err(a.double(), e.double()) < 1e-5
+
+
+def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen():
+    x = torch.randn(2, 8, 5, 5)
+    seen = []
+    hooked_bn = make_bn(8, dtype=torch.float32)
+    hooked_bn.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    _, names = _auto_ops(x, hooked_bn)
+    assert seen == [x.shape] and not _cpp_ran(names)  # the hook ran
+
+    class ScaledBatchNorm(torch.nn.BatchNorm2d):  # a subclass with its own forward
+        def forward(self, inp):
+            return super().forward(inp) * 2
+
+    custom = ScaledBatchNorm(8)
+    y, names = _auto_ops(x, custom, relu=False)
+    assert not _cpp_ran(names)
+    assert torch.allclose(y, 2 * torch.nn.functional.batch_norm(x, None, None, custom.weight,
+                                                                custom.bias, training=True))
+    # Not measured: PyTorch's path (bfloat16 as autocast gives it: float32 parameters).
+    for dtype, param_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        _, names = _auto_ops(x.to(dtype), make_bn(8, dtype=param_dtype))
+        assert not _cpp_ran(names)
+    _, names = _auto_ops(x, make_bn(8, dtype=torch.float32).eval())
+    assert not _cpp_ran(names)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # PyTorch's error
+        ops.batch_norm_act(torch.randn(1, 8, 1, 1), make_bn(8, dtype=torch.float32))
+
+
+def test_auto_leaves_the_epilogue_to_inductor_under_compile(monkeypatch):
+    from sficonv_ext.ops import norm_act
+    x, bn = torch.randn(2, 8, 5, 5), make_bn(8, dtype=torch.float32)
+    assert norm_act._resolve("auto", x, bn, None) == "cpp"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert norm_act._resolve("auto", x, bn, None) == "torch"

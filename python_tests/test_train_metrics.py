@@ -7,7 +7,6 @@ import pytest
 from sficonv_ext.train.metrics import (binary_metrics, equal_error_rate, roc, tpr_at_fpr,
                                        video_scores)
 
-pytest.importorskip("sklearn")
 
 
 def close(a, b):

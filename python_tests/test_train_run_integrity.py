@@ -2,6 +2,7 @@
 settings a resume may not change, paths that survive another working directory, and runs that
 must not start at all."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,8 +48,14 @@ def stopped_run(tmp_path_factory):
     return tmp
 
 
-def test_resume_rewrites_a_best_pt_the_stop_left_unwritten(stopped_run, capsys):
-    run = stopped_run / "run"
+def own_copy(stopped_run, tmp_path):
+    """A copy of the stopped run's folder for a test that resumes it (its data stays where the
+    run recorded it): tests then pass in any order, or apart."""
+    return shutil.copytree(stopped_run / "run", tmp_path / "run")
+
+
+def test_resume_rewrites_a_best_pt_the_stop_left_unwritten(stopped_run, tmp_path, capsys):
+    run = own_copy(stopped_run, tmp_path)
     assert (run / "last.pt").exists() and not (run / "best.pt").exists()
     last, _ = ckpt.load_file(str(run / "last.pt"))
     assert last["best"]["epoch"] == 1 and last["progress"]["epoch"] == 1
@@ -71,8 +78,8 @@ def test_a_resume_may_not_change_the_metric_that_picks_best_pt(stopped_run, caps
 
 def test_a_resume_from_another_folder_finds_relative_data_and_may_not_shorten_the_run(
         stopped_run, tmp_path, monkeypatch, capsys):
+    run = own_copy(stopped_run, tmp_path)
     monkeypatch.chdir(tmp_path)  # no data/ here: the run's absolute path must be used
-    run = stopped_run / "run"
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
     state, _ = ckpt.load_file(str(run / "last.pt"))
     assert state["progress"]["epoch"] == 2

@@ -15,7 +15,6 @@ from sficonv_ext.train.metrics import mean_probability_log_odds
 from sficonv_ext.train.transforms import EvalTransform
 from test_train_support import write_image
 
-pytest.importorskip("sklearn")
 
 
 class LogitsInPixels(nn.Module):

@@ -7,18 +7,25 @@ fused kernels of :mod:`.norm_act_triton` (training mode, CUDA or Triton's CPU in
 Evaluation mode takes the PyTorch path on every backend (an affine map per channel, which
 ``fuse_for_inference`` folds away).
 
-``"auto"`` takes the PyTorch path everywhere, as measured:
-- CPU (2-core AVX-512, float32, the layer shapes of SFIConv-ResNet-26 at batch 8, 256x256): per
-  layer the C++ epilogue runs at 0.9-2.3x the speed of BatchNorm + add + ReLU forward and
-  0.85-1.5x backward (fastest on NCHW and small maps), but the whole train step gained nothing
-  (0.491 s against 0.490 s with glibc's mmap off) or lost 5-10% (default glibc: its other
-  allocation pattern made glibc hand out more freshly mapped, page-faulting blocks).
-  Convolutions are 73% of that step.
+``"auto"`` follows the measurements:
+- CPU, training mode, float32: the C++ epilogue. On the project's 2-core Intel Xeon (AVX-512,
+  2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256) trained 0.6-6.3% faster with it than with
+  BatchNorm + add + ReLU in each of eight interleaved benchmark runs (3.2% on average; e.g.
+  10.68 against 10.18 images/s, benchmarks/results/models_cpu_xeon_epilogue_no_mmap_2026-11-27
+  .json). On the AMD EPYC the project
+  used before, the same step gained nothing with large blocks reused (0.491 s against 0.490 s)
+  and lost 5-10% with glibc's defaults, so this choice follows the current machine. PyTorch's
+  path is kept wherever the C++ op would change what a caller sees: a hook on the BatchNorm
+  module (it would not run), a BatchNorm subclass with its own forward, torch.compile (inductor
+  fuses BatchNorm, add and ReLU itself), forward-mode AD and torch.func transforms, other
+  dtypes (float64 parity tests, bfloat16 autocast: not measured), and inputs PyTorch would
+  refuse (its error is the one raised).
 - CUDA: on an H100 (bfloat16, [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the
   Triton epilogue is 1.38x faster forward but 0.83x forward+backward (float32: 1.57x, 1.09x),
   and SFIConv-ResNet-26 trained 2.5x slower with it and the fused first layer on (1216 against
-  2997 images/s, benchmarks/results/models_cuda_bfloat16_gpu_check.json).
-Both fused paths stay available, tested, for the work of making them pay.
+  2997 images/s, benchmarks/results/models_cuda_bfloat16_gpu_check.json), so "auto" takes
+  PyTorch's path there.
+The Triton path stays available, tested, for the work of making it pay on GPUs.
 """
 import torch
 import torch.nn as nn
@@ -47,10 +54,25 @@ def _cpp_can_run(x, bn):
             and bn.weight.device == x.device)
 
 
-def _resolve(backend, x, bn):
+def _auto_takes_cpp(x, bn, residual):
+    """Whether "auto" runs the C++ epilogue for this training-mode call (module notes)."""
+    return (x.dtype == torch.float32 and isinstance(bn, nn.BatchNorm2d)
+            and type(bn).forward is nn.BatchNorm2d.forward and _cpp_can_run(x, bn)
+            and bn.weight.dtype == torch.float32 and bn.eps > 0
+            and tuple(bn.weight.shape) == (x.shape[1],)
+            and (bn.running_mean is None or tuple(bn.running_mean.shape) == (x.shape[1],))
+            and x.numel() // x.shape[1] > 1
+            and (residual is None or residual.dtype == torch.float32)
+            and not hooked(bn) and not torch.compiler.is_compiling()
+            and not composite_only(x, residual, bn.weight, bn.bias))
+
+
+def _resolve(backend, x, bn, residual):
     """The path one call takes: "torch", "cpp" or "triton" (see the module notes on "auto")."""
-    if not bn.training or backend == "auto":
+    if not bn.training:
         return "torch"
+    if backend == "auto":
+        return "cpp" if _auto_takes_cpp(x, bn, residual) else "torch"
     return backend
 
 
@@ -97,7 +119,7 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
         raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     if residual is not None and not residual.is_floating_point():
         raise TypeError(f"residual must be a floating-point tensor, got {residual.dtype}")
-    path = _resolve(backend, x, bn)
+    path = _resolve(backend, x, bn, residual)
     if path != "torch" and x.numel() == 0 and x.dim() == 4:
         path = "torch"  # nothing to compute: BatchNorm2d's own empty output and stats update
     if path != "torch" and composite_only(x, residual, getattr(bn, "weight", None),
