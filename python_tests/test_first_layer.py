@@ -35,14 +35,15 @@ def run(backend, x, weight, mcs_weight, bias, split, constrained, grad):
     return [y] + list(torch.autograd.grad(y, inputs, grad.to(y.dtype)))
 
 
-def make_inputs(n, cin, h, w, cout, layout, dtype=torch.float32, device=DEVICE, bias=True):
+def make_inputs(n, cin, h, w, cout, layout, dtype=torch.float32, device=DEVICE, bias=True,
+                mcs_k=5):
     x = torch.randn(n, cin, h, w, device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randn(n, cin, h, 2 * w, device=device)[..., ::2]
     weight = torch.randn(cout, cin, 1, 1, device=device)
-    mcs_weight = torch.rand(cin, 1, 5, 5, device=device) + 0.5
+    mcs_weight = torch.rand(cin, 1, mcs_k, mcs_k, device=device) + 0.5
     b = torch.randn(cout, device=device) if bias else None
     grad = torch.randn(n, cout, h, w, device=device)
     return [t.to(dtype) if t is not None else None for t in (x, weight, mcs_weight, b)] + [grad]
@@ -52,10 +53,12 @@ def make_inputs(n, cin, h, w, cout, layout, dtype=torch.float32, device=DEVICE, 
 @pytest.mark.parametrize("shape", [(2, 20, 7, 9, 24, 12), (1, 3, 5, 6, 17, 8),
                                    (1, 33, 4, 17, 16, 5)])
 @pytest.mark.parametrize("layout", ["channels_last", "nchw", "strided"])
-@pytest.mark.parametrize("constrained,bias", [(True, False), (False, True)])
-def test_fused_matches_composition_float32(shape, layout, constrained, bias):
+@pytest.mark.parametrize("constrained", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_matches_composition_float32(shape, layout, constrained, bias, mcs_k=5):
     n, cin, h, w, cout, split = shape
-    x, weight, mcs_weight, b, grad = make_inputs(n, cin, h, w, cout, layout, bias=bias)
+    x, weight, mcs_weight, b, grad = make_inputs(n, cin, h, w, cout, layout, bias=bias,
+                                                 mcs_k=mcs_k)
     got = run("triton", x, weight, mcs_weight, b, split, constrained, grad)
     want = run("composed", *(t.double() if t is not None else None
                              for t in (x, weight, mcs_weight, b)), split, constrained,
@@ -68,6 +71,13 @@ def test_fused_matches_composition_float32(shape, layout, constrained, bias):
     # whatever the input (cuDNN has no float64 channels_last), so its strides are no reference.
     want_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     assert got[0].is_contiguous(memory_format=want_format), (layout, got[0].stride())
+
+
+@needs_triton
+@pytest.mark.parametrize("mcs_k", [3, 7])  # the network's filter is 5x5; the kernel takes any odd k
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_fused_matches_composition_for_other_filter_sizes(mcs_k, layout):
+    test_fused_matches_composition_float32((2, 20, 7, 9, 24, 12), layout, True, True, mcs_k)
 
 
 def test_composition_matches_published_layer_float64():
@@ -87,10 +97,10 @@ def test_first_layer_opcheck(layout):
     kwargs = {} if torch.cuda.is_available() else {
         # Triton's CPU interpreter dereferences fake tensors: those checks need a GPU.
         "test_utils": ("test_schema", "test_autograd_registration")}
-    for bias in (b, None):
+    for bias, constrained in ((b, True), (None, True), (b, False)):
         torch.library.opcheck(torch.ops.sficonv_ext.first_sfi_conv_triton.default,
                               (x.requires_grad_(), weight.requires_grad_(), mcs_weight, bias, 8,
-                               True, 1e-6), **kwargs)
+                               constrained, 1e-6), **kwargs)
 
 
 def test_first_layer_rejects_bad_input():

@@ -7,7 +7,7 @@ import torch
 
 from sficonv_ext import ops
 
-from conftest import rel_err
+from conftest import laid_out, rel_err, signed_mcs_weights, worst_channel_rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -69,15 +69,45 @@ def test_gpu_backend_matches_definition(backend, dtype, layout, shape, k, constr
         assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_cuda_float64_gradcheck_and_opcheck():
+# 3 channels: the NCHW kernels and the per-pixel weight gradient (channels_last with fewer than
+# 16 channels); 19: the channels_last row kernels, 32 channel lanes per warp with idle ones.
+@pytest.mark.parametrize("channels,layout", [(3, "nchw"), (19, "channels_last"),
+                                             (19, "strided")])
+def test_cuda_float64_gradcheck_and_opcheck(channels, layout):
     if not _available("cuda"):
         pytest.skip("CUDA kernels not built")
-    x = torch.randn(2, 3, 7, 6, dtype=torch.float64, device="cuda", requires_grad=True)
-    w = torch.randn(3, 1, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+    x = laid_out(torch.randn(2, channels, 7, 6, dtype=torch.float64, device="cuda"), layout)
+    x.requires_grad_()
+    w = torch.randn(channels, 1, 5, 5, dtype=torch.float64, device="cuda", requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.mcs_conv(a, b, backend="cuda"), (x, w))
     torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_forward.default, (x, w, True, 1e-6))
-    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
-                          (torch.randn_like(x), x.detach(), w.detach(), True, 1e-6, True, True))
+    g = laid_out(torch.randn(2, channels, 7, 6, dtype=torch.float64, device="cuda"), layout)
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_backward.default,
+                              (g, x.detach(), w.detach(), True, 1e-6, need_x, need_w))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_grad", "strided"])
+@pytest.mark.parametrize("shape,k", [((2, 19, 33, 31), 5), ((1, 40, 9, 70), 3),
+                                     ((1, 17, 12, 13), 7), ((2, 8, 30, 29), 9),
+                                     ((1, 3, 10, 11), 1), ((1, 20, 20, 21), 11)])
+@pytest.mark.parametrize("constrained", [True, False])
+def test_cuda_float64_matches_definition(layout, shape, k, constrained):
+    # Every CUDA kernel family in float64 (tiles, rows in both layouts, the per-pixel ones for
+    # other k) against the float64 PyTorch path, per channel; "channels_last_grad" gives the
+    # backward a channels_last output gradient too.
+    if not _available("cuda"):
+        pytest.skip("CUDA kernels not built")
+    x = laid_out(torch.randn(shape, dtype=torch.float64, device="cuda"),
+                 "channels_last" if layout.startswith("channels_last") else layout)
+    weight = signed_mcs_weights(shape[1], k, torch.float64, "cuda")
+    g = torch.randn(shape, dtype=torch.float64, device="cuda")
+    if layout == "channels_last_grad":
+        g = g.contiguous(memory_format=torch.channels_last)
+    got = grads("cuda", x, weight, g, constrained)
+    want = grads("torch", x, weight, g, constrained)
+    for a, b, dim in zip(got, want, (1, 1, 0)):  # y, grad x, grad weight
+        assert worst_channel_rel_err(a, b, dim) < 1e-10
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -31,7 +31,7 @@ SHAPES = [(1, 1, 1, 1), (3, 3, 2, 67), (1, 64, 13, 7), (3, 1, 67, 3), (1, 3, 31,
 
 @cpp
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("k", [1, 3, 5, 7, 11])  # 1 and 11: the kernels' generic-k code
 @pytest.mark.parametrize("constrained", [True, False])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
 def test_float64_matches_definition(shape, k, constrained, layout):

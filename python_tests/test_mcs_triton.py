@@ -5,7 +5,7 @@ import torch
 
 from sficonv_ext import ops
 
-from conftest import rel_err, signed_mcs_weights, worst_channel_rel_err
+from conftest import laid_out, rel_err, signed_mcs_weights, worst_channel_rel_err
 
 needs_triton = pytest.mark.skipif(not ops.backends()["triton_ops"],
                                   reason="Triton ops unavailable")
@@ -20,23 +20,28 @@ def grads(backend, x, weight, g, constrained):
 
 @needs_triton
 @pytest.mark.parametrize("shape,k", [((2, 3, 7, 37), 5), ((1, 2, 17, 5), 3), ((1, 1, 1, 1), 5),
-                                     ((1, 2, 9, 9), 7), ((1, 40, 5, 6), 3)])
+                                     ((1, 2, 9, 9), 7), ((1, 40, 5, 6), 3), ((1, 3, 6, 5), 1),
+                                     ((1, 2, 13, 12), 11)])
 @pytest.mark.parametrize("constrained", [True, False])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+# "channels_last_grad": the output gradient in channels_last too. The backward picks its input
+# gradient kernel by the gradient's layout, so that is the channels_last kernel's mirrored pass.
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channels_last_grad", "strided"])
 def test_triton_float32_matches_torch(shape, k, constrained, layout):
     n, c, h, w = shape
     x = torch.randn(n, c, h, w, device=DEVICE)
-    if layout == "channels_last":
+    if layout.startswith("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
         x = torch.randn(n, c, h, 2 * w, device=DEVICE)[..., ::2]
     weight = signed_mcs_weights(c, k, device=DEVICE)
     g = torch.randn(n, c, h, w, device=DEVICE)
+    if layout == "channels_last_grad":
+        g = g.contiguous(memory_format=torch.channels_last)
     got = grads("triton", x, weight, g, constrained)
     want = grads("torch", x.double(), weight.double(), g.double(), constrained)
     for a, b, dim in zip(got, want, (1, 1, 0)):  # y, grad x, grad weight
         assert worst_channel_rel_err(a.double(), b, dim) < 5e-5  # float32
-    if layout == "channels_last" and c > 1:
+    if layout.startswith("channels_last") and c > 1:
         assert got[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -79,15 +84,17 @@ OPCHECK_UTILS = (None if torch.cuda.is_available()
 
 
 @needs_triton
-def test_triton_opcheck():
-    x = torch.randn(1, 2, 6, 5, device=DEVICE, requires_grad=True)
-    w = torch.randn(2, 1, 3, 3, device=DEVICE, requires_grad=True)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_opcheck(layout):
+    x = laid_out(torch.randn(1, 4, 6, 5, device=DEVICE), layout).requires_grad_()
+    w = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
     kwargs = {} if OPCHECK_UTILS is None else {"test_utils": OPCHECK_UTILS}
     torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_forward.default,
                           (x, w, True, 1e-6), **kwargs)
-    g = torch.randn(1, 2, 6, 5, device=DEVICE)
-    torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_backward.default,
-                          (g, x.detach(), w.detach(), True, 1e-6, True, True), **kwargs)
+    g = laid_out(torch.randn(1, 4, 6, 5, device=DEVICE), layout)
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.sficonv_ext.mcs_conv_triton_backward.default,
+                              (g, x.detach(), w.detach(), True, 1e-6, need_x, need_w), **kwargs)
 
 
 @needs_triton
