@@ -237,7 +237,10 @@ def test_fast_model_trains_identically_with_the_cpp_epilogue():
 
 
 # ---- What "auto" picks in training mode (sficonv_ext/ops/norm_act.py: the C++ epilogue for
-# float32 CPU tensors, PyTorch's BatchNorm wherever the C++ op would change what a caller sees).
+# float32 CPU tensors of at least 2**20 values, PyTorch's BatchNorm for smaller ones and wherever
+# the C++ op would change what a caller sees). The tests of those exceptions use tensors above
+# the size threshold, so that the exception is what sends them to PyTorch.
+BIG = (2, 16, 256, 128)  # 2**20 values
 
 class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
@@ -261,11 +264,14 @@ def _cpp_ran(names):
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
 def test_auto_takes_the_cpp_epilogue_for_float32_cpu_training(kind):
-    shape = (3, 24, 9, 7)
+    shape = BIG
     bn = make_bn(shape[1], dtype=torch.float32)
     x, r, g = inputs(shape, torch.float32, True, kind)
     _, names = _auto_ops(x, copy.deepcopy(bn), r)
     assert _cpp_ran(names) and "aten.native_batch_norm" not in names
+    # Below the threshold (one column fewer): PyTorch's path, the C++ op's fixed cost dominating.
+    _, names = _auto_ops(x[:, :, :, 1:], copy.deepcopy(bn), r[:, :, :, 1:])
+    assert not _cpp_ran(names)
     # ... and it computes what the PyTorch path does (outputs, gradients, running statistics).
     got = run(copy.deepcopy(bn), x, r, True, g, "auto")
     want = run(copy.deepcopy(bn), x, r, True, g, "torch")
@@ -274,9 +280,9 @@ def test_auto_takes_the_cpp_epilogue_for_float32_cpu_training(kind):
 
 
 def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen():
-    x = torch.randn(2, 8, 5, 5)
+    x = torch.randn(BIG)
     seen = []
-    hooked_bn = make_bn(8, dtype=torch.float32)
+    hooked_bn = make_bn(BIG[1], dtype=torch.float32)
     hooked_bn.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     _, names = _auto_ops(x, hooked_bn)
     assert seen == [x.shape] and not _cpp_ran(names)  # the hook ran
@@ -285,16 +291,16 @@ def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen
         def forward(self, inp):
             return super().forward(inp) * 2
 
-    custom = ScaledBatchNorm(8)
+    custom = ScaledBatchNorm(BIG[1])
     y, names = _auto_ops(x, custom, relu=False)
     assert not _cpp_ran(names)
     assert torch.allclose(y, 2 * torch.nn.functional.batch_norm(x, None, None, custom.weight,
                                                                 custom.bias, training=True))
     # Not measured: PyTorch's path (bfloat16 as autocast gives it: float32 parameters).
     for dtype, param_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
-        _, names = _auto_ops(x.to(dtype), make_bn(8, dtype=param_dtype))
+        _, names = _auto_ops(x.to(dtype), make_bn(BIG[1], dtype=param_dtype))
         assert not _cpp_ran(names)
-    _, names = _auto_ops(x, make_bn(8, dtype=torch.float32).eval())
+    _, names = _auto_ops(x, make_bn(BIG[1], dtype=torch.float32).eval())
     assert not _cpp_ran(names)
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # PyTorch's error
         ops.batch_norm_act(torch.randn(1, 8, 1, 1), make_bn(8, dtype=torch.float32))
@@ -302,7 +308,7 @@ def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen
 
 def test_auto_leaves_the_epilogue_to_inductor_under_compile(monkeypatch):
     from sficonv_ext.ops import norm_act
-    x, bn = torch.randn(2, 8, 5, 5), make_bn(8, dtype=torch.float32)
+    x, bn = torch.randn(BIG), make_bn(BIG[1], dtype=torch.float32)
     assert norm_act._resolve("auto", x, bn, None) == "cpp"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert norm_act._resolve("auto", x, bn, None) == "torch"

@@ -8,10 +8,12 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
 ``fuse_for_inference`` folds away).
 
 ``"auto"`` follows the measurements:
-- CPU, training mode, float32: the C++ epilogue. On the project's 2-core Intel Xeon (AVX-512,
+- CPU, training mode, float32, at least 2**20 values (smaller layers pay more for the custom
+  op's fixed cost than its fewer passes save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue.
+  On the project's 2-core Intel Xeon (AVX-512,
   2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256) trained 0.6-6.3% faster with it than with
-  BatchNorm + add + ReLU in each of eight interleaved benchmark runs (3.2% on average; e.g.
-  10.68 against 10.18 images/s, benchmarks/results/models_cpu_xeon_epilogue_no_mmap_2026-11-27
+  BatchNorm + add + ReLU in each of ten interleaved benchmark runs (e.g. 10.21 against 9.93
+  images/s, benchmarks/results/models_cpu_xeon_epilogue_no_mmap_2026-11-27
   .json). On the AMD EPYC the project
   used before, the same step gained nothing with large blocks reused (0.491 s against 0.490 s)
   and lost 5-10% with glibc's defaults, so this choice follows the current machine. PyTorch's
@@ -54,9 +56,19 @@ def _cpp_can_run(x, bn):
             and bn.weight.device == x.device)
 
 
+# "auto" takes the C++ epilogue from this many values up. Forward+backward of one layer (2-core
+# Intel Xeon, float32, channels_last, with residual and ReLU): the C++ op costs about 0.1 ms more
+# per call (the custom op's Python autograd and running-statistics update), so it was 0.58x
+# PyTorch's speed at [8, 256, 2, 2], 0.81x at [8, 64, 16, 16], level at 524,288 values
+# ([8, 256, 16, 16]: 1.03x) and 1.25-1.43x from 2,097,152 up. The threshold kept the 64 px
+# built-in demo (batch 32) level with PyTorch's path, which it had slowed by 1-4.5%.
+_CPP_AUTO_MIN_VALUES = 1 << 20
+
+
 def _auto_takes_cpp(x, bn, residual):
     """Whether "auto" runs the C++ epilogue for this training-mode call (module notes)."""
-    return (x.dtype == torch.float32 and isinstance(bn, nn.BatchNorm2d)
+    return (x.dtype == torch.float32 and x.numel() >= _CPP_AUTO_MIN_VALUES
+            and isinstance(bn, nn.BatchNorm2d)
             and type(bn).forward is nn.BatchNorm2d.forward and _cpp_can_run(x, bn)
             and bn.weight.dtype == torch.float32 and bn.eps > 0
             and tuple(bn.weight.shape) == (x.shape[1],)
