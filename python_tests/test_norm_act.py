@@ -57,13 +57,16 @@ def test_norm_act_opcheck():
     kwargs = {} if torch.cuda.is_available() else {
         # Triton's CPU interpreter dereferences fake tensors: those checks need a GPU.
         "test_utils": ("test_schema", "test_autograd_registration")}
-    torch.library.opcheck(torch.ops.sficonv_ext.norm_act_train_forward.default,
-                          (x.requires_grad_(), bn.weight, bn.bias, r, True, 1e-5), **kwargs)
-    y, mean, var = torch.ops.sficonv_ext.norm_act_train_forward(x.detach(), bn.weight.detach(),
-                                                                bn.bias.detach(), r, True, 1e-5)
-    torch.library.opcheck(torch.ops.sficonv_ext.norm_act_train_backward.default,
-                          (g.contiguous(memory_format=torch.channels_last), x.detach(), y,
-                           bn.weight.detach(), mean, var, True, True, 1e-5), **kwargs)
+    for residual, relu in ((r, True), (None, True), (r, False)):
+        torch.library.opcheck(torch.ops.sficonv_ext.norm_act_train_forward.default,
+                              (x.detach().requires_grad_(), bn.weight, bn.bias, residual, relu,
+                               1e-5), **kwargs)
+        y, mean, var = torch.ops.sficonv_ext.norm_act_train_forward(
+            x.detach(), bn.weight.detach(), bn.bias.detach(), residual, relu, 1e-5)
+        torch.library.opcheck(torch.ops.sficonv_ext.norm_act_train_backward.default,
+                              (g.contiguous(memory_format=torch.channels_last), x.detach(), y,
+                               bn.weight.detach(), mean, var, residual is not None, relu, 1e-5),
+                              **kwargs)
 
 
 def test_eval_mode_and_folded_norm_use_the_plain_path():
@@ -198,7 +201,10 @@ def test_the_triton_epilogue_returns_the_inputs_layout(layout):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     bn = make_bn(3)
-    want = ops.batch_norm_act(x, copy.deepcopy(bn), None, True, backend="torch")
-    got = ops.batch_norm_act(x, bn, None, True, backend="triton")
-    assert got.stride() == want.stride()
-    assert rel_err(got.double(), want.double()) < 1e-5
+    r = torch.randn_like(x)
+    g = torch.randn(2, 3, 4, 5, device=DEVICE)
+    want = run(copy.deepcopy(bn), x, r, True, g, "torch")
+    got = run(bn, x, r, True, g, "triton")
+    assert got[0].stride() == want[0].stride()
+    for a, e in zip(got, want):  # output, gradients (x, weight, bias, residual), statistics
+        assert rel_err(a.double(), e.double()) < 1e-5

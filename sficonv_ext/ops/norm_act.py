@@ -9,19 +9,18 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
 
 ``"auto"`` follows the measurements:
 - CPU, training mode, float32, at least 2**20 values (smaller layers pay more for the custom
-  op's fixed cost than its fewer passes save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue.
-  On the project's 2-core Intel Xeon (AVX-512,
-  2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256) trained 0.6-6.3% faster with it than with
-  BatchNorm + add + ReLU in each of ten interleaved benchmark runs (e.g. 10.21 against 9.93
-  images/s, benchmarks/results/models_cpu_xeon_epilogue_no_mmap_2026-11-27
-  .json). On the AMD EPYC the project
-  used before, the same step gained nothing with large blocks reused (0.491 s against 0.490 s)
-  and lost 5-10% with glibc's defaults, so this choice follows the current machine. PyTorch's
-  path is kept wherever the C++ op would change what a caller sees: a hook on the BatchNorm
-  module (it would not run), a BatchNorm subclass with its own forward, torch.compile (inductor
-  fuses BatchNorm, add and ReLU itself), forward-mode AD and torch.func transforms, other
-  dtypes (float64 parity tests, bfloat16 autocast: not measured), and inputs PyTorch would
-  refuse (its error is the one raised).
+  op's fixed cost than its fewer passes save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue. On
+  the project's 2-core Intel Xeon (AVX-512, 2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256)
+  trained 0.6-6.3% faster with it than with BatchNorm + add + ReLU in each of ten interleaved
+  benchmark runs (e.g. 10.21 against 9.93 images/s in
+  benchmarks/results/models_cpu_xeon_epilogue_no_mmap_2026-11-27.json). On the AMD EPYC the
+  project used before, the same step gained nothing with large blocks reused (0.491 s against
+  0.490 s) and lost 5-10% with glibc's defaults, so this choice follows the current machine.
+  PyTorch's path is kept wherever the C++ op would change what a caller sees: a hook on the
+  BatchNorm module (it would not run), a BatchNorm subclass with its own forward,
+  torch.compile (inductor fuses BatchNorm, add and ReLU itself), forward-mode AD and
+  torch.func transforms, other dtypes (float64 parity tests, bfloat16 autocast: not measured),
+  and inputs PyTorch would refuse (its error is the one raised).
 - CUDA: on an H100 (bfloat16, [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the
   Triton epilogue is 1.38x faster forward but 0.83x forward+backward (float32: 1.57x, 1.09x),
   and SFIConv-ResNet-26 trained 2.5x slower with it and the fused first layer on (1216 against
