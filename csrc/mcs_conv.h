@@ -95,14 +95,16 @@ struct ForwardArgs {
 };
 ForwardArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, double eps);
 
-// Checked inputs in the kernel layout, and the gradients to fill (grad_x zero if not needed,
-// grad_weight zero until the kernel computes it).
+// Checked inputs in the kernel layout, and the gradients to fill: grad_x zero if not needed;
+// grad_weight zero if not needed or x is empty, else allocated only (the backward replaces it
+// with the constraint step's output; on CUDA a zero fill would be one more launch per call).
 struct BackwardArgs {
   at::MemoryFormat layout;
   at::Tensor x, grad_out, weight, grad_x, grad_weight;
 };
 BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                              const at::Tensor& weight, double eps, bool need_x);
+                              const at::Tensor& weight, double eps, bool need_x,
+                              bool need_weight);
 
 // Chain rule through the constraint on the CPU: gradient w.r.t. the effective filter -> raw
 // weight. `grad_eff` is [C, k*k] in at::opmath_type of the weight's dtype (double for double);

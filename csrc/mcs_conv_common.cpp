@@ -42,7 +42,8 @@ ForwardArgs prepare_forward(const at::Tensor& x, const at::Tensor& weight, doubl
 }
 
 BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                              const at::Tensor& weight, double eps, bool need_x) {
+                              const at::Tensor& weight, double eps, bool need_x,
+                              bool need_weight) {
   check_inputs(x, weight, eps);
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "mcs_conv_backward: grad_out has shape ",
               grad_out.sizes(), " but x has shape ", x.sizes());
@@ -53,7 +54,8 @@ BackwardArgs prepare_backward(const at::Tensor& grad_out, const at::Tensor& x,
   return {layout, x.contiguous(layout), grad_out.to(x.scalar_type()).contiguous(layout),
           weight.contiguous(),
           need_x ? at::empty(x.sizes(), options) : at::empty(x.sizes(), options).zero_(),
-          at::zeros(weight.sizes(), weight.options())};
+          need_weight && x.numel() > 0 ? at::empty(weight.sizes(), weight.options())
+                                       : at::zeros(weight.sizes(), weight.options())};
 }
 
 }  // namespace sficonv

@@ -209,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_
                                                          bool need_x, bool need_weight) {
   TORCH_CHECK(x.device().is_cpu(), "mcs_conv_backward_cpu: expected CPU tensors, got ",
               x.device());
-  auto args = prepare_backward(grad_out, x, weight, eps, need_x);
+  auto args = prepare_backward(grad_out, x, weight, eps, need_x, need_weight);
   const Geometry g = geometry_of(x, weight);
   if (x.numel() == 0 || (!need_x && !need_weight)) return {args.grad_x, args.grad_weight};
   const int kk = g.k * g.k;

@@ -640,7 +640,7 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cuda(const at::Tensor& grad
                                                           bool need_x, bool need_weight) {
   check_cuda_device(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto args = prepare_backward(grad_out, x, weight, eps, need_x);
+  auto args = prepare_backward(grad_out, x, weight, eps, need_x, need_weight);
   check_cuda_sizes(x);
   const auto config = cuda_kernel_config();  // an invalid choice fails here, before dispatch
   if (x.numel() == 0) return {args.grad_x, args.grad_weight};
