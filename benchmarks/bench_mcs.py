@@ -7,8 +7,15 @@ write y; backward x: read grad, write grad_x; backward x+w: also read x), that a
 the copy bandwidth measured in the same run, and the speedup over the PyTorch path. Prints a table
 and writes JSON.
 
+With ``--cuda-graph`` (CUDA) each call is captured once in a CUDA graph and replayed: the times
+are then the device's alone, without the Python, dispatch and launch costs the host adds to an
+eager call (which a small op's eager time can be mostly made of). Phases there: forward, and
+forward_backward captured whole (a backward is captured with its forward: autograd runs each
+backward op on its forward's stream).
+
     python benchmarks/bench_mcs.py                    # CPU: [8, 64, 64, 64] float32
     python benchmarks/bench_mcs.py --device cuda      # [64,64,64,64] and [32,64,128,128]
+    python benchmarks/bench_mcs.py --device cuda --cuda-graph --backends torch cuda
 """
 import argparse
 import contextlib
@@ -42,6 +49,11 @@ def parse_args(argv=None):
                    help="rounds in which the copy and every backend take turns: a kernel's "
                         "time is the median of its rounds' medians, the copy's the best round")
     p.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="only these of the available backends (default: all; torch, the "
+                        "baseline of the speedup column, is always measured)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time CUDA-graph replays: device time only (see the module notes)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -72,7 +84,42 @@ def timer(device):
     return measure
 
 
-def backends_for(device):
+def graph_timer(device):
+    """Like ``timer``, for ``fn`` captured once in a CUDA graph: median seconds per replay, each
+    between its own pair of events. The warm-up runs eagerly on a side stream first (Triton
+    compiles, cuDNN picks its algorithms, the caching allocator fills), as capture requires."""
+    def measure(fn, warmup, iters):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(max(warmup, 2)):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(warmup):
+            graph.replay()
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) / 1e3 for s, e in events)
+    return measure
+
+
+def backends_for(device, chosen=None):
+    """The backends measured: those available (and in ``chosen``, when given), torch first."""
+    names = _available_backends(device)
+    return [b for b in names if chosen is None or b == "torch" or b in chosen]
+
+
+def _available_backends(device):
     info = ops.backends()
     names = ["torch"]
     if device.type == "cpu" and info["cpp"]:
@@ -116,8 +163,10 @@ def cuda_kernel_choice(settings):
                 os.environ[name] = value
 
 
-def bench_case(shape, dtype, layout, k, device, backend, measure, args,
-               phases=("forward", "backward_x", "backward_xw")):
+def bench_case(shape, dtype, layout, k, device, backend, measure, args, phases=None):
+    if phases is None:
+        phases = (("forward", "forward_backward") if getattr(args, "cuda_graph", False)
+                  else ("forward", "backward_x", "backward_xw"))
     if backend in CUDA_VARIANTS:
         if backend != "cuda" and (layout != "nchw" or k not in (3, 5, 7)):
             return {}  # the only inputs where the choices differ
@@ -146,6 +195,11 @@ def _measure_case(shape, dtype, layout, k, device, backend, measure, args, phase
         inputs = (xr, wr) if need_w else (xr,)
         out[name] = measure(lambda: torch.autograd.grad(y, inputs, g, retain_graph=True),
                             args.warmup, args.iters)
+    if "forward_backward" in phases:  # measured whole (the CUDA-graph mode)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out["forward_backward"] = measure(
+            lambda: torch.autograd.grad(ops.mcs_conv(xr, wr, backend=backend), (xr, wr), g),
+            args.warmup, args.iters)
     return out
 
 
@@ -165,7 +219,7 @@ def measure_group(shape, dtype, layout, device, measure, args):
     copies, samples = [], {}
     for _ in range(args.rounds):
         copies.append(measure(lambda: dst.copy_(src), args.warmup, args.iters))
-        for backend in backends_for(device):
+        for backend in backends_for(device, args.backends):
             times = bench_case(shape, dtype, layout, args.kernel_size, device, backend, measure,
                                args)
             for phase, seconds in times.items():
@@ -183,7 +237,8 @@ def _group_rows(shape_text, shape, dtype_name, layout, copy_s, samples):
     results = {}
     for backend, phases in samples.items():
         results[backend] = {phase: statistics.median(v) for phase, v in phases.items()}
-        # The issue's training figure: one forward and one backward, learnable weight.
+        # The issue's training figure: one forward and one backward, learnable weight (measured
+        # whole in the CUDA-graph mode).
         if "forward" in phases and "backward_xw" in phases:
             results[backend]["forward_backward"] = (results[backend]["forward"]
                                                     + results[backend]["backward_xw"])
@@ -201,7 +256,13 @@ def _group_rows(shape_text, shape, dtype_name, layout, copy_s, samples):
 
 def run(args):
     device = torch.device(args.device)
-    measure = timer(device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("--cuda-graph needs a CUDA device")
+    unknown = sorted(set(args.backends or ()) - set(_available_backends(device)))
+    if unknown:
+        raise SystemExit(f"--backends: {unknown} not available here; choose from "
+                         f"{_available_backends(device)}")
+    measure = graph_timer(device) if args.cuda_graph else timer(device)
     load_at_start = warn_if_loaded()
     shapes = args.shapes or DEFAULT_SHAPES[device.type]
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
@@ -232,7 +293,8 @@ def run(args):
               f"{'ms':>9} {'GB/s':>8} {'%copy':>6} {'x torch':>8}")
     print(f"MCSConv k={args.kernel_size}, learnable (constrained), device {device} "
           f"({machine_info(device).get('gpu', 'CPU')}), median of {args.rounds} rounds of "
-          f"{args.iters}, malloc {args.malloc}")
+          f"{args.iters}, malloc {args.malloc}"
+          + (", CUDA-graph replays (device time only)" if args.cuda_graph else ""))
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -11,12 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 
 
-def _run(script, *args):
+def _invoke(script, *args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=BENCH,
+    return subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=BENCH,
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run(script, *args):
+    done = _invoke(script, *args)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
+
+
+def _run_failing(script, *args):
+    done = _invoke(script, *args)
+    assert done.returncode != 0, done.stdout[-2000:]
+    return done.stderr
 
 
 def test_bench_models_writes_every_variant(tmp_path):
@@ -36,6 +46,18 @@ def test_bench_models_writes_every_variant(tmp_path):
         assert (row.get("train_images_per_s", 0) > 0) == (not inference_only), name
     assert "fused-inference" in text
     assert "x ref: images/s relative to 'reference'" in text
+
+
+def test_bench_mcs_backend_choice_and_its_errors(tmp_path):
+    out = tmp_path / "mcs.json"
+    _run("bench_mcs.py", "--device", "cpu", "--shapes", "2x4x9x11", "--iters", "1",
+         "--warmup", "0", "--rounds", "1", "--layouts", "nchw", "--backends", "torch",
+         "--json", str(out))
+    assert {r["backend"] for r in json.loads(out.read_text())["rows"]} == {"torch"}
+    assert "--cuda-graph needs a CUDA device" in _run_failing(
+        "bench_mcs.py", "--device", "cpu", "--cuda-graph", "--json", str(out))
+    assert "not available here" in _run_failing(
+        "bench_mcs.py", "--device", "cpu", "--backends", "no-such-backend", "--json", str(out))
 
 
 def test_bench_models_runs_inside_the_block_cache(tmp_path):

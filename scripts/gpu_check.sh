@@ -12,16 +12,17 @@
 # later ones instead of overrunning the whole check. Order (times from the H100 run of
 # 2026-11-27): build (95 s), the kernel and eager model benchmarks (140 s together), the GPU
 # tests (about 200 s with 8 xdist workers for 491 tests; about 620 since 2026-11-27 evening,
-# capped at 280 s), the compiled models with what is left but 80 s, an
-# inference kernel profile (at most 45 s, keeping 50), then an Nsight Compute profile of the
+# capped at 280 s), the MCSConv kernels as CUDA-graph replays (at most 60 s), the compiled
+# models with what is left but 80 s, an inference kernel profile (at most 45 s, keeping 50), then an Nsight Compute profile of the
 # MCSConv kernels when ncu is there. At the default budget the tests end near 480 s, so the
 # compiled models need the second call below (about 230 s: 20 s rebuild, 190 s for four
 # compiled variants; reference-compiled has never finished compiling inside any budget).
 # With every step present the later ones may get little time (the steps' caps add up to more
-# than the budget). GPU_CHECK_SKIP="mcs fused eager tests compiled profile ncu" (any of them)
+# than the budget). GPU_CHECK_SKIP="mcs fused eager tests graphs compiled profile ncu" (any of them)
 # leaves steps out, e.g. for a second call that times only the compiled models:
-#   GPU_CHECK_SKIP="mcs fused eager tests profile ncu" scripts/gpu_check.sh $OUT
-# or one that gives Nsight Compute the time it never had (benchmarks/profile_mcs_kernels.py
+#   GPU_CHECK_SKIP="mcs fused eager tests graphs profile ncu" scripts/gpu_check.sh $OUT
+# or one that gives the CUDA-graph MCSConv timings ("graphs": device time without the host's
+# per-call costs) and Nsight Compute the time they never had (benchmarks/profile_mcs_kernels.py
 # profiles the weight gradient first):
 #   GPU_CHECK_SKIP="mcs fused eager tests compiled profile" scripts/gpu_check.sh $OUT
 # GPU_CHECK_COMPILED_VARIANTS replaces that step's variant list, e.g. "reference
@@ -142,6 +143,16 @@ if [ -f "$OUTDIR/tests.log" ]; then
   tail -2 "$OUTDIR/tests.log" | tee -a "$OUTDIR/summary.txt"
 fi
 note "tests done at ${SECONDS} s"
+
+# The MCSConv kernels again as CUDA-graph replays: the device's time alone, without the host's
+# per-call costs (Python autograd, dispatch, launches), which an eager call of this size may be
+# mostly made of; issue 3's bandwidth target is about the kernels. After the tests, so that it
+# takes only what they leave (or a call of its own, see the top). Table into bench.log and the
+# summary; its JSON outside OUTDIR (the 8-file limit).
+note "== MCSConv kernel benchmark, CUDA-graph replays (device time only)"
+wanted graphs && step "MCSConv benchmark, CUDA graphs" "$(limit 60)" "$PY" benchmarks/bench_mcs.py \
+    --device cuda --cuda-graph --backends torch cuda triton --iters 30 --rounds 2 --warmup 5 \
+    --json "$(mktemp -d)/mcs_cuda_graph.json" >> "$OUTDIR/bench.log" 2>&1
 
 # The compiled variants with the eager float32 reference in the same process (ratios within one
 # run). fused-inference-compiled first (inference only, the quickest compile): it is the best
