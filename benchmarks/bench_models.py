@@ -41,8 +41,8 @@ def parse_args(argv=None):
                    help="interleaved rounds over all variants (the result is the median)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--optimizer", default="adam-fused", choices=["adam-fused", "adam"],
-                   help="Adam for every variant: fused=True (one kernel for all parameters) "
-                        "or PyTorch's default implementation (what the sficonv trainer uses)")
+                   help="Adam for every variant: fused=True (one kernel for all parameters, "
+                        "what the sficonv trainer uses on CPU and CUDA) or PyTorch's default")
     p.add_argument("--variants", nargs="*", default=None, choices=VARIANTS,
                    help="what to compare (default: the eager variants for the device; see "
                         "model_variants.py); the first is the baseline of the 'x ref' columns")

@@ -120,8 +120,15 @@ class Run:
             model.to(memory_format=torch.channels_last)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
+        # fused=True: one kernel over every parameter, the same update up to rounding. On the
+        # 2-core test CPU one step over SFIConv-ResNet-26's 14M parameters took 12.1 ms against
+        # 35.5 ms for PyTorch's default Adam (2026-11-27), and the 64 px, batch-32 train step
+        # went from 315 to 299 ms.
+        # A run resumed from a checkpoint written before keeps its own setting (load_state_dict
+        # restores the saved param_groups, "fused" included).
+        fused = {"fused": True} if ctx.device.type in ("cpu", "cuda") else {}
         self.optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
-                                          weight_decay=cfg["weight_decay"])
+                                          weight_decay=cfg["weight_decay"], **fused)
         self.scheduler = make_scheduler(self.optimizer, cfg["lr_schedule"],
                                         self.plan.steps_per_epoch, cfg["epochs"])
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg["amp"] == "fp16")
