@@ -50,6 +50,17 @@ def laid_out(t, kind):
     return t.contiguous()
 
 
+def fresh_leaf(t):
+    """A copy of ``t`` that requires grad, with ``t``'s strides even where ``t`` is a non-dense
+    view: ``clone`` makes such a view contiguous, which had turned the tests' "strided" inputs
+    into plain NCHW ones. The gaps of the copy's storage stay unwritten (a kernel that read
+    them would show it)."""
+    out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        out.copy_(t)
+    return out.requires_grad_()
+
+
 def worst_channel_rel_err(a, b, dim=1):
     """``rel_err`` of each channel (slices along ``dim``: 1 for activations, 0 for a depthwise
     weight), the largest: a channel of large values cannot hide another channel's error."""
@@ -111,8 +122,8 @@ def make_bn(c, momentum=0.1, dtype=torch.float32, device="cpu"):
 def epilogue_step(bn, x, residual, relu, grad, backend):
     """``ops.batch_norm_act`` once in training mode: its output, the gradients of x, weight,
     bias (and residual) for ``grad``, and the running statistics afterwards."""
-    x = x.detach().clone().requires_grad_()
-    residual = residual.detach().clone().requires_grad_() if residual is not None else None
+    x = fresh_leaf(x)
+    residual = fresh_leaf(residual) if residual is not None else None
     y = ops.batch_norm_act(x, bn, residual, relu, backend=backend)
     inputs = [x, bn.weight, bn.bias] + ([residual] if residual is not None else [])
     grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))

@@ -8,7 +8,7 @@ from sficonv_ext import ops
 from sficonv_ext.nn import FirstSFIConv2d
 from sficonv_ext.reference.layers import FirstSFIConv
 
-from conftest import rel_err
+from conftest import fresh_leaf, rel_err
 
 needs_triton = pytest.mark.skipif(not ops.backends()["triton_ops"],
                                   reason="Triton ops unavailable")
@@ -26,7 +26,7 @@ def _no_tf32():
 
 
 def run(backend, x, weight, mcs_weight, bias, split, constrained, grad):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None
+    leaves = [fresh_leaf(t) if t is not None else None
               for t in (x, weight, mcs_weight, bias)]
     x, weight, mcs_weight, bias = leaves
     y = ops.first_sfi_conv(x, weight, mcs_weight, split, bias=bias, constrained=constrained,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sficonv_ext import models
+from sficonv_ext import models, ops
 from sficonv_ext.nn import FirstSFIConv2d, MCSConv2d
 
 from conftest import make_pair, rel_err
@@ -21,6 +21,10 @@ KERNELS = {"auto": ("auto", "auto", "auto"), "cuda": ("cuda", "auto", "torch"),
 
 
 def force_kernels(model, kernels):
+    info = ops.backends()
+    if (kernels == "cuda" and not info["cuda"]) or (kernels == "triton"
+                                                    and not info["triton_ops"]):
+        pytest.skip(f"the {kernels} kernels are not available here")
     mcs, first, norm = KERNELS[kernels]
     for module in model.modules():
         if isinstance(module, MCSConv2d):

@@ -7,7 +7,8 @@ from sficonv_ext import ops
 from sficonv_ext.nn import published_mcs_init
 from sficonv_ext.reference import constrain_mcs_weight
 
-from conftest import laid_out, rel_err, signed_mcs_weights, worst_channel_rel_err
+from conftest import (fresh_leaf, laid_out, rel_err, signed_mcs_weights,
+                      worst_channel_rel_err)
 
 cpp = pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
 
@@ -20,7 +21,7 @@ def expected(x, weight, constrained, eps=1e-6):
 
 
 def both_grads(fn, x, weight, g):
-    xr, wr = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    xr, wr = fresh_leaf(x), fresh_leaf(weight)
     y = fn(xr, wr)
     return (y,) + torch.autograd.grad(y, (xr, wr), g)
 

@@ -5,7 +5,8 @@ import torch
 
 from sficonv_ext import ops
 
-from conftest import laid_out, rel_err, signed_mcs_weights, worst_channel_rel_err
+from conftest import (fresh_leaf, laid_out, rel_err, signed_mcs_weights,
+                      worst_channel_rel_err)
 
 needs_triton = pytest.mark.skipif(not ops.backends()["triton_ops"],
                                   reason="Triton ops unavailable")
@@ -13,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def grads(backend, x, weight, g, constrained):
-    xr, wr = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    xr, wr = fresh_leaf(x), fresh_leaf(weight)
     y = ops.mcs_conv(xr, wr, constrained=constrained, backend=backend)
     return (y,) + torch.autograd.grad(y, (xr, wr), g)
 

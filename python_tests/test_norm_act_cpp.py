@@ -312,3 +312,33 @@ def test_auto_leaves_the_epilogue_to_inductor_under_compile(monkeypatch):
     assert norm_act._resolve("auto", x, bn, None) == "cpp"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert norm_act._resolve("auto", x, bn, None) == "torch"
+
+
+def test_an_output_without_relu_may_be_changed_in_place_and_is_not_kept():
+    # PyTorch's BatchNorm does not save its output; the C++ op keeps it only as the ReLU's mask.
+    # Without a ReLU a caller may change it in place before backward, as with nn.BatchNorm2d.
+    x = torch.randn(BIG).requires_grad_()
+    grad = torch.randn(BIG)
+    bn = make_bn(BIG[1], dtype=torch.float32)
+    grads = []
+    for backend in ("cpp", "torch"):
+        y = ops.batch_norm_act(x, copy.deepcopy(bn), None, relu=False, backend=backend)
+        y.mul_(2)
+        grads += torch.autograd.grad(y, x, grad)
+    assert rel_err(grads[0], grads[1]) < 1e-4
+
+
+def test_second_derivatives_when_only_the_residual_needs_a_gradient():
+    # create_graph=True recomputes through PyTorch's BatchNorm; with x, weight and bias frozen
+    # there is nothing to differentiate there, only the residual's gradient to hand on.
+    bn = make_bn(3)
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    r = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)  # differentiated too
+    y = ops.batch_norm_act(x, bn, r, True, backend="cpp")
+    (gr,) = torch.autograd.grad(y, r, g, create_graph=True)
+    assert torch.equal(gr, g * (y > 0))
+    (gg,) = torch.autograd.grad(gr.sum(), g)
+    assert torch.equal(gg, (y > 0).to(gg.dtype))

@@ -159,3 +159,24 @@ def test_an_error_that_is_not_about_writing_is_not_reported_as_one(tmp_path, mon
         ckpt.atomic_save({"step": 2}, str(tmp_path / "last.pt"))
     assert not isinstance(caught.value, ckpt.UserError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_the_unfused_adam_resumes_with_fp16_scaling():
+    # Checkpoints written before the trainer's Adam was fused hold "fused": None in their groups.
+    # Loaded as saved, they turned this run's fused Adam back into the unfused one, which
+    # GradScaler (fp16 AMP) then called with the fused step's arguments: the first step failed.
+    import types
+    from sficonv_ext.train.trainer import Run
+    old = torch.nn.Parameter(torch.randn(10))
+    old.grad = torch.randn(10)
+    before = torch.optim.Adam([old], lr=1e-3)
+    before.step()
+    param = torch.nn.Parameter(old.detach().clone())
+    now = torch.optim.Adam([param], lr=1e-3, fused=True)
+    now.load_state_dict(Run._with_this_adam(types.SimpleNamespace(optimizer=now),
+                                            before.state_dict()))
+    assert now.param_groups[0]["fused"] and now.state[param]["step"].dtype == torch.float32
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((param * 2).sum()).backward()
+    scaler.step(now)
+    assert torch.equal(now.state[param]["step"], torch.tensor(2.0))

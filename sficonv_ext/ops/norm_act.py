@@ -65,17 +65,25 @@ _CPP_AUTO_MIN_VALUES = 1 << 20
 
 
 def _auto_takes_cpp(x, bn, residual):
-    """Whether "auto" runs the C++ epilogue for this training-mode call (module notes)."""
-    return (x.dtype == torch.float32 and x.numel() >= _CPP_AUTO_MIN_VALUES
-            and isinstance(bn, nn.BatchNorm2d)
-            and type(bn).forward is nn.BatchNorm2d.forward and _cpp_can_run(x, bn)
-            and bn.weight.dtype == torch.float32 and bn.eps > 0
-            and tuple(bn.weight.shape) == (x.shape[1],)
-            and (bn.running_mean is None or tuple(bn.running_mean.shape) == (x.shape[1],))
-            and x.numel() // x.shape[1] > 1
-            and (residual is None or residual.dtype == torch.float32)
-            and not hooked(bn) and not torch.compiler.is_compiling()
-            and not composite_only(x, residual, bn.weight, bn.bias))
+    """Whether "auto" runs the C++ epilogue for this training-mode call (module notes). Every
+    BatchNorm tensor must be what the C++ path takes without a word (float32, one value per
+    channel), so that anything PyTorch would refuse still meets PyTorch's own error."""
+    if torch.compiler.is_compiling():  # first: no guard on the size below while tracing
+        return False
+    if not (x.dtype == torch.float32 and x.numel() >= _CPP_AUTO_MIN_VALUES
+            and isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward
+            and _cpp_can_run(x, bn) and bn.eps > 0 and x.numel() // x.shape[1] > 1
+            and (residual is None or residual.dtype == torch.float32)):
+        return False
+    channels = (x.shape[1],)
+    stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else ()
+    if bn.track_running_stats and (bn.running_mean is None or bn.running_var is None
+                                   or bn.num_batches_tracked is None):
+        return False
+    if any(t.dtype != torch.float32 or tuple(t.shape) != channels
+           for t in (bn.weight, bn.bias, *stats)):
+        return False
+    return not hooked(bn) and not composite_only(x, residual, bn.weight, bn.bias)
 
 
 def _resolve(backend, x, bn, residual):

@@ -13,6 +13,8 @@ def _differentiable_backward(grad_y, x, y, weight, bias, has_residual, relu, eps
     # backward, a NaN output is not <= 0 and passes its gradient.
     grad_z = torch.where(y <= 0, torch.zeros_like(grad_y), grad_y) if relu else grad_y
     needs = [t for t in (x, weight, bias) if t.requires_grad]
+    if not needs:  # only the residual (or grad_y) needs a gradient
+        return None, None, None, (grad_z if has_residual else None)
     z = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     found = dict(zip([id(t) for t in needs],
                      torch.autograd.grad(z, needs, grad_z, create_graph=True)))
@@ -28,13 +30,18 @@ def register_norm_act_autograd(register, backward_op):
     def setup_context(ctx, inputs, output):
         x, weight, bias, residual, relu, eps = inputs
         y, mean, var = output
-        ctx.save_for_backward(x, y, weight, bias, mean, var)
+        # The output is kept only as the ReLU's mask. Without a ReLU it is not saved, as
+        # PyTorch's BatchNorm does not save its own: the caller may change it in place, and it
+        # is not held in memory until backward.
+        ctx.save_for_backward(x, y if relu else None, weight, bias, mean, var)
         ctx.has_residual, ctx.relu, ctx.eps = residual is not None, relu, eps
 
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         # The batch statistics are returned for the running averages only: no gradient flows
         # back through them (they are used under no_grad).
         x, y, weight, bias, mean, var = ctx.saved_tensors
+        if y is None:  # no ReLU: the backward ops read no mask, any tensor shaped like x will do
+            y = x
         if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, weight, bias)):
             grads = _differentiable_backward(grad_y, x, y.detach(), weight, bias,
                                              ctx.has_residual, ctx.relu, ctx.eps)

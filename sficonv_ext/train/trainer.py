@@ -124,8 +124,8 @@ class Run:
         # 2-core test CPU one step over SFIConv-ResNet-26's 14M parameters took 12.1 ms against
         # 35.5 ms for PyTorch's default Adam (2026-11-27), and the 64 px, batch-32 train step
         # went from 315 to 299 ms.
-        # A run resumed from a checkpoint written before keeps its own setting (load_state_dict
-        # restores the saved param_groups, "fused" included).
+        # A run resumed from a checkpoint written before takes this implementation too
+        # (_with_this_adam).
         fused = {"fused": True} if ctx.device.type in ("cpu", "cuda") else {}
         self.optimizer = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8,
                                           weight_decay=cfg["weight_decay"], **fused)
@@ -189,6 +189,16 @@ class Run:
             ckpt.atomic_save(self.payload(epoch, step, totals, full),
                              os.path.join(self.cfg["out"], name))
 
+    def _with_this_adam(self, saved):
+        """``saved`` (an optimizer state_dict) with this run's Adam implementation in its groups.
+        load_state_dict restores the saved groups' "fused"/"foreach" too, but the optimizer
+        was built for its own: a checkpoint written before Adam was fused, resumed with fp16
+        AMP, had GradScaler hand the unfused step the arguments only the fused one takes."""
+        ours = self.optimizer.param_groups[0]
+        groups = [{**group, "fused": ours.get("fused"), "foreach": ours.get("foreach")}
+                  for group in saved["param_groups"]]
+        return {**saved, "param_groups": groups}
+
     def restore(self, state, path):
         progress = state["progress"]
         if (progress["num_samples"] != self.plan.num_samples
@@ -197,7 +207,7 @@ class Run:
                             f"({progress['num_samples']} images then, {self.plan.num_samples} "
                             f"now): resuming would not continue the same run")
         ckpt.load_into(self.model, state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._with_this_adam(state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         # The optimizer kept the old schedule's rate: with another --epochs the next step must
         # take this schedule's rate at the step reached (the same number when nothing changed).
