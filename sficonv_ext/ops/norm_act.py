@@ -64,6 +64,12 @@ def _cpp_can_run(x, bn):
 _CPP_AUTO_MIN_VALUES = 1 << 20
 
 
+def _bn_tensors(bn):
+    """(name, tensor) of the BatchNorm's per-channel tensors that it has."""
+    return [(name, getattr(bn, name)) for name in ("weight", "bias", "running_mean", "running_var")
+            if getattr(bn, name) is not None]
+
+
 def _auto_takes_cpp(x, bn, residual):
     """Whether "auto" runs the C++ epilogue for this training-mode call (module notes). Every
     BatchNorm tensor must be what the C++ path takes without a word (float32, one value per
@@ -75,13 +81,11 @@ def _auto_takes_cpp(x, bn, residual):
             and _cpp_can_run(x, bn) and bn.eps > 0 and x.numel() // x.shape[1] > 1
             and (residual is None or residual.dtype == torch.float32)):
         return False
-    channels = (x.shape[1],)
-    stats = (bn.running_mean, bn.running_var) if bn.track_running_stats else ()
     if bn.track_running_stats and (bn.running_mean is None or bn.running_var is None
                                    or bn.num_batches_tracked is None):
         return False
-    if any(t.dtype != torch.float32 or tuple(t.shape) != channels
-           for t in (bn.weight, bn.bias, *stats)):
+    if any(t.dtype != torch.float32 or tuple(t.shape) != (x.shape[1],)
+           for _, t in _bn_tensors(bn)):
         return False
     return not hooked(bn) and not composite_only(x, residual, bn.weight, bn.bias)
 
@@ -159,9 +163,8 @@ def batch_norm_act(x, bn, residual=None, relu=True, backend="auto", inplace_ok=F
                          "with running statistics and a non-empty float32/float16/bfloat16 4-D "
                          f"input ({TRITON_DEVICE_HINT})")
     channels = x.shape[1]
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        param = getattr(bn, name)
-        if param is not None and tuple(param.shape) != (channels,):
+    for name, param in _bn_tensors(bn):
+        if tuple(param.shape) != (channels,):
             # Broadcasting would otherwise run a 1-channel BatchNorm's parameters over every
             # channel (or every channel's statistics into one), with no error.
             raise ValueError(f"batch_norm_act: the BatchNorm's {name} has shape "
