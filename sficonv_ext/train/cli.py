@@ -101,9 +101,10 @@ def build_parser():
     export.add_argument("--layout", choices=("wrapper", "bare"), default="wrapper",
                         help="wrapper: the published training script's best.pkl keys; bare: "
                              "the network alone")
-    export.add_argument("--arch", choices=sorted(ARCHS), default=None,
+    export.add_argument("--arch", choices=tuple(ARCHS), default=None,
                         help="the network of a published file (default: sfi_resnet26; our "
                              "checkpoints record their own)")
+    parser.commands = commands.choices  # name -> its parser, for errors in its own words
     return parser
 
 
@@ -123,8 +124,11 @@ def _export(args):
 def main(argv=None):
     """The ``sficonv`` console script; returns the exit status."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    known, unknown = parser.parse_known_args(argv)
+    args = vars(known)
     command = args.pop("command")
+    if unknown:  # with the command's usage and name, not the top level's "sficonv: error"
+        parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if command == "export":
             _export(argparse.Namespace(**args))
