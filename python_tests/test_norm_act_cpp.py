@@ -279,6 +279,33 @@ def test_auto_takes_the_cpp_epilogue_for_float32_cpu_training(kind):
         assert rel_err(a.double(), e.double()) < 1e-5
 
 
+def test_auto_takes_the_cpp_epilogue_for_bfloat16_autocast_training():
+    # What autocast hands the epilogue on the CPU: a bfloat16 convolution output and residual,
+    # the BatchNorm's float32 parameters and statistics.
+    bn = make_bn(BIG[1], dtype=torch.float32)
+    x, r, g = inputs(BIG, torch.bfloat16, True, "channels_last")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, names = _auto_ops(x, copy.deepcopy(bn), r)
+        got = run(copy.deepcopy(bn), x, r, True, g, "auto")
+        pytorch = run(copy.deepcopy(bn), x, r, True, g, "torch")
+    exact = run(copy.deepcopy(bn).double(), x.double(), r.double(), True, g, "torch")
+    assert _cpp_ran(names) and "aten.native_batch_norm" not in names
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert [t.dtype for t in got] == [t.dtype for t in pytorch]
+    # Against float64: outputs and gradients within bfloat16 rounding (by norm: where a value of
+    # bn(x) + r lies within rounding of 0, the ReLU's mask may go either way), statistics
+    # within float32 rounding.
+    for a, e in zip(got[:5], exact[:5]):
+        assert ((a.double() - e).norm() / e.norm()).item() < 1e-2
+    for a, e in zip(got[5:], exact[5:]):
+        assert rel_err(a.double(), e.double()) < 1e-5
+    # PyTorch's path rounds bn(x) to bfloat16 before adding r, so its ReLU mask differs from
+    # float64's in more places than the C++ op's, which adds in float32 and rounds once.
+    def mask_misses(y_out):
+        return ((y_out > 0) != (exact[0] > 0)).sum().item()
+    assert mask_misses(got[0]) <= mask_misses(pytorch[0])
+
+
 def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen():
     x = torch.randn(BIG)
     seen = []
@@ -296,10 +323,14 @@ def test_auto_keeps_pytorch_batchnorm_where_the_cpp_op_would_change_what_is_seen
     assert not _cpp_ran(names)
     assert torch.allclose(y, 2 * torch.nn.functional.batch_norm(x, None, None, custom.weight,
                                                                 custom.bias, training=True))
-    # Not measured: PyTorch's path (bfloat16 as autocast gives it: float32 parameters).
-    for dtype, param_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+    # Not measured: PyTorch's path (float16 as autocast would give it: float32 parameters).
+    for dtype, param_dtype in ((torch.float64, torch.float64), (torch.float16, torch.float32),
+                               (torch.bfloat16, torch.bfloat16)):
         _, names = _auto_ops(x.to(dtype), make_bn(BIG[1], dtype=param_dtype))
         assert not _cpp_ran(names)
+    # A residual of another dtype: PyTorch adds it unrounded, the C++ op would round it first.
+    _, names = _auto_ops(x.bfloat16(), make_bn(BIG[1], dtype=torch.float32), torch.randn(BIG))
+    assert not _cpp_ran(names)
     _, names = _auto_ops(x, make_bn(BIG[1], dtype=torch.float32).eval())
     assert not _cpp_ran(names)
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # PyTorch's error

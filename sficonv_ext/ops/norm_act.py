@@ -8,7 +8,7 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
 ``fuse_for_inference`` folds away).
 
 ``"auto"`` follows the measurements:
-- CPU, training mode, float32, at least 2**20 values (smaller layers pay more for the custom
+- CPU, training mode, float32 or bfloat16 (autocast), at least 2**20 values (smaller layers pay more for the custom
   op's fixed cost than its fewer passes save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue. On
   the project's 2-core Intel Xeon (AVX-512, 2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256)
   trained 0.6-6.3% faster with it than with BatchNorm + add + ReLU in each of ten interleaved
@@ -19,7 +19,7 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
   PyTorch's path is kept wherever the C++ op would change what a caller sees: a hook on the
   BatchNorm module (it would not run), a BatchNorm subclass with its own forward,
   torch.compile (inductor fuses BatchNorm, add and ReLU itself), forward-mode AD and
-  torch.func transforms, other dtypes (float64 parity tests, bfloat16 autocast: not measured),
+  torch.func transforms, other dtypes (float64 parity tests, float16: not measured),
   and inputs PyTorch would refuse (its error is the one raised).
 - CUDA: on an H100 (bfloat16, [64, 256, 64, 64], benchmarks/results/fused_layers_cuda.json) the
   Triton epilogue is 1.38x faster forward but 0.83x forward+backward (float32: 1.57x, 1.09x),
@@ -62,6 +62,11 @@ def _cpp_can_run(x, bn):
 # ([8, 256, 16, 16]: 1.03x) and 1.25-1.43x from 2,097,152 up. The threshold kept the 64 px
 # built-in demo (batch 32) level with PyTorch's path, which it had slowed by 1-4.5%.
 _CPP_AUTO_MIN_VALUES = 1 << 20
+# bfloat16 (autocast's dtype on the CPU, with float32 BatchNorm parameters) measured alike per
+# layer (0.58x at [8, 256, 2, 2], 1.02-1.13x at 0.5-1M values, 1.47-1.82x at 2M) and the
+# model's bfloat16-autocast train step 17% faster (23.97 against 20.54 images/s,
+# benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json). float16: not measured.
+_CPP_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _bn_tensors(bn):
@@ -73,13 +78,15 @@ def _bn_tensors(bn):
 def _auto_takes_cpp(x, bn, residual):
     """Whether "auto" runs the C++ epilogue for this training-mode call (module notes). Every
     BatchNorm tensor must be what the C++ path takes without a word (float32, one value per
-    channel), so that anything PyTorch would refuse still meets PyTorch's own error."""
+    channel: with bfloat16 x, as autocast hands it over), so that anything PyTorch would refuse
+    still meets PyTorch's own error."""
     if torch.compiler.is_compiling():  # first: no guard on the size below while tracing
         return False
-    if not (x.dtype == torch.float32 and x.numel() >= _CPP_AUTO_MIN_VALUES
+    if not (x.dtype in _CPP_AUTO_DTYPES and x.numel() >= _CPP_AUTO_MIN_VALUES
             and isinstance(bn, nn.BatchNorm2d) and type(bn).forward is nn.BatchNorm2d.forward
             and _cpp_can_run(x, bn) and bn.eps > 0 and x.numel() // x.shape[1] > 1
-            and (residual is None or residual.dtype == torch.float32)):
+            # a residual of another dtype: PyTorch adds it unrounded, the C++ op would round it
+            and (residual is None or residual.dtype == x.dtype)):
         return False
     if bn.track_running_stats and (bn.running_mean is None or bn.running_var is None
                                    or bn.num_batches_tracked is None):
