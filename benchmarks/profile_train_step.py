@@ -115,6 +115,9 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=6, help="operators listed per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["reference", "fast",
                                                                               "plain"])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="autocast dtype for bfloat16/float16 (the reference variant stays "
+                             "float32, as in bench_models.py)")
     parser.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -130,9 +133,10 @@ def run(args, device):
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     target = torch.randint(0, 2, (args.batch,), device=device)
     print(f"== train step profile: SFIConv-ResNet-{args.depth}, batch {args.batch}, "
-          f"{args.size}x{args.size}, float32, {device}, malloc {args.malloc}, "
+          f"{args.size}x{args.size}, {args.dtype}, {device}, malloc {args.malloc}, "
           f"{torch.get_num_threads()} threads, load average {load_average()}")
-    for name, variant in build_variants(args.variants, args.depth, device, None).items():
+    amp_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    for name, variant in build_variants(args.variants, args.depth, device, amp_dtype).items():
         if isinstance(variant, str) or not variant.trainable:
             print(f"{name}: not profiled ({variant if isinstance(variant, str) else 'no train'})")
             continue

@@ -142,6 +142,10 @@ def test_train_step_profile_sums_operators_into_kinds():
         assert "GFLOP" in line and "ms a step" in line
     assert "convolution backward" in text and "convolution forward" in text
     assert "MCSConv" in text  # the fast model's first layer; the plain twin has none
+    text = _run("profile_train_step.py", "--variants", "fast", "--batch", "2", "--size", "64",
+                "--iters", "1", "--dtype", "bfloat16")
+    assert ", bfloat16, cpu," in text.splitlines()[0]
+    assert "aten._to_copy" in text  # autocast's casts of the float32 weights
 
 
 def test_a_loaded_machine_is_named_in_the_output(monkeypatch, capsys):

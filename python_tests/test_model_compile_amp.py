@@ -1,6 +1,10 @@
 """The fast model under torch.compile (no graph break) and autocast."""
+import collections
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sficonv_ext import models
 from sficonv_ext.nn import published_mcs_init
@@ -45,6 +49,46 @@ def test_autocast_bfloat16_forward_and_backward():
         loss = model(x).float().sum()
     loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_autocast_bfloat16_training_runs_the_cpp_epilogue_on_large_layers():
+    # At 256 px the stem's and layer1's BatchNorms see 2**21 values: "auto" hands them to the
+    # C++ epilogue in bfloat16 (autocast's convolution output, float32 BatchNorm parameters,
+    # a bfloat16 residual), the smaller layers to PyTorch. Op-level parity is in
+    # test_norm_act_cpp.py; here the model's own dtypes must lead there, and stay sound.
+    from sficonv_ext.ops import _extension
+    if not _extension.has_cpp_kernels():
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    model = models.sfi_resnet26()
+    exact = copy.deepcopy(model).double()
+    x, target = torch.randn(2, 3, 256, 256), torch.tensor([0, 1])
+    with _OpCounter() as ops_seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), target)
+    loss.backward()
+    assert ops_seen.count["sficonv_ext.batch_norm_act_forward"] >= 4
+    assert ops_seen.count["aten.native_batch_norm"] >= 1  # the small layers
+    expect = F.cross_entropy(exact(x.double()), target)
+    assert abs(loss.item() - expect.item()) < 0.02 * expect.item()
+    for bn, bn64 in zip(_batch_norms(model), _batch_norms(exact)):
+        assert rel_err(bn.running_mean.double(), bn64.running_mean) < 0.05
+        assert rel_err(bn.running_var.double(), bn64.running_var) < 0.05
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
+def _batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
