@@ -51,6 +51,7 @@ def test_a_missing_package_is_explained(tmp_path):
     (broken / "__init__.py").write_text("raise ImportError('simulated: no build here')\n")
     done = run_script("train.py", "--help", env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode == 2
+    assert done.stderr.startswith("training/train.py: error: ")
     assert "not importable (simulated: no build here)" in done.stderr
     assert "pip install -e . --no-build-isolation" in done.stderr
 

@@ -8,8 +8,9 @@ Evaluation mode takes the PyTorch path on every backend (an affine map per chann
 ``fuse_for_inference`` folds away).
 
 ``"auto"`` follows the measurements:
-- CPU, training mode, float32 or bfloat16 (autocast), at least 2**20 values (smaller layers pay more for the custom
-  op's fixed cost than its fewer passes save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue. On
+- CPU, training mode, float32 or bfloat16 (autocast's dtype: see _CPP_AUTO_DTYPES), at least
+  2**20 values (smaller layers pay more for the custom op's fixed cost than its fewer passes
+  save: see _CPP_AUTO_MIN_VALUES): the C++ epilogue. On
   the project's 2-core Intel Xeon (AVX-512, 2026-11-27) SFIConv-ResNet-26 (batch 8, 256x256)
   trained 0.6-6.3% faster with it than with BatchNorm + add + ReLU in each of ten interleaved
   benchmark runs (e.g. 10.21 against 9.93 images/s in
@@ -64,8 +65,9 @@ def _cpp_can_run(x, bn):
 _CPP_AUTO_MIN_VALUES = 1 << 20
 # bfloat16 (autocast's dtype on the CPU, with float32 BatchNorm parameters) measured alike per
 # layer (0.58x at [8, 256, 2, 2], 1.02-1.13x at 0.5-1M values, 1.47-1.82x at 2M) and the
-# model's bfloat16-autocast train step 17% faster (23.97 against 20.54 images/s,
-# benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json). float16: not measured.
+# model's bfloat16-autocast train step 11-17% faster in three runs (23.69 against 20.48 images/s
+# in benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json, 22.49 against 20.33 with
+# glibc's defaults). float16: not measured.
 _CPP_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
