@@ -99,12 +99,17 @@ def _cpu_auto(x, weight):
     # C++ kernels win by 5-15x wherever the weight gradient or the NCHW layout is involved. A
     # frozen filter on channels_last input runs only the forward and the input gradient: there
     # ours are 1.08-1.30x oneDNN's depthwise kernels in float32 (two runs) and far ahead in
-    # float16, but oneDNN's bfloat16 kernels are faster (forward 0.35 against 0.48 ms), so
-    # bfloat16 keeps oneDNN.
+    # float16. oneDNN's bfloat16 forward is faster (0.35 against 0.48 ms on the AMD EPYC, 0.93
+    # against 1.02 ms on the Intel Xeon), but with the input gradient ours are (forward +
+    # backward 2.13 against 3.20 ms on the Xeon, 2026-11-27): bfloat16 keeps oneDNN only where
+    # no input gradient will be asked for (inference, or an input that needs none).
     if not _extension.has_cpp_kernels():
         return "torch"
     frozen = weight is None or not weight.requires_grad
-    return "torch" if (frozen and _is_channels_last(x) and x.dtype == torch.bfloat16) else "cpp"
+    needs_input_grad = torch.is_grad_enabled() and x.requires_grad
+    onednn = (frozen and not needs_input_grad and _is_channels_last(x)
+              and x.dtype == torch.bfloat16)
+    return "torch" if onednn else "cpp"
 
 
 def resolve_backend(backend, x, weight=None):
@@ -157,10 +162,11 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     the SPEC section 1 constraint to ``weight`` inside the kernel (differentiably);
     ``constrained=False`` is a plain depthwise convolution. The output has x's memory format
     (channels_last stays channels_last); under autocast both inputs are cast to the autocast
-    dtype, a raw filter (``constrained=True``) after its constraint. ``backend``: "auto" (on the CPU the C++ kernels, except PyTorch's oneDNN path for a
-    frozen filter on bfloat16 channels_last input, which measured faster; on a GPU PyTorch's cuDNN path
-    for channels_last input and the CUDA kernels for NCHW (else Triton, else PyTorch), as
-    measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode AD or a
+    dtype, a raw filter (``constrained=True``) after its constraint. ``backend``: "auto" (on
+    the CPU the C++ kernels, except PyTorch's oneDNN path for a frozen filter on bfloat16
+    channels_last input that needs no gradient, which measured faster; on a GPU PyTorch's
+    cuDNN path for channels_last input and the CUDA kernels for NCHW (else Triton, else
+    PyTorch), as measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode AD or a
     ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp formula.
     """
     x, weight, constrained = _apply_autocast(x, weight, constrained, eps)
