@@ -143,7 +143,7 @@ def test_train_step_profile_sums_operators_into_kinds():
     assert "convolution backward" in text and "convolution forward" in text
     assert "MCSConv" in text  # the fast model's first layer; the plain twin has none
     text = _run("profile_train_step.py", "--variants", "fast", "--batch", "2", "--size", "64",
-                "--iters", "1", "--dtype", "bfloat16")
+                "--iters", "1", "--dtype", "bfloat16", "--top", "100")
     assert ", bfloat16, cpu," in text.splitlines()[0]
     assert "aten._to_copy" in text  # autocast's casts of the float32 weights
 

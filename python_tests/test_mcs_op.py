@@ -470,6 +470,8 @@ def test_backends_reports_consistently():
     assert info["auto_cpu"] == ("cpp" if info["cpp"] else "torch")
     assert info["auto_cpu_channels_last_frozen"] == ("cpp" if info["cpp"] else "torch")
     assert info["auto_cpu_channels_last_frozen_bfloat16"] == "torch"
+    assert info["auto_cpu_channels_last_frozen_bfloat16_grad"] == ("cpp" if info["cpp"]
+                                                                   else "torch")
     assert set(["cpp", "cuda", "triton", "cuda_archs", "torch"]) <= set(info)
 
 

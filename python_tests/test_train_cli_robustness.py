@@ -117,6 +117,11 @@ def test_an_output_path_that_cannot_be_written_is_one_line(run_dir, tmp_path, ca
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # no stray temporary file
 
 
+def test_an_empty_config_path_is_refused_not_ignored(capsys):
+    assert main(["train", "--data", "builtin", "--config", ""]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+
+
 def test_yaml_null_only_where_an_option_may_be_unset(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("epochs: null\n")

@@ -34,6 +34,10 @@ def backends():
         "auto_cpu_channels_last_frozen_bfloat16": resolve_backend(
             "auto", torch.empty(1, 2, 2, 2, dtype=torch.bfloat16).contiguous(
                 memory_format=torch.channels_last)),
+        # The same input when it needs a gradient (training): a different choice on the CPU.
+        "auto_cpu_channels_last_frozen_bfloat16_grad": resolve_backend(
+            "auto", torch.empty(1, 2, 2, 2, dtype=torch.bfloat16).contiguous(
+                memory_format=torch.channels_last).requires_grad_()),
     }
     if _extension.has_cuda_kernels():
         result["cuda_kernels"] = cuda_kernel_choices()

@@ -102,7 +102,9 @@ def _cpu_auto(x, weight):
     # float16. oneDNN's bfloat16 forward is faster (0.35 against 0.48 ms on the AMD EPYC, 0.93
     # against 1.02 ms on the Intel Xeon), but with the input gradient ours are (forward +
     # backward 2.13 against 3.20 ms on the Xeon, 2026-11-27): bfloat16 keeps oneDNN only where
-    # no input gradient will be asked for (inference, or an input that needs none).
+    # no input gradient will be asked for (inference, or an input that needs none). A
+    # reentrant torch.utils.checkpoint runs its first forward without gradients (oneDNN) and the
+    # recomputation with them (ours): the two agree to bfloat16 rounding, not bit for bit.
     if not _extension.has_cpp_kernels():
         return "torch"
     frozen = weight is None or not weight.requires_grad
@@ -166,8 +168,9 @@ def mcs_conv(x, weight, *, constrained=True, eps=1e-6, backend="auto"):
     the CPU the C++ kernels, except PyTorch's oneDNN path for a frozen filter on bfloat16
     channels_last input that needs no gradient, which measured faster; on a GPU PyTorch's
     cuDNN path for channels_last input and the CUDA kernels for NCHW (else Triton, else
-    PyTorch), as measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode AD or a
-    ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp formula.
+    PyTorch), as measured on an H100), "torch", "cpp", "cuda" or "triton". Under forward-mode
+    AD or a ``torch.func`` transform "auto" takes the PyTorch path, the only one with a jvp
+    formula.
     """
     x, weight, constrained = _apply_autocast(x, weight, constrained, eps)
     _validate(x, weight, eps, backend, constrained)

@@ -64,7 +64,9 @@ def _cpp_can_run(x, bn):
 # built-in demo (batch 32) level with PyTorch's path, which it had slowed by 1-4.5%.
 _CPP_AUTO_MIN_VALUES = 1 << 20
 # bfloat16 (autocast's dtype on the CPU, with float32 BatchNorm parameters) measured alike per
-# layer (0.58x at [8, 256, 2, 2], 1.02-1.13x at 0.5-1M values, 1.47-1.82x at 2M) and the
+# layer (one-off timings: 0.58x at [8, 256, 2, 2], 1.02-1.42x at 0.5-1M values, 1.47-1.82x
+# at 2M; 2.11x at [8, 256, 64, 64] in benchmarks/results/fused_layers_cpu_xeon_2026-11-27.json)
+# and the
 # model's bfloat16-autocast train step 11-17% faster in three runs (23.69 against 20.48 images/s
 # in benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json, 22.49 against 20.33 with
 # glibc's defaults). float16: not measured.

@@ -135,7 +135,8 @@ def main(argv=None):
             return 0
         inputs = args.pop("inputs", None)
         config_file = args.pop("config", None)
-        yaml_values = read_yaml(os.path.expanduser(config_file), command) if config_file else {}
+        yaml_values = ({} if config_file is None
+                       else read_yaml(os.path.expanduser(config_file), command))
         cfg = resolve(command, args, yaml_values)
         explicit = dict(yaml_values)
         explicit.update(args)
