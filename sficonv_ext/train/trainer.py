@@ -15,6 +15,7 @@ from . import builtin_data
 from .architectures import build_model
 from .config import (BY_NAME, FIXED_ON_RESUME, LOWER_IS_BETTER, PATH_OPTIONS,
                      absolute_path_option, convert)
+from .cpu_features import amp_hint
 from .cpu_memory import cpu_malloc
 from .data import HOLDOUT_VERSION, class_counts, holdout_changed_since
 from .errors import DataError, NonFiniteError, UserError
@@ -329,6 +330,9 @@ def _train(cfg, ctx, resume_state, resume_path, malloc_note):
     log = reporter.log
     if malloc_note:
         log(malloc_note)
+    hint = amp_hint(cfg["amp"], ctx.device)
+    if hint:
+        log(hint)
     if ctx.is_main:
         import yaml
         saved = {k: v for k, v in cfg.items() if k not in NOT_SAVED}
