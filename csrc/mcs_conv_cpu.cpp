@@ -65,7 +65,7 @@ void forward_nchw(const at::Tensor& x, const std::vector<at::opmath_type<scalar_
   const int kk = g.k * g.k;
   const nchw::PaddedPlane pp(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> padded(pp.size());
+    std::vector<acc_t> padded(pp.size());  // zeros: fill_padded writes its interior only
     for (int64_t p = begin; p < end; ++p) {
       nchw::fill_padded(xp + p * g.h * g.w, g, pp, padded.data());
       nchw::correlate_plane(padded.data(), pp, taps.data() + (p % g.c) * kk, g,
@@ -101,6 +101,7 @@ void backward_nchw(const at::Tensor& gy, const at::Tensor& x,
   const int kk = g.k * g.k;
   const nchw::PaddedPlane pp(g);
   at::parallel_for(0, g.n * g.c, 1, [&](int64_t begin, int64_t end) {
+    // Zeroed once: fill_padded writes their interiors only, the padding stays zero.
     std::vector<acc_t> gpad(pp.size()), xpad(partials ? pp.size() : 0);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t offset = p * g.h * g.w;

@@ -43,11 +43,13 @@ struct PaddedPlane {
   int64_t size() const { return rows * stride; }
 };
 
-// Fills `out` with the plane and its zero padding; returns whether every value is finite.
+// Copies the plane into the interior of `out`; returns whether every value is finite. `out`
+// must already hold zeros everywhere else: a buffer zeroed once when allocated and used with
+// this geometry only keeps them, since every call writes the same interior and nothing else
+// (zero-filling the whole buffer for every plane had cost about as much as the copy).
 template <typename scalar_t, typename acc_t>
 bool fill_padded(const scalar_t* plane, const Geometry& g, const PaddedPlane& pp, acc_t* out) {
   using V = Vec<acc_t>;
-  std::fill(out, out + pp.size(), acc_t(0));
   V probe = {};  // sum of value * 0 (a NaN once any value is not finite)
   acc_t tail_probe = 0;
   for (int64_t i = 0; i < g.h; ++i) {
