@@ -211,9 +211,9 @@ def main(argv=None):
 
 
 def measure_group(shape, dtype, layout, device, measure, args):
-    """``(copy seconds per round, {backend: {phase: [seconds per round]}})`` for one shape, dtype and
-    layout: the copy and the backends take turns round by round, so a slow spell of a shared
-    machine hits them alike instead of one backend's block."""
+    """``(copy seconds per round, {backend: {phase: [seconds per round]}})`` for one shape,
+    dtype and layout: the copy and the backends take turns round by round, so a slow spell of a
+    shared machine hits them alike instead of one backend's block."""
     src = torch.randn(shape, device=device).to(dtype)
     dst = torch.empty_like(src)
     copies, samples = [], {}

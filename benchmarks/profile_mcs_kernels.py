@@ -68,8 +68,10 @@ def main(argv=None):
     n, c, h, w = (int(v) for v in args.shape.split("x"))
     k = args.kernel_size
     torch.manual_seed(0)
-    kernels = (f"SFICONV_CUDA_NCHW_KERNEL={os.environ.get('SFICONV_CUDA_NCHW_KERNEL', 'tiles-pipelined')}, "
-               f"SFICONV_CUDA_FUSED_BACKWARD={os.environ.get('SFICONV_CUDA_FUSED_BACKWARD', '0')}")
+    nchw_kernel = os.environ.get("SFICONV_CUDA_NCHW_KERNEL", "tiles-pipelined")
+    fused_backward = os.environ.get("SFICONV_CUDA_FUSED_BACKWARD", "0")
+    kernels = (f"SFICONV_CUDA_NCHW_KERNEL={nchw_kernel}, "
+               f"SFICONV_CUDA_FUSED_BACKWARD={fused_backward}")
     for layout in ("nchw", "channels_last"):
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=fmt)

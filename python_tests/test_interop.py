@@ -83,7 +83,8 @@ def test_missing_and_extra_keys_are_named():
 
 def test_wrong_shape_is_named():
     sd = reference.PublishedTrainingWrapper(26, num_classes=3).state_dict()
-    with pytest.raises(RuntimeError, match=r"fc\.weight: checkpoint \[3, 2048\], model \[2, 2048\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"fc\.weight: checkpoint \[3, 2048\], model \[2, 2048\]"):
         models.sfi_resnet26(num_classes=2).load_state_dict(sd)
 
 

@@ -258,8 +258,8 @@ def _weight_grad_over_taps_inside(x, g, k):
         for b in range(k):
             i0, i1, j0, j1 = max(0, p - a), min(h, h + p - a), max(0, p - b), min(w, w + p - b)
             if i0 < i1 and j0 < j1:
-                out[:, a, b] = (g[:, :, i0:i1, j0:j1] *
-                                x[:, :, i0 + a - p:i1 + a - p, j0 + b - p:j1 + b - p]).sum((0, 2, 3))
+                window = x[:, :, i0 + a - p:i1 + a - p, j0 + b - p:j1 + b - p]
+                out[:, a, b] = (g[:, :, i0:i1, j0:j1] * window).sum((0, 2, 3))
     return out.view(c, 1, k, k)
 
 
@@ -314,7 +314,8 @@ def test_compile_fullgraph_no_graph_break():
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
     f(x, w).backward()
-    assert torch.allclose(out, f(x, w)) and torch.allclose(gx, x.grad) and torch.allclose(gw, w.grad)
+    assert torch.allclose(out, f(x, w))
+    assert torch.allclose(gx, x.grad) and torch.allclose(gw, w.grad)
 
 
 @cpp

@@ -151,8 +151,8 @@ def large_block_cache_stats():
     entered, ``hits`` and ``misses`` (requests served from a freed block or not), ``evictions``
     (cached blocks freed to stay within the budget, by a trim, or after a failed allocation),
     ``live_bytes`` (blocks it handed out that are still in use) and ``peak_live_bytes``;
-    ``cached_bytes`` (freed blocks held for reuse). On leaving the block ``cached_bytes`` and ``live_bytes`` go to 0 (blocks still in
-    use are then torch's to free)."""
+    ``cached_bytes`` (freed blocks held for reuse). On leaving the block ``cached_bytes`` and
+    ``live_bytes`` go to 0 (blocks still in use are then torch's to free)."""
     values = list(_cache_ops().cpu_block_cache_stats())
     keys = ("on", "min_bytes", "hits", "misses", "evictions", "cached_bytes", "live_bytes",
             "peak_live_bytes")

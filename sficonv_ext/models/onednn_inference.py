@@ -78,10 +78,10 @@ class PackedConv:
     """The oneDNN path for one folded convolution: ``act(conv(x) + bias [+ other])``.
 
     The reordered weight is cached with the weight tensor it came from, its storage (both kept
-    alive, so that no new storage can take the address compared) and its version counter: replacing the parameter,
-    moving it, or changing it in place through autograd-visible ops rebuilds it. Writes that
-    bypass the version counter (``weight.data``, a NumPy view) are not seen: call
-    :func:`drop_packed_weights` after them."""
+    alive, so that no new storage can take the address compared) and its version counter:
+    replacing the parameter, moving it, or changing it in place through autograd-visible ops
+    rebuilds it. Writes that bypass the version counter (``weight.data``, a NumPy view) are not
+    seen: call :func:`drop_packed_weights` after them."""
 
     def __init__(self, conv_module, padding):
         self.module, self.padding = conv_module, padding

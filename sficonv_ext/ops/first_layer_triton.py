@@ -91,7 +91,8 @@ def first_sfi_conv_triton(x: torch.Tensor, weight: torch.Tensor, mcs_weight: tor
     with on_device(x):
         wrap_triton(_first_layer_kernel)[grid](
             x, mcs_weight.contiguous(), weight.reshape(cout, cin).contiguous(),
-            bias.contiguous() if bias is not None else weight, y, h, w, *x.stride(), *y.stride(), float(eps),
+            bias.contiguous() if bias is not None else weight, y, h, w, *x.stride(), *y.stride(),
+            float(eps),
             CIN=cin, S=split, F=cout - split, CIN_P=_padded(cin), S_P=_padded(split),
             F_P=_padded(cout - split), K=k, KK_POW2=triton.next_power_of_2(k * k),
             CONSTRAINED=constrained, HAS_BIAS=bias is not None,

@@ -100,9 +100,10 @@ def _cpu_auto(x, weight):
     # frozen filter on channels_last input runs only the forward and the input gradient: there
     # ours are 1.08-1.30x oneDNN's depthwise kernels in float32 (two runs) and far ahead in
     # float16. oneDNN's bfloat16 forward is faster (0.35 against 0.48 ms on the AMD EPYC, 0.93
-    # against 1.02 ms on the Intel Xeon), but with the input gradient ours are (forward +
-    # backward 2.13 against 3.20 ms on the Xeon, 2026-11-27): bfloat16 keeps oneDNN only where
-    # no input gradient will be asked for (inference, or an input that needs none). A
+    # against 1.02 ms on the Intel Xeon, one-off), but with the input gradient ours are (forward
+    # + backward 2.13 against 3.20 ms on the Xeon; input gradient 0.96 against 1.78 ms in
+    # benchmarks/results/mcs_cpu_xeon_channels_last_2026-11-27.json): bfloat16 keeps oneDNN
+    # only where no input gradient will be asked for (inference, or an input that needs none). A
     # reentrant torch.utils.checkpoint runs its first forward without gradients (oneDNN) and the
     # recomputation with them (ours): the two agree to bfloat16 rounding, not bit for bit.
     if not _extension.has_cpp_kernels():

@@ -66,10 +66,9 @@ _CPP_AUTO_MIN_VALUES = 1 << 20
 # bfloat16 (autocast's dtype on the CPU, with float32 BatchNorm parameters) measured alike per
 # layer (one-off timings: 0.58x at [8, 256, 2, 2], 1.02-1.42x at 0.5-1M values, 1.47-1.82x
 # at 2M; 2.11x at [8, 256, 64, 64] in benchmarks/results/fused_layers_cpu_xeon_2026-11-27.json)
-# and the
-# model's bfloat16-autocast train step 11-17% faster in three runs (23.69 against 20.48 images/s
-# in benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json, 22.49 against 20.33 with
-# glibc's defaults). float16: not measured.
+# and the model's bfloat16-autocast train step 11-17% faster in five runs (23.36 against 20.83
+# images/s in benchmarks/results/models_cpu_xeon_bf16_no_mmap_2026-11-27.json, 23.64 against
+# 20.77 with glibc's defaults). float16: not measured.
 _CPP_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -92,7 +92,8 @@ class SFIConv(nn.Module):
         self.is_dw = groups == in_channels
         self.AvgPool = nn.AvgPool2d(kernel_size=(2, 2), stride=2)
         self.MaxPool = nn.MaxPool2d(kernel_size=(2, 2), stride=2)  # present, unused (published)
-        in_f, out_f = frequency_channels(in_channels, alpha), frequency_channels(out_channels, alpha)
+        in_f = frequency_channels(in_channels, alpha)
+        out_f = frequency_channels(out_channels, alpha)
         in_s, out_s = spatial_channels(in_channels, alpha), spatial_channels(out_channels, alpha)
         cross = not (alpha in (0, 1) or self.is_dw)
         self.f2f = None if alpha == 0 else nn.Conv2d(

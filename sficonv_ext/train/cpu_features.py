@@ -19,5 +19,5 @@ def amp_hint(amp, device):
         return None
     # Measured on the project's Xeon (README, Performance, "bfloat16 autocast on the CPU").
     return ("note: this CPU has AMX bfloat16 units; --amp bf16 trained SFIConv-ResNet-26 at "
-            "256 px 2.3-2.6x faster than float32 on one (weights, statistics and the optimizer "
-            "stay float32)")
+            "256 px 2.3-2.6x faster than float32 on such a CPU (weights, statistics and the "
+            "optimizer stay float32)")

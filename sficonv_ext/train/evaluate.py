@@ -27,7 +27,8 @@ def evaluate(cfg, explicit=None):
     if training_files:
         # eval writes metrics.json and roc.png, which would replace the training run's own.
         raise UserError(f"--out {cfg['out']} holds a training run ({', '.join(training_files)}):"
-                        f" give eval a folder of its own, such as {os.path.join(cfg['out'], 'eval')}")
+                        f" give eval a folder of its own, such as "
+                        f"{os.path.join(cfg['out'], 'eval')}")
     ctx = distributed.setup(cfg["device"])
     try:
         with cpu_malloc(cfg["cpu_malloc"], ctx.device) as malloc_note:

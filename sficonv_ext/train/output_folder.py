@@ -31,7 +31,8 @@ def _remove(folder, names):
 
 
 def written_by_us(folder):
-    """Whether ``folder``'s config.yaml is one a run of ours wrote (it starts with CONFIG_HEADER)."""
+    """Whether ``folder``'s config.yaml is one a run of ours wrote (it starts with
+    CONFIG_HEADER)."""
     try:
         with open(os.path.join(folder, "config.yaml"), encoding="utf-8") as f:
             return f.readline().rstrip("\n") == CONFIG_HEADER
