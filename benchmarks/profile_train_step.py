@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_common import MALLOC_CHOICES, MALLOC_HELP, load_average, set_malloc
+from bench_models import DTYPES
 from model_variants import VARIANTS, build_variants
 
 # Operator name fragments -> kind, first match wins (ATen names, and this package's ops).
@@ -115,7 +116,7 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=6, help="operators listed per variant")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["reference", "fast",
                                                                               "plain"])
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="autocast dtype for bfloat16/float16 (the reference variant stays "
                              "float32, as in bench_models.py)")
     parser.add_argument("--malloc", default="default", choices=MALLOC_CHOICES, help=MALLOC_HELP)
@@ -135,7 +136,7 @@ def run(args, device):
     print(f"== train step profile: SFIConv-ResNet-{args.depth}, batch {args.batch}, "
           f"{args.size}x{args.size}, {args.dtype}, {device}, malloc {args.malloc}, "
           f"{torch.get_num_threads()} threads, load average {load_average()}")
-    amp_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    amp_dtype = None if args.dtype == "float32" else DTYPES[args.dtype]
     for name, variant in build_variants(args.variants, args.depth, device, amp_dtype).items():
         if isinstance(variant, str) or not variant.trainable:
             print(f"{name}: not profiled ({variant if isinstance(variant, str) else 'no train'})")

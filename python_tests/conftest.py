@@ -1,4 +1,5 @@
 """Shared helpers: fast/reference model pairs and a relative-error measure."""
+import collections
 import importlib.util
 import os
 
@@ -129,3 +130,16 @@ def epilogue_step(bn, x, residual, relu, grad, backend):
     grads = torch.autograd.grad(y, inputs, grad.to(y.dtype))
     return [y, *grads, bn.running_mean.clone(), bn.running_var.clone(),
             bn.num_batches_tracked.clone()]
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen and custom ops dispatched inside the block, by overload packet name
+    (``"aten.add"``, ``"sficonv_ext.batch_norm_act_forward"``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

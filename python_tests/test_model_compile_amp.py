@@ -1,5 +1,4 @@
 """The fast model under torch.compile (no graph break) and autocast."""
-import collections
 import copy
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from sficonv_ext import models
 from sficonv_ext.nn import published_mcs_init
 
-from conftest import rel_err
+from conftest import OpCounter, rel_err
 
 
 @pytest.mark.parametrize("learnable", [False, True])
@@ -63,7 +62,7 @@ def test_autocast_bfloat16_training_runs_the_cpp_epilogue_on_large_layers():
     model = models.sfi_resnet26()
     exact = copy.deepcopy(model).double()
     x, target = torch.randn(2, 3, 256, 256), torch.tensor([0, 1])
-    with _OpCounter() as ops_seen, torch.autocast("cpu", dtype=torch.bfloat16):
+    with OpCounter() as ops_seen, torch.autocast("cpu", dtype=torch.bfloat16):
         loss = F.cross_entropy(model(x).float(), target)
     loss.backward()
     assert ops_seen.count["sficonv_ext.batch_norm_act_forward"] >= 4
@@ -79,16 +78,6 @@ def test_autocast_bfloat16_training_runs_the_cpp_epilogue_on_large_layers():
 
 def _batch_norms(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-
-
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

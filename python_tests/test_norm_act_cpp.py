@@ -12,7 +12,7 @@ from sficonv_ext.ops import _extension
 
 from conftest import epilogue_step as run
 from conftest import make_bn as conftest_make_bn
-from conftest import laid_out, make_pair, rel_err
+from conftest import OpCounter, laid_out, make_pair, rel_err
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp_kernels(),
                                 reason="the C++ extension is not built")
@@ -237,25 +237,16 @@ def test_fast_model_trains_identically_with_the_cpp_epilogue():
 
 
 # ---- What "auto" picks in training mode (sficonv_ext/ops/norm_act.py: the C++ epilogue for
-# float32 CPU tensors of at least 2**20 values, PyTorch's BatchNorm for smaller ones and wherever
-# the C++ op would change what a caller sees). The tests of those exceptions use tensors above
+# float32 and bfloat16 CPU tensors of at least 2**20 values, PyTorch's BatchNorm for smaller ones
+# and wherever the C++ op would change what a caller sees). The tests of those exceptions use tensors above
 # the size threshold, so that the exception is what sends them to PyTorch.
 BIG = (2, 16, 256, 128)  # 2**20 values
 
-class _OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
 
 def _auto_ops(x, bn, residual=None, relu=True):
-    with _OpsSeen() as seen:
+    with OpCounter() as seen:
         y = ops.batch_norm_act(x, bn, residual, relu)
-    return y, seen.names
+    return y, set(seen.count)
 
 
 def _cpp_ran(names):
