@@ -128,3 +128,29 @@ def test_any_spelling_triton_accepts_turns_the_interpreter_on(monkeypatch):
 def test_eps_is_checked_only_where_the_constraint_uses_it():
     x, w = torch.randn(1, 4, 8, 8), torch.randn(4, 1, 3, 3)
     ops.mcs_conv(x, w, constrained=False, eps=1e-50)  # a plain depthwise convolution
+
+
+def test_wrong_argument_types_are_named():
+    x, weight, mcs = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 1, 1), torch.randn(4, 1, 5, 5)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        ops.first_sfi_conv(x.numpy(), weight, mcs, 2)
+    with pytest.raises(TypeError, match="mcs_weight must be a torch.Tensor, got ndarray"):
+        ops.first_sfi_conv(x, weight, mcs.numpy(), 2)
+    with pytest.raises(TypeError, match="split must be an int, got float"):
+        ops.first_sfi_conv(x, weight, mcs, 2.0)
+    from sficonv_ext.nn import MCSConv2d
+    with pytest.raises(TypeError, match="kernel_size must be an int, got 5.0"):
+        MCSConv2d(4, 5.0)
+    with pytest.raises(TypeError, match="channels must be an int, got 4.0"):
+        MCSConv2d(4.0)
+    with pytest.raises(TypeError, match="kernel_size must be an int, got 3.0"):
+        SFIConv2d(4, 4, 3.0)
+
+
+def test_a_square_kernel_size_tuple_is_taken_as_nn_conv2d_takes_it():
+    assert SFIConv2d(4, 4, (3, 3)).weight.shape == (4, 4, 3, 3)
+    assert FirstSFIConv2d(3, 4, [1, 1]).weight.shape == (4, 3, 1, 1)
+    with pytest.raises(ValueError, match=r"must be square, got \(3, 5\)"):
+        SFIConv2d(4, 4, (3, 5))
+    with pytest.raises(ValueError, match="must be odd, got 2"):
+        FirstSFIConv2d(3, 4, 2)

@@ -203,3 +203,48 @@ def test_sync_batchnorm_model_exports_and_loads_the_published_layout():
     assert set(exported) == set(reference.PublishedTrainingWrapper(26).state_dict())
     reference.PublishedTrainingWrapper(26).load_state_dict(exported)
     fast.load_state_dict(exported)
+
+
+def test_a_strict_own_layout_mismatch_loads_nothing():
+    # nn.Module.load_state_dict copies every matching entry before it raises; the model would
+    # be left half loaded.
+    source = models.sfi_resnet26()
+    state = source.state_dict()
+    state.pop("fc.bias")
+    target = models.sfi_resnet26()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"nothing was loaded\): missing keys: fc\.bias\."):
+        target.load_state_dict(state)
+    state = source.state_dict()
+    state["fc.weight"] = torch.zeros(3, 2048)
+    with pytest.raises(RuntimeError, match=r"shape mismatch for fc\.weight: checkpoint "
+                                           r"\[3, 2048\], model \[2, 2048\]"):
+        target.load_state_dict(state, strict=False)
+    _assert_same(target.state_dict(), before)
+
+
+def test_a_fused_model_refuses_an_unfused_checkpoint_and_keeps_its_weights():
+    torch.manual_seed(0)
+    unfused = models.sfi_resnet26().eval()
+    with torch.no_grad():
+        for module in unfused.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.uniform_(0.5, 1.5)
+                module.running_mean.normal_()
+    fused = models.fuse_for_inference(unfused)
+    x = torch.randn(2, 3, 64, 64)
+    expected = fused(x)
+    wrapped = {"network." + k: v for k, v in unfused.state_dict().items()}
+    for load, state in ((fused.network.load_state_dict, unfused.state_dict()),
+                        (fused.load_state_dict, wrapped)):
+        for strict in (True, False):
+            # strict=False used to load the unfolded weights under the folded biases, silently.
+            with pytest.raises(ValueError, match="fused for inference .* BatchNorm entries"):
+                load(state, strict=strict)
+    assert torch.equal(fused(x), expected)
+    # A fused model's own state_dict loads into another fused model, with or without the
+    # wrapper's "network." prefix.
+    for state in (fused.state_dict(), fused.network.state_dict()):
+        other = models.fuse_for_inference(models.sfi_resnet26().eval())
+        other.load_state_dict(state)
+        assert torch.equal(other(x), expected)

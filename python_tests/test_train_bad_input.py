@@ -97,7 +97,7 @@ def test_empty_training_set_is_a_clear_error(tmp_path, capsys):
     assert f"the training set from {empty} is empty" in err
 
 
-def test_empty_eval_set_writes_null_metrics(tmp_path, capsys):
+def test_empty_eval_set_writes_null_metrics_and_fails(tmp_path, capsys):
     real_fake_folder(tmp_path / "d", 4, 4)
     assert main(["train", "--data", str(tmp_path / "d"), "--image-size", "32", *FAST,
                  "--out", str(tmp_path / "run"), "--val-fraction", "0.25"]) == 0
@@ -105,10 +105,12 @@ def test_empty_eval_set_writes_null_metrics(tmp_path, capsys):
     empty.write_text("")
     code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(empty), "--out",
                  str(tmp_path / "eval"), "--no-progress", "--workers", "0"])
-    assert code == 0
+    assert code == 2  # as predict: scoring nothing is not a success
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 0 and metrics["auc"] is None
-    assert "no images to evaluate" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "no images to evaluate" in out
+    assert f"no image of {empty} could be scored (0 skipped); metrics.json holds n = 0" in err
 
 
 def test_one_class_validation_goes_on(tmp_path, capsys):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sficonv_ext.models import MIN_INPUT_SIZE
 from sficonv_ext.train import checkpoint as ckpt
-from sficonv_ext.train.cli import _one_line, main
+from sficonv_ext.train.cli import _one_line, _os_error_line, main
 from sficonv_ext.train.data import images_under, read_list_file
 from sficonv_ext.train.errors import DataError
 from sficonv_ext.train.images import UnreadableImageError, open_rgb
@@ -162,6 +162,11 @@ def test_resuming_into_another_folder_keeps_the_best_checkpoint(run_dir, tmp_pat
     best, _ = ckpt.load_file(str(new / ckpt.BEST))
     source, _ = ckpt.load_file(str(out / ckpt.BEST))
     assert best["best"] == source["best"]
+    # With no epoch left to train, the new folder still holds the last.pt that --resume takes.
+    last, _ = ckpt.load_file(str(new / ckpt.LAST))
+    assert last["progress"] == ckpt.load_file(str(out / ckpt.LAST))[0]["progress"]
+    code = main(["train", "--resume", str(new), "--workers", "0", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_predict_to_standard_output_keeps_the_log_out_of_the_csv(run_dir, tmp_path, capsys):
@@ -316,9 +321,16 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(trainer, "train", interrupted)
-    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 130
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path), "--out", str(run)]) == 130
+    # No checkpoint yet: no resume hint that --resume would then refuse.
     assert capsys.readouterr().err.strip() == (
-        "sficonv train: interrupted; resume from the last checkpoint with --resume OUT")
+        "sficonv train: interrupted; no checkpoint was written yet (start the run again)")
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    assert main(["train", "--data", str(tmp_path), "--out", str(run)]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"sficonv train: interrupted; resume from its last checkpoint with --resume {run}")
 
 
 def test_export_to_standard_output_or_a_folder_is_refused(run_dir, tmp_path, capsys):
@@ -352,3 +364,78 @@ def test_device_names_are_checked_before_use(monkeypatch):
             resolve_device(name, 1, world)
     assert resolve_device("cuda", 1, 2) == torch.device("cuda", 1)
     assert resolve_device("cuda:0", 1, 1) == torch.device("cuda", 0)
+
+
+def test_an_unloadable_checkpoint_is_one_line_without_torch_advice(tmp_path, capsys):
+    import torch
+    from sficonv_ext import models
+    (tmp_path / "img.png").write_bytes(b"")  # an input path; the checkpoint fails first
+    corrupt = tmp_path / "random.pt"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(1000))
+    whole = tmp_path / "whole_model.pt"
+    torch.save(models.sfi_resnet26(), whole)
+    for path, expected in ((corrupt, "a corrupt file or another kind of file"),
+                           (whole, "it holds a pickled Python object "
+                                   "(sficonv_ext.models.resnet.SFIResNet), not only tensors")):
+        code = main(["predict", "--checkpoint", str(path), str(tmp_path / "img.png"),
+                     "--out", str(tmp_path / "p.csv")])
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err, err
+        # One line, and not torch's suggestion to load with weights_only=False (which runs
+        # whatever code the file holds).
+        assert err.count("\n") == 1 and "weights_only` set to `False" not in err
+        assert "\x1b[" not in err
+
+
+def test_an_own_layout_checkpoint_of_another_depth_names_it(tmp_path, capsys):
+    import torch
+    from sficonv_ext import models
+    path = tmp_path / "own50.pt"
+    torch.save(models.sfi_resnet50().state_dict(), path)
+    (tmp_path / "img.png").write_bytes(b"")
+    code = main(["predict", "--checkpoint", str(path), str(tmp_path / "img.png"),
+                 "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "(144 in all)" in err and "--arch sfi_resnet50" in err
+
+
+def test_file_system_errors_name_the_users_path(run_dir, tmp_path, capsys):
+    tmp, run = run_dir
+    in_the_way = tmp_path / "scores.csv"
+    in_the_way.write_text("")
+    code = main(["export", "--checkpoint", str(run), "--out", str(in_the_way / "e.pkl")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sficonv export: error: cannot make the folder {in_the_way}: a file of that name is "
+        f"in the way")
+    # A temporary file written beside the output is named as the output itself.
+    error = PermissionError(13, "Permission denied", str(tmp_path / "p.csv.tmp-4242"))
+    assert _os_error_line(error) == f"cannot write {tmp_path / 'p.csv'}: Permission denied"
+    error = NotADirectoryError(20, "Not a directory", str(in_the_way / "x" / "p.csv"))
+    assert "a part of that path is a file, not a folder" in _os_error_line(error)
+
+
+def test_predict_scores_an_image_reached_twice_once(run_dir, tmp_path, capsys):
+    _, out = run_dir
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    first = write_image(str(folder / "a.png"), 40, seed=3)
+    write_image(str(folder / "b.png"), 40, seed=4)
+    os.symlink(folder, tmp_path / "link")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), str(folder), first,
+                 str(tmp_path / "link"), "--out", "-", "--workers", "0", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(captured.out.splitlines()))
+    assert sorted(r["path"] for r in rows) == sorted([first, str(folder / "b.png")])
+    assert "3 image(s) reached more than once are scored once" in captured.err
+
+
+def test_val_fraction_with_the_builtin_set_is_ignored_aloud(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_builtin(tmp_path), *FAST, "--val-fraction", "0.5",
+                 "--out", str(out)]) == 0
+    assert ("warning: --val-fraction does not apply to --data builtin (its validation split "
+            "is fixed); ignored") in capsys.readouterr().err
+    assert "val_fraction: 0.5" not in (out / "config.yaml").read_text()

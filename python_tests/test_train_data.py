@@ -410,3 +410,13 @@ def test_a_run_of_unreadable_images_counts_each_once(tmp_path):
     batch = collate([data[i] for i in range(len(samples))])
     assert len(batch.labels) == 6
     assert sorted(f.path for f in batch.failures if f.requested) == [s.path for s in samples[:3]]
+
+
+def test_a_too_small_micro_batch_names_the_batch_the_user_asked_for():
+    with pytest.raises(UserError, match=r"^--batch-size 6 split over 1 process\(es\) x 4 "
+                                        r"accumulation step\(s\).*raise --batch-size"):
+        TrainPlan(100, 6, seed=0, accum_steps=4)
+    # Cut to a 6-image data set: raising --batch-size cannot help, and the message says so.
+    with pytest.raises(UserError, match=r"^a batch of 6 \(--batch-size 7, cut to the 6 training "
+                                        r"images\).*lower --accum-steps or add training images"):
+        TrainPlan(6, 7, seed=0, accum_steps=4)

@@ -1,5 +1,6 @@
 """``fuse_for_inference``: an eval-only copy with every BatchNorm folded into its convolution."""
 import copy
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -69,6 +70,23 @@ class FusedForInference(nn.Module):
             raise RuntimeError("a model from fuse_for_inference is eval-only (its BatchNorms are "
                                "folded into the convolutions); train the original model instead")
         return super().train(False)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Load this model's state_dict (``network.*`` keys) or its network's, through the
+        network's checks: a checkpoint of an unfused model is refused before anything is
+        copied (its weights are not folded)."""
+        # The network: "network", or "network.network" inside a CUDA-graph wrapper.
+        name, net = next((n, m) for n, m in self.named_modules() if isinstance(m, SFIResNet))
+        prefix = name + "."
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            stripped = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+            metadata = getattr(state_dict, "_metadata", None)
+            if metadata is not None:
+                stripped._metadata = OrderedDict(
+                    (k[len(prefix):] if k.startswith(prefix) else "", v)
+                    for k, v in metadata.items() if k.startswith(prefix) or k == name)
+            state_dict = stripped
+        return net.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x):
         # Only a dense 4-D tensor is converted: the network's own checks name what is wrong

@@ -279,6 +279,41 @@ def _tensor(state_dict, key):
                         f"): {error}") from None
 
 
+_BATCHNORM_ENTRY = re.compile(r"\.(running_mean|running_var|num_batches_tracked)$")
+
+
+def _check_own_layout(model, state_dict, strict):
+    # Checked before nn.Module.load_state_dict runs: on a mismatch it raises only after copying
+    # every entry that does match, which leaves the model half loaded (for a fused model,
+    # unfolded weights under folded biases: wrong outputs, no error with strict=False).
+    own_now = model.state_dict()
+    if getattr(model, "fused_for_inference", False):
+        unfolded = sorted(k for k in state_dict if k not in own_now and _BATCHNORM_ENTRY.search(k))
+        if unfolded:
+            raise ValueError(f"this model was fused for inference (BatchNorm folded into the "
+                             f"convolutions) but the state_dict has BatchNorm entries "
+                             f"({_listing(unfolded)}): load it into the unfused model, then "
+                             f"call fuse_for_inference")
+    # BatchNorm fills in a missing num_batches_tracked itself (checkpoints from before it).
+    missing = sorted(k for k in set(own_now) - set(state_dict)
+                     if not k.endswith(".num_batches_tracked"))
+    unexpected = sorted(set(state_dict) - set(own_now))
+    if strict and (missing or unexpected):
+        msg = [f"Error loading a state_dict into {_model_name(model)} (nothing was loaded):"]
+        if missing:
+            msg.append(f"missing keys: {_listing(missing)}.")
+        if unexpected:
+            msg.append(f"unexpected keys: {_listing(unexpected)}.")
+        raise RuntimeError(" ".join(msg) + _depth_hint(model, state_dict, "own"))
+    bad_shapes = sorted(
+        f"{k}: checkpoint {list(_tensor(state_dict, k).shape)}, model {list(own_now[k].shape)}"
+        for k in state_dict if k in own_now
+        and tuple(_tensor(state_dict, k).shape) != tuple(own_now[k].shape))
+    if bad_shapes:
+        raise RuntimeError("Error loading a state_dict (nothing was loaded): shape mismatch for "
+                           + "; ".join(bad_shapes))
+
+
 def to_own_state_dict(model, state_dict, strict=True):
     """Translate a state_dict in any supported layout into ``model``'s own layout.
 
@@ -291,6 +326,7 @@ def to_own_state_dict(model, state_dict, strict=True):
     _check_prefix(model, state_dict)
     layout = detect_layout(state_dict)
     if layout == "own":
+        _check_own_layout(model, state_dict, strict)
         return state_dict, None
     own_now = model.state_dict()
     rules = official_rules(model)

@@ -70,6 +70,9 @@ class MCSConv2d(nn.Module):
     def __init__(self, channels, kernel_size=5, learnable=False, init="published", eps=1e-6,
                  backend="auto"):
         super().__init__()
+        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MCSConv2d {name} must be an int, got {value!r}")
         if channels < 1:
             raise ValueError(f"MCSConv2d needs at least one channel, got {channels}")
         if kernel_size < 1 or kernel_size % 2 == 0:

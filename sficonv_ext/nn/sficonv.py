@@ -42,6 +42,20 @@ def _check_split(layer, name, channels, alpha):
                          f"both must be at least 1")
 
 
+def _odd_kernel_size(layer, kernel_size):
+    """``kernel_size`` as one odd int; a square tuple ``(k, k)`` is taken too, as nn.Conv2d and
+    the published layers take one."""
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
+            raise ValueError(f"{layer} kernel_size must be square, got {tuple(kernel_size)}")
+        kernel_size = kernel_size[0]
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f"{layer} kernel_size must be an int, got {kernel_size!r}")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{layer} kernel_size must be odd, got {kernel_size}")
+    return kernel_size
+
+
 def _check_stride(stride):
     if stride not in (1, 2):
         raise ValueError(f"SFIConv layers support stride 1 or 2, got {stride}")
@@ -66,8 +80,7 @@ class SFIConv2d(nn.Module):
                  merge_output=False):
         super().__init__()
         _check_stride(stride)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"SFIConv2d kernel_size must be odd, got {kernel_size}")
+        kernel_size = _odd_kernel_size("SFIConv2d", kernel_size)
         _check_split("SFIConv2d", "in_channels", in_channels, alpha)
         if not merge_output:
             _check_split("SFIConv2d", "out_channels", out_channels, alpha)
@@ -117,8 +130,7 @@ class FirstSFIConv2d(nn.Module):
                  mcs_kernel_size=5, mcs_learnable=False, mcs_init="published", mcs_eps=1e-6):
         super().__init__()
         _check_stride(stride)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"FirstSFIConv2d kernel_size must be odd, got {kernel_size}")
+        kernel_size = _odd_kernel_size("FirstSFIConv2d", kernel_size)
         if in_channels < 1:
             raise ValueError(f"FirstSFIConv2d needs in_channels >= 1, got {in_channels}")
         _check_split("FirstSFIConv2d", "out_channels", out_channels, alpha)

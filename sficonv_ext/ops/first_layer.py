@@ -32,6 +32,16 @@ def fused_first_layer_available(x, weight):
             and x.dtype in _FUSED_DTYPES and x.shape[1] <= _FUSED_MAX_CHANNELS)
 
 
+def _check_types(x, weight, mcs_weight, split, bias):
+    # Before anything reads x.device: a NumPy array would fail there with an AttributeError.
+    for name, t in (("x", x), ("weight", weight), ("mcs_weight", mcs_weight), ("bias", bias)):
+        if not (isinstance(t, torch.Tensor) or (name == "bias" and t is None)):
+            raise TypeError(f"first_sfi_conv: {name} must be a torch.Tensor, got "
+                            f"{type(t).__name__}")
+    if isinstance(split, bool) or not isinstance(split, int):
+        raise TypeError(f"first_sfi_conv: split must be an int, got {type(split).__name__}")
+
+
 def _validate(x, weight, mcs_weight, split, bias, backend):
     if backend not in FIRST_LAYER_BACKENDS:
         raise ValueError(f"backend must be one of {FIRST_LAYER_BACKENDS}, got {backend!r}")
@@ -68,6 +78,7 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     one is cast to the autocast dtype, as for ``F.conv2d``; a raw MCS filter is constrained
     before its cast. ``mcs_backend`` picks the MCSConv kernel of the composed path.
     """
+    _check_types(x, weight, mcs_weight, split, bias)
     mcs_weight, constrained = constrain_before_autocast(x.device.type, mcs_weight, constrained,
                                                         eps)
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)

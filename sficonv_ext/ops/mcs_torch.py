@@ -8,7 +8,17 @@ from ..reference.constraint import constrain_mcs_weight
 
 def mcs_conv_torch(x, weight, constrained, eps):
     """torch constraint + ``F.conv2d(groups=C)``: the baseline every kernel is measured against."""
-    w = constrain_mcs_weight(weight, eps) if constrained else weight
+    if constrained:
+        # In at least float32, as the kernels compute it: in float16 the chain rule's
+        # dot / S**2 overflowed for a small sum S (inf - inf, a NaN weight gradient).
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        w = constrain_mcs_weight(weight.to(wide), eps).to(weight.dtype)
+    else:
+        w = weight
+    if x.numel() == 0:
+        # F.conv2d refuses zero channels and images smaller than the filter; the output is
+        # empty either way (stride 1, same padding), still connected to x and the weight.
+        return x * w.sum()
     return F.conv2d(x, w, padding=weight.shape[-1] // 2, groups=x.shape[1])
 
 

@@ -8,6 +8,7 @@ history and the resolved configuration. Anything else loadable is taken as a bar
 one of the layouts the model accepts (own, published training wrapper ``best.pkl``, bare).
 """
 import os
+import re
 import random
 import shutil
 
@@ -114,8 +115,23 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True), path
     except Exception as exc:  # noqa: BLE001 - corrupt file, pickled module, ...
-        raise UserError(f"cannot load checkpoint {path}: not a checkpoint torch.load can read "
-                        f"safely ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"cannot load checkpoint {path}: {_load_failure(exc)}") from None
+
+
+def _load_failure(exc):
+    """One line on why ``torch.load(weights_only=True)`` refused a file. torch's own message
+    runs to several lines and suggests ``weights_only=False``, which would run whatever code a
+    corrupt or untrusted file holds: not advice to pass on."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
+    detail = found.group(1).strip() if found else (text.strip().splitlines() or [""])[0]
+    global_name = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if global_name:
+        return (f"it holds a pickled Python object ({global_name.group(1)}), not only tensors; "
+                f"save a state_dict (model.state_dict()) instead: checkpoints are loaded with "
+                f"weights_only=True, which never runs code from the file")
+    return (f"not a checkpoint torch.load can read safely (a corrupt file or another kind of "
+            f"file: {type(exc).__name__}: {detail[:200]})")
 
 
 def is_training_checkpoint(obj):

@@ -5,6 +5,7 @@ Exit status: 0 done, 2 bad input or options, 3 a non-finite loss or score, 130 i
 """
 import argparse
 import os
+import re
 import sys
 
 from .architectures import ARCHS
@@ -37,8 +38,9 @@ options still win.
 --augment: 'published' (flip, rotation, perspective) resamples every real image, which can erase
 the very high-frequency traces a detector needs; 'light' keeps flips and crops only.
 
-A run folder holds last.pt (full resume state, also saved mid-epoch), best.pt, metrics.json,
-history.csv, roc.png, train.log and config.yaml. Resume with --resume DIR.
+A run folder holds last.pt (full resume state, also saved mid-epoch), metrics.json,
+history.csv, train.log and config.yaml, and with a validation set best.pt and roc.png.
+Resume with --resume DIR.
 """
 
 
@@ -121,6 +123,40 @@ def _export(args):
     print(f"wrote {args.out} ({args.layout} layout of {path})")
 
 
+def _os_error_line(exc):
+    """A file-system error in the user's terms: the path they gave (not a temporary file
+    written beside it) and what is in the way."""
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return str(exc)
+    # Outputs are written to PATH.tmp-<pid> and renamed: name the path the user gave.
+    path = re.sub(r"\.tmp-\d+$", "", os.fspath(exc.filename))
+    if isinstance(exc, FileExistsError):
+        return f"cannot make the folder {path}: a file of that name is in the way"
+    if isinstance(exc, NotADirectoryError):
+        return f"cannot write {path}: a part of that path is a file, not a folder"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def _drop_builtin_val_fraction(command, args, yaml_values):
+    # The built-in set's split is fixed: a --val-fraction given for it would be silently
+    # ignored, and recorded in config.yaml as if it had been used.
+    data = args.get("data", yaml_values.get("data"))
+    if command != "train" or data != "builtin":
+        return
+    for given in (args, yaml_values):
+        if given.pop("val_fraction", None) is not None:
+            print(f"sficonv {command}: warning: --val-fraction does not apply to --data builtin "
+                  f"(its validation split is fixed); ignored", file=sys.stderr)
+
+
+def _resume_hint(command, out):
+    if command != "train":
+        return ""
+    if out and os.path.isfile(os.path.join(out, "last.pt")):
+        return f"; resume from its last checkpoint with --resume {out}"
+    return "; no checkpoint was written yet (start the run again)"
+
+
 def main(argv=None):
     """The ``sficonv`` console script; returns the exit status."""
     parser = build_parser()
@@ -129,6 +165,7 @@ def main(argv=None):
     command = args.pop("command")
     if unknown:  # with the command's usage and name, not the top level's "sficonv: error"
         parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    out = None  # the output folder, once known (for the Ctrl-C line)
     try:
         if command == "export":
             _export(argparse.Namespace(**args))
@@ -137,7 +174,9 @@ def main(argv=None):
         config_file = args.pop("config", None)
         yaml_values = ({} if config_file is None
                        else read_yaml(os.path.expanduser(config_file), command))
+        _drop_builtin_val_fraction(command, args, yaml_values)
         cfg = resolve(command, args, yaml_values)
+        out = cfg.get("out")
         explicit = dict(yaml_values)
         explicit.update(args)
         if command == "train":
@@ -156,14 +195,12 @@ def main(argv=None):
         print(f"sficonv {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except (OSError, UnicodeError) as exc:  # an output path that cannot be made or written
-        print(f"sficonv {command}: error: {exc}", file=sys.stderr)
+        print(f"sficonv {command}: error: {_os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # One line, not a traceback: what was written stays (a training run resumes from its
         # last checkpoint with --resume OUT).
-        print(f"sficonv {command}: interrupted"
-              + ("; resume from the last checkpoint with --resume OUT" if command == "train"
-                 else ""), file=sys.stderr)
+        print(f"sficonv {command}: interrupted" + _resume_hint(command, out), file=sys.stderr)
         return 130
     return 0
 

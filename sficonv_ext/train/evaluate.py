@@ -115,4 +115,9 @@ def _score(cfg, ctx, malloc_note, explicit, out, reporter):
         log(f"{summary(metrics)}")
         log(f"wrote {os.path.join(out, 'metrics.json')}")
     distributed.barrier(ctx)
+    if metrics["n"] == 0:
+        # As predict: an evaluation that scored nothing is not a success (a script reading
+        # the exit status would take the empty metrics.json for a result).
+        raise UserError(f"no image of {cfg['data']} could be scored ({metrics['skipped']} "
+                        f"skipped); metrics.json holds n = 0")
     return metrics

@@ -19,20 +19,32 @@ from .transforms import EvalTransform
 
 def expand_inputs(inputs, strict, log):
     """Images named directly, and every image under named folders (path as given joined with
-    the path inside the folder). Missing inputs are skipped and counted (``strict``: error)."""
-    paths, missing = [], []
+    the path inside the folder). Missing inputs are skipped and counted (``strict``: error).
+    An image reached twice (named twice, inside a folder also named, through a link) is scored
+    once, under the path that reached it first."""
+    paths, missing, seen, repeats = [], [], set(), 0
     for given in inputs:
         if os.path.isdir(given):
-            paths += images_under(given)  # joined onto the folder as given
+            found = images_under(given)  # joined onto the folder as given
         elif os.path.isfile(given):
-            paths.append(given)
+            found = [given]
         else:
             missing.append(given)
+            continue
+        for path in found:
+            real = os.path.realpath(path)
+            if real in seen:
+                repeats += 1
+                continue
+            seen.add(real)
+            paths.append(path)
     if missing:
         if strict:
             raise UserError(f"input not found: {missing[0]}")
         log(f"warning: skipped {len(missing)} missing input(s): {', '.join(missing[:3])}"
             + (" ..." if len(missing) > 3 else ""))
+    if repeats:
+        log(f"note: {repeats} image(s) reached more than once are scored once")
     return paths
 
 

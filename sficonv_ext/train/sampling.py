@@ -25,10 +25,17 @@ class TrainPlan:
         self.steps_per_epoch = max(1, num_samples // self.batch_size)
         parts = world_size * accum_steps
         if self.batch_size // parts < 2:
+            # Name the batch the user asked for; when the data set cut it, say so (raising
+            # --batch-size cannot help then).
+            batch = (f"--batch-size {batch_size}" if self.batch_size == batch_size else
+                     f"a batch of {self.batch_size} (--batch-size {batch_size}, cut to the "
+                     f"{num_samples} training images)")
+            remedy = ("raise --batch-size or lower --accum-steps" if self.batch_size == batch_size
+                      else "lower --accum-steps or add training images")
             raise UserError(
-                f"a batch of {self.batch_size} split over {world_size} process(es) x "
-                f"{accum_steps} accumulation step(s) leaves fewer than 2 images per "
-                f"micro-batch (BatchNorm needs 2): raise --batch-size or lower --accum-steps")
+                f"{batch} split over {world_size} process(es) x {accum_steps} accumulation "
+                f"step(s) leaves fewer than 2 images per micro-batch (BatchNorm needs 2): "
+                f"{remedy}")
 
     def permutation(self, epoch):
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)

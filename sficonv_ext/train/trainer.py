@@ -387,13 +387,15 @@ def _recorded_best(path):
 def _bring_best(resume_state, resume_path, resuming_here, run, log):
     """Make the output folder's best.pt the resumed run's recorded best.
 
-    Into another folder: copy the run's best.pt and history, so the new folder is a whole run
-    even if no later epoch does better. In either folder: an epoch's last.pt is written before
-    its best.pt, so a run stopped between the two has a last.pt whose best is its own
-    weights and an older best.pt: best.pt is then written again from last.pt."""
+    Into another folder: copy the run's best.pt and history, and the checkpoint resumed from as
+    last.pt, so the new folder is a whole run (which --resume takes in turn) even if no later
+    epoch does better, or none is left to train. In either folder: an epoch's last.pt is
+    written before its best.pt, so a run stopped between the two has a last.pt whose best is
+    its own weights and an older best.pt: best.pt is then written again from last.pt."""
     out = run.cfg["out"]
     if not resuming_here:
         run.reporter.history_csv(run.history)
+        shutil.copy2(resume_path, os.path.join(out, ckpt.LAST))
     if not run.best:
         return
     source = os.path.join(os.path.dirname(os.path.abspath(resume_path)), ckpt.BEST)
@@ -413,12 +415,22 @@ def _bring_best(resume_state, resume_path, resuming_here, run, log):
             f"does better than {run.best['metric']} {run.best['value']:.4g}")
 
 
+def _dropped_note(num_samples, plan):
+    left_out = num_samples - plan.steps_per_epoch * plan.batch_size
+    if left_out <= 0:
+        return ""
+    return (f" ({left_out} image(s) left out of each epoch: the incomplete last batch is "
+            f"dropped, and which images fall there changes every epoch)")
+
+
 def _epochs(run, train_samples, val_samples, first_epoch, start_step, totals):
     cfg, ctx, log = run.cfg, run.ctx, run.reporter.log
     real, fake = class_counts(train_samples)
     log(f"training {cfg['arch']} on {len(train_samples)} images ({real} real, {fake} fake), "
         f"validating on {len(val_samples)}; {ctx.world_size} process(es) on {ctx.device}; "
-        f"batch {run.plan.batch_size}, {run.plan.steps_per_epoch} steps per epoch")
+        f"batch {run.plan.batch_size}, {run.plan.steps_per_epoch} "
+        f"step{'s' if run.plan.steps_per_epoch != 1 else ''} per epoch"
+        + _dropped_note(len(train_samples), run.plan))
     val_set = None
     if val_samples:
         val_set = ScoringSet(val_samples, validation_transform(cfg["image_size"], cfg["augment"]),
