@@ -136,8 +136,10 @@ def test_wrong_argument_types_are_named():
         ops.first_sfi_conv(x.numpy(), weight, mcs, 2)
     with pytest.raises(TypeError, match="mcs_weight must be a torch.Tensor, got ndarray"):
         ops.first_sfi_conv(x, weight, mcs.numpy(), 2)
-    with pytest.raises(TypeError, match="split must be an int, got float"):
+    with pytest.raises(TypeError, match="split must be an int, got 2.0"):
         ops.first_sfi_conv(x, weight, mcs, 2.0)
+    import numpy as np  # NumPy integers are integers
+    assert ops.first_sfi_conv(x, weight, mcs, np.int64(2)).shape == x.shape
     from sficonv_ext.nn import MCSConv2d
     with pytest.raises(TypeError, match="kernel_size must be an int, got 5.0"):
         MCSConv2d(4, 5.0)
@@ -145,6 +147,9 @@ def test_wrong_argument_types_are_named():
         MCSConv2d(4.0)
     with pytest.raises(TypeError, match="kernel_size must be an int, got 3.0"):
         SFIConv2d(4, 4, 3.0)
+    with pytest.raises(TypeError, match="channels must be an int, got True"):
+        MCSConv2d(True)
+    assert MCSConv2d(np.int64(4), np.int64(5)).weight.shape == (4, 1, 5, 5)
 
 
 def test_a_square_kernel_size_tuple_is_taken_as_nn_conv2d_takes_it():

@@ -171,11 +171,11 @@ def test_a_raw_learnable_filter_is_refused_by_a_frozen_model():
     with torch.no_grad():
         learnable.layer1[0].SFIC1.conv.mcs.weight.mul_(1.05)  # off-centre sums 1.05
     frozen = models.sfi_resnet26()
-    before = frozen.layer1[0].SFIC1.conv.mcs.weight.clone()
-    with pytest.raises(RuntimeError, match="mcs_learnable=True"):
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    with pytest.raises(RuntimeError, match="nothing was loaded.*mcs_learnable=True"):
         frozen.load_state_dict(learnable.state_dict())
-    # Refused, so not copied in either (PyTorch copies every other tensor before it raises).
-    assert torch.equal(frozen.layer1[0].SFIC1.conv.mcs.weight, before)
+    # Refused before anything is copied (PyTorch copies every other tensor before it raises).
+    _assert_same(frozen.state_dict(), before)
     with pytest.raises(RuntimeError, match="mcs_learnable=True") as refused:
         frozen.load_state_dict(learnable.state_dict(), strict=False)
     assert "Missing key" not in str(refused.value)
@@ -248,3 +248,42 @@ def test_a_fused_model_refuses_an_unfused_checkpoint_and_keeps_its_weights():
         other = models.fuse_for_inference(models.sfi_resnet26().eval())
         other.load_state_dict(state)
         assert torch.equal(other(x), expected)
+
+
+def test_a_checkpoint_of_a_fused_model_is_refused_by_an_unfused_one():
+    fused = models.fuse_for_inference(models.sfi_resnet26().eval())
+    target = models.sfi_resnet26()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for strict in (True, False):
+        # strict=False used to load the folded weights under the untouched BatchNorms.
+        with pytest.raises(ValueError, match="fused for inference .* no BatchNorm statistics"):
+            target.load_state_dict(fused.network.state_dict(), strict=strict)
+    _assert_same(target.state_dict(), before)
+
+
+def test_a_missing_num_batches_tracked_is_filled_in_only_for_old_checkpoints():
+    state = models.sfi_resnet26().state_dict()
+    state.pop("bn1.num_batches_tracked")
+    target = models.sfi_resnet26()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    # Saved by a torch that has the entry (metadata version 2): a missing key, nothing loaded.
+    with pytest.raises(RuntimeError, match="missing keys: bn1.num_batches_tracked"):
+        target.load_state_dict(state)
+    _assert_same(target.state_dict(), before)
+    # Without metadata (as from before the entry existed) BatchNorm fills it in.
+    target.load_state_dict(dict(state))
+
+
+def test_a_fused_model_loads_its_state_dict_with_or_without_a_cuda_graph_wrapper():
+    from sficonv_ext.models.cuda_graph import CUDAGraphInference
+    torch.manual_seed(0)
+    source = models.fuse_for_inference(models.sfi_resnet26().eval())
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    expected = source.network(x)
+    target = models.fuse_for_inference(models.sfi_resnet26().eval())
+    target.network = CUDAGraphInference(target.network)  # its keys: network.network.*
+    for state in (source.state_dict(), source.network.state_dict(), target.state_dict()):
+        target.load_state_dict(state)
+        assert torch.equal(target.network.network(x), expected)
+    with pytest.raises(TypeError, match="keys must be strings"):
+        target.load_state_dict({0: torch.ones(1)})

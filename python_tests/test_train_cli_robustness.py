@@ -331,6 +331,10 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(["train", "--data", str(tmp_path), "--out", str(run)]) == 130
     assert capsys.readouterr().err.strip() == (
         f"sficonv train: interrupted; resume from its last checkpoint with --resume {run}")
+    # Resuming into another folder that has no checkpoint yet: the one resumed from is there.
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "other")]) == 130
+    assert capsys.readouterr().err.strip() == (
+        f"sficonv train: interrupted; resume again with --resume {run}")
 
 
 def test_export_to_standard_output_or_a_folder_is_refused(run_dir, tmp_path, capsys):
@@ -410,8 +414,9 @@ def test_file_system_errors_name_the_users_path(run_dir, tmp_path, capsys):
         f"sficonv export: error: cannot make the folder {in_the_way}: a file of that name is "
         f"in the way")
     # A temporary file written beside the output is named as the output itself.
-    error = PermissionError(13, "Permission denied", str(tmp_path / "p.csv.tmp-4242"))
-    assert _os_error_line(error) == f"cannot write {tmp_path / 'p.csv'}: Permission denied"
+    for temporary in ("p.csv.tmp-4242", ".p.csv.tmp-4242"):
+        error = PermissionError(13, "Permission denied", str(tmp_path / temporary))
+        assert _os_error_line(error) == f"{tmp_path / 'p.csv'}: Permission denied"
     error = NotADirectoryError(20, "Not a directory", str(in_the_way / "x" / "p.csv"))
     assert "a part of that path is a file, not a folder" in _os_error_line(error)
 

@@ -420,3 +420,5 @@ def test_a_too_small_micro_batch_names_the_batch_the_user_asked_for():
     with pytest.raises(UserError, match=r"^a batch of 6 \(--batch-size 7, cut to the 6 training "
                                         r"images\).*lower --accum-steps or add training images"):
         TrainPlan(6, 7, seed=0, accum_steps=4)
+    with pytest.raises(UserError, match=r"^--batch-size 6 split .*lower --accum-steps or add "):
+        TrainPlan(6, 6, seed=0, accum_steps=4)

@@ -1,6 +1,7 @@
 """``fuse_for_inference``: an eval-only copy with every BatchNorm folded into its convolution."""
 import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -56,6 +57,16 @@ def _on_cpu(net):
     return all(p.device.type == "cpu" for p in net.parameters())
 
 
+def _strip_prefix(state_dict, prefix):
+    stripped = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:  # module versions, keyed by module path
+        stripped._metadata = OrderedDict((k[len(prefix):] if k.startswith(prefix) else "", v)
+                                         for k, v in metadata.items()
+                                         if k.startswith(prefix) or k == prefix[:-1])
+    return stripped
+
+
 class FusedForInference(nn.Module):
     """Eval-only SFIConv-ResNet with BatchNorm folded away, running in channels_last."""
 
@@ -75,17 +86,16 @@ class FusedForInference(nn.Module):
         """Load this model's state_dict (``network.*`` keys) or its network's, through the
         network's checks: a checkpoint of an unfused model is refused before anything is
         copied (its weights are not folded)."""
-        # The network: "network", or "network.network" inside a CUDA-graph wrapper.
+        # The network: "network", or "network.network" inside a CUDA-graph wrapper; a
+        # state_dict may carry either path (saved with or without that wrapper) or none.
         name, net = next((n, m) for n, m in self.named_modules() if isinstance(m, SFIResNet))
-        prefix = name + "."
-        if state_dict and all(k.startswith(prefix) for k in state_dict):
-            stripped = OrderedDict((k[len(prefix):], v) for k, v in state_dict.items())
-            metadata = getattr(state_dict, "_metadata", None)
-            if metadata is not None:
-                stripped._metadata = OrderedDict(
-                    (k[len(prefix):] if k.startswith(prefix) else "", v)
-                    for k, v in metadata.items() if k.startswith(prefix) or k == name)
-            state_dict = stripped
+        if isinstance(state_dict, Mapping) and state_dict and all(
+                isinstance(k, str) for k in state_dict):
+            parts = name.split(".")
+            for prefix in (".".join(parts[i:]) + "." for i in range(len(parts))):
+                if all(k.startswith(prefix) for k in state_dict):
+                    state_dict = _strip_prefix(state_dict, prefix)
+                    break
         return net.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x):

@@ -282,21 +282,55 @@ def _tensor(state_dict, key):
 _BATCHNORM_ENTRY = re.compile(r"\.(running_mean|running_var|num_batches_tracked)$")
 
 
-def _check_own_layout(model, state_dict, strict):
-    # Checked before nn.Module.load_state_dict runs: on a mismatch it raises only after copying
-    # every entry that does match, which leaves the model half loaded (for a fused model,
-    # unfolded weights under folded biases: wrong outputs, no error with strict=False).
-    own_now = model.state_dict()
-    if getattr(model, "fused_for_inference", False):
+def _filled_in_by_batchnorm(key, state_dict):
+    # BatchNorm fills in a missing num_batches_tracked itself, but only for a checkpoint saved
+    # before it existed (module metadata version below 2, or no metadata at all).
+    if not key.endswith(".num_batches_tracked"):
+        return False
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    version = metadata.get(key[:-len(".num_batches_tracked")], {}).get("version")
+    return version is None or version < 2
+
+
+def _check_folding(model, state_dict, own_now):
+    """A checkpoint with BatchNorm entries for a fused model, or one with folded convolution
+    biases and no BatchNorm statistics for an unfused model: refused in either direction (the
+    weights mean something else there), also with strict=False."""
+    fused = getattr(model, "fused_for_inference", False)
+    if fused:
         unfolded = sorted(k for k in state_dict if k not in own_now and _BATCHNORM_ENTRY.search(k))
         if unfolded:
             raise ValueError(f"this model was fused for inference (BatchNorm folded into the "
                              f"convolutions) but the state_dict has BatchNorm entries "
                              f"({_listing(unfolded)}): load it into the unfused model, then "
                              f"call fuse_for_inference")
-    # BatchNorm fills in a missing num_batches_tracked itself (checkpoints from before it).
+        return
+    def is_conv_weight(t):
+        return isinstance(t, torch.Tensor) and t.dim() == 4
+
+    folded = sorted(k for k in state_dict if k not in own_now and k.endswith(".bias")
+                    and is_conv_weight(own_now.get(k[:-len("bias")] + "weight")))
+    unmatched_stats = any(_BATCHNORM_ENTRY.search(k) for k in own_now if k not in state_dict)
+    if folded and unmatched_stats:
+        raise ValueError(f"this state_dict is of a model fused for inference (convolution biases "
+                         f"{_listing(folded)} and no BatchNorm statistics): BatchNorm is folded "
+                         f"into its weights, so it cannot be loaded into a model with BatchNorm; "
+                         f"load the checkpoint it was fused from")
+
+
+def _check_own_layout(model, state_dict, strict):
+    # Checked before nn.Module.load_state_dict runs: on a mismatch it raises only after copying
+    # every entry that does match, which leaves the model half loaded.
+    own_now = model.state_dict()
+    _check_folding(model, state_dict, own_now)
+    for name, module in model.named_modules():
+        refusal = (module.refusal_of(state_dict.get(f"{name}.weight"), f"{name}.")
+                   if isinstance(module, MCSConv2d) else None)
+        if refusal:
+            raise RuntimeError(f"Error loading a state_dict into {_model_name(model)} (nothing "
+                               f"was loaded): {refusal}")
     missing = sorted(k for k in set(own_now) - set(state_dict)
-                     if not k.endswith(".num_batches_tracked"))
+                     if not _filled_in_by_batchnorm(k, state_dict))
     unexpected = sorted(set(state_dict) - set(own_now))
     if strict and (missing or unexpected):
         msg = [f"Error loading a state_dict into {_model_name(model)} (nothing was loaded):"]

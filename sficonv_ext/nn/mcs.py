@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+from .._arguments import as_int
 from ..ops import BACKENDS, mcs_conv
 from ..reference.constraint import constrain_mcs_weight
 
@@ -70,9 +71,8 @@ class MCSConv2d(nn.Module):
     def __init__(self, channels, kernel_size=5, learnable=False, init="published", eps=1e-6,
                  backend="auto"):
         super().__init__()
-        for name, value in (("channels", channels), ("kernel_size", kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"MCSConv2d {name} must be an int, got {value!r}")
+        channels = as_int(channels, "MCSConv2d channels")
+        kernel_size = as_int(kernel_size, "MCSConv2d kernel_size")
         if channels < 1:
             raise ValueError(f"MCSConv2d needs at least one channel, got {channels}")
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -92,28 +92,34 @@ class MCSConv2d(nn.Module):
         self.weight = nn.Parameter(make(channels, kernel_size), requires_grad=learnable)
         self.register_buffer("published_bias", torch.zeros(channels))
 
+    def refusal_of(self, loaded, prefix=""):
+        """Why this module refuses ``loaded`` as its filter, or None: a frozen filter is used as
+        it is, so one that is not constrained (such as a learnable MCSConv's raw weight, under
+        the same key) would silently change the outputs."""
+        if (self.learnable or not isinstance(loaded, torch.Tensor) or loaded.is_meta
+                or not loaded.is_floating_point() or loaded.shape != self.weight.shape):
+            return None
+        bad = unconstrained_channels(loaded)
+        if not bad:
+            return None
+        return (f"{prefix}weight: channels {bad[:8]}{' ...' if len(bad) > 8 else ''} of this "
+                f"frozen MCSConv filter are not constrained (centre -1, other taps summing to "
+                f"1); a learnable MCSConv's raw weight? Build the model with mcs_learnable=True "
+                f"to load it")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A frozen filter is used as it is: refuse one that is not constrained, such as the raw
-        # weight of a learnable MCSConv (the same key), which would silently change the outputs.
-        loaded = state_dict.get(prefix + "weight")
-        if (not self.learnable and isinstance(loaded, torch.Tensor) and not loaded.is_meta
-                and loaded.is_floating_point() and loaded.shape == self.weight.shape):
-            bad = unconstrained_channels(loaded)
-            if bad:
-                error_msgs.append(
-                    f"{prefix}weight: channels {bad[:8]}{' ...' if len(bad) > 8 else ''} of "
-                    f"this frozen MCSConv filter are not constrained (centre -1, other taps "
-                    f"summing to 1); a learnable MCSConv's raw weight? Build the model with "
-                    f"mcs_learnable=True to load it")
-                # Refused, so not copied in either (as PyTorch skips a tensor of the wrong
-                # shape): the model keeps its filter whatever load_state_dict's caller does next.
-                state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                              missing_keys, unexpected_keys, error_msgs)
-                if prefix + "weight" in missing_keys:
-                    missing_keys.remove(prefix + "weight")
-                return
+        refusal = self.refusal_of(state_dict.get(prefix + "weight"), prefix)
+        if refusal:
+            error_msgs.append(refusal)
+            # Refused, so not copied in either (as PyTorch skips a tensor of the wrong shape):
+            # the model keeps its filter whatever load_state_dict's caller does next.
+            state_dict = {k: v for k, v in state_dict.items() if k != prefix + "weight"}
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            if prefix + "weight" in missing_keys:
+                missing_keys.remove(prefix + "weight")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._arguments import as_int
 from ..reference.layers import spatial_channels
 from ..ops.first_layer import first_sfi_conv
 from ..ops.norm_act import batch_norm_act
@@ -49,8 +50,7 @@ def _odd_kernel_size(layer, kernel_size):
         if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
             raise ValueError(f"{layer} kernel_size must be square, got {tuple(kernel_size)}")
         kernel_size = kernel_size[0]
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-        raise TypeError(f"{layer} kernel_size must be an int, got {kernel_size!r}")
+    kernel_size = as_int(kernel_size, f"{layer} kernel_size")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"{layer} kernel_size must be odd, got {kernel_size}")
     return kernel_size

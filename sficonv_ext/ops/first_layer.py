@@ -15,6 +15,7 @@ now compares IEEE with IEEE). ``backend="triton"`` still runs it.
 import torch
 import torch.nn.functional as F
 
+from .._arguments import as_int
 from .ad_modes import composite_only, refuse_kernel_backend
 from .autocast import autocast_inputs, constrain_before_autocast
 from .mcs_conv import TRITON_DEVICE_HINT, mcs_conv, triton_ops, triton_runs_on
@@ -33,13 +34,13 @@ def fused_first_layer_available(x, weight):
 
 
 def _check_types(x, weight, mcs_weight, split, bias):
-    # Before anything reads x.device: a NumPy array would fail there with an AttributeError.
+    """``split`` as an int, after checking the argument types. Called before anything reads
+    x.device: a NumPy array would fail there with an AttributeError."""
     for name, t in (("x", x), ("weight", weight), ("mcs_weight", mcs_weight), ("bias", bias)):
         if not (isinstance(t, torch.Tensor) or (name == "bias" and t is None)):
             raise TypeError(f"first_sfi_conv: {name} must be a torch.Tensor, got "
                             f"{type(t).__name__}")
-    if isinstance(split, bool) or not isinstance(split, int):
-        raise TypeError(f"first_sfi_conv: split must be an int, got {type(split).__name__}")
+    return as_int(split, "first_sfi_conv: split")
 
 
 def _validate(x, weight, mcs_weight, split, bias, backend):
@@ -78,7 +79,7 @@ def first_sfi_conv(x, weight, mcs_weight, split, *, bias=None, constrained=False
     one is cast to the autocast dtype, as for ``F.conv2d``; a raw MCS filter is constrained
     before its cast. ``mcs_backend`` picks the MCSConv kernel of the composed path.
     """
-    _check_types(x, weight, mcs_weight, split, bias)
+    split = _check_types(x, weight, mcs_weight, split, bias)
     mcs_weight, constrained = constrain_before_autocast(x.device.type, mcs_weight, constrained,
                                                         eps)
     x, weight, mcs_weight, bias = autocast_inputs(x.device.type, x, weight, mcs_weight, bias)

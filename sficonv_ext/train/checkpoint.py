@@ -60,6 +60,24 @@ def atomic_save(obj, path):
     _fsync_dir(folder)
 
 
+def atomic_copy(source, path):
+    """Copy ``source`` over ``path`` the way :func:`atomic_save` writes: never a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        shutil.copy2(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        raise UserError(f"could not copy {source} to {path}: {error} (the previous "
+                        f"{os.path.basename(path)}, if any, is kept)") from error
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
 def _is_zip_write_error(error):
     text = str(error)
     return "inline_container" in text or "PytorchStreamWriter" in text
@@ -126,12 +144,16 @@ def _load_failure(exc):
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text)
     detail = found.group(1).strip() if found else (text.strip().splitlines() or [""])[0]
     global_name = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    if global_name and global_name.group(1).startswith("numpy"):
+        return (f"it holds NumPy objects ({global_name.group(1)}), which a safe load does not "
+                f"unpickle; save torch tensors instead (torch.from_numpy)")
     if global_name:
         return (f"it holds a pickled Python object ({global_name.group(1)}), not only tensors; "
                 f"save a state_dict (model.state_dict()) instead: checkpoints are loaded with "
                 f"weights_only=True, which never runs code from the file")
+    first_sentence = re.split(r"(?<=[.!?])\s", detail, maxsplit=1)[0]
     return (f"not a checkpoint torch.load can read safely (a corrupt file or another kind of "
-            f"file: {type(exc).__name__}: {detail[:200]})")
+            f"file: {type(exc).__name__}: {first_sentence})")
 
 
 def is_training_checkpoint(obj):

@@ -124,22 +124,25 @@ def _export(args):
 
 
 def _os_error_line(exc):
-    """A file-system error in the user's terms: the path they gave (not a temporary file
-    written beside it) and what is in the way."""
+    """A file-system error (reading or writing) in the user's terms: the path they gave, not a
+    temporary file written beside it, and what is in the way."""
     if not isinstance(exc, OSError) or exc.filename is None:
         return str(exc)
-    # Outputs are written to PATH.tmp-<pid> and renamed: name the path the user gave.
-    path = re.sub(r"\.tmp-\d+$", "", os.fspath(exc.filename))
+    # Outputs are written to PATH.tmp-<pid> or .NAME.tmp-<pid> beside them, then renamed.
+    folder, name = os.path.split(os.fspath(exc.filename))
+    temporary = re.fullmatch(r"\.?(.+?)\.tmp-\d+", name)
+    path = os.path.join(folder, temporary.group(1)) if temporary else os.fspath(exc.filename)
     if isinstance(exc, FileExistsError):
         return f"cannot make the folder {path}: a file of that name is in the way"
     if isinstance(exc, NotADirectoryError):
-        return f"cannot write {path}: a part of that path is a file, not a folder"
-    return f"cannot write {path}: {exc.strerror or exc}"
+        return f"{path}: a part of that path is a file, not a folder"
+    return f"{path}: {exc.strerror or exc}"
 
 
 def _drop_builtin_val_fraction(command, args, yaml_values):
     # The built-in set's split is fixed: a --val-fraction given for it would be silently
-    # ignored, and recorded in config.yaml as if it had been used.
+    # ignored, and recorded in config.yaml as the run's value. (On --resume the data set is
+    # the run's, not known here: a changed value is refused there as a changed recipe.)
     data = args.get("data", yaml_values.get("data"))
     if command != "train" or data != "builtin":
         return
@@ -149,11 +152,13 @@ def _drop_builtin_val_fraction(command, args, yaml_values):
                   f"(its validation split is fixed); ignored", file=sys.stderr)
 
 
-def _resume_hint(command, out):
+def _resume_hint(command, out, resume):
     if command != "train":
         return ""
     if out and os.path.isfile(os.path.join(out, "last.pt")):
         return f"; resume from its last checkpoint with --resume {out}"
+    if resume:  # nothing written in OUT yet: the checkpoint resumed from is still there
+        return f"; resume again with --resume {resume}"
     return "; no checkpoint was written yet (start the run again)"
 
 
@@ -165,7 +170,7 @@ def main(argv=None):
     command = args.pop("command")
     if unknown:  # with the command's usage and name, not the top level's "sficonv: error"
         parser.commands[command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    out = None  # the output folder, once known (for the Ctrl-C line)
+    out = resume = None  # the output folder and --resume, once known (for the Ctrl-C line)
     try:
         if command == "export":
             _export(argparse.Namespace(**args))
@@ -176,7 +181,7 @@ def main(argv=None):
                        else read_yaml(os.path.expanduser(config_file), command))
         _drop_builtin_val_fraction(command, args, yaml_values)
         cfg = resolve(command, args, yaml_values)
-        out = cfg.get("out")
+        out, resume = cfg.get("out"), cfg.get("resume")
         explicit = dict(yaml_values)
         explicit.update(args)
         if command == "train":
@@ -200,7 +205,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         # One line, not a traceback: what was written stays (a training run resumes from its
         # last checkpoint with --resume OUT).
-        print(f"sficonv {command}: interrupted" + _resume_hint(command, out), file=sys.stderr)
+        print(f"sficonv {command}: interrupted" + _resume_hint(command, out, resume), file=sys.stderr)
         return 130
     return 0
 

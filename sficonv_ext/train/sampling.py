@@ -27,11 +27,14 @@ class TrainPlan:
         if self.batch_size // parts < 2:
             # Name the batch the user asked for; when the data set cut it, say so (raising
             # --batch-size cannot help then).
-            batch = (f"--batch-size {batch_size}" if self.batch_size == batch_size else
-                     f"a batch of {self.batch_size} (--batch-size {batch_size}, cut to the "
-                     f"{num_samples} training images)")
-            remedy = ("raise --batch-size or lower --accum-steps" if self.batch_size == batch_size
-                      else "lower --accum-steps or add training images")
+            whole_set = batch_size >= num_samples  # a larger --batch-size is cut to this too
+            if batch_size > num_samples:
+                batch = (f"a batch of {self.batch_size} (--batch-size {batch_size}, cut to the "
+                         f"{num_samples} training images)")
+            else:
+                batch = f"--batch-size {batch_size}"
+            remedy = ("lower --accum-steps or add training images" if whole_set
+                      else "raise --batch-size or lower --accum-steps")
             raise UserError(
                 f"{batch} split over {world_size} process(es) x {accum_steps} accumulation "
                 f"step(s) leaves fewer than 2 images per micro-batch (BatchNorm needs 2): "

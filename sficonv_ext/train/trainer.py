@@ -2,7 +2,6 @@
 import contextlib
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -395,13 +394,13 @@ def _bring_best(resume_state, resume_path, resuming_here, run, log):
     out = run.cfg["out"]
     if not resuming_here:
         run.reporter.history_csv(run.history)
-        shutil.copy2(resume_path, os.path.join(out, ckpt.LAST))
+        ckpt.atomic_copy(resume_path, os.path.join(out, ckpt.LAST))
     if not run.best:
         return
     source = os.path.join(os.path.dirname(os.path.abspath(resume_path)), ckpt.BEST)
     if _recorded_best(source) == run.best:
         if not resuming_here:
-            shutil.copy2(source, os.path.join(out, ckpt.BEST))
+            ckpt.atomic_copy(source, os.path.join(out, ckpt.BEST))
             log(f"copied {source} (best so far, epoch {run.best['epoch']}) into {out}")
         return
     progress = resume_state["progress"]
