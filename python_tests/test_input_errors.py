@@ -84,6 +84,8 @@ def test_checkpoint_interop_errors_name_the_problem():
     key = "rgb_extract_feature.0.weight"
     with pytest.raises(TypeError, match=key):
         model.load_state_dict({**published, key: None})
+    with pytest.raises(TypeError, match=r"state_dict\['fc.weight'\] is not a tensor"):
+        model.load_state_dict({**model.state_dict(), "fc.weight": "x"})  # own layout too
     # NumPy values and extra non-tensor entries (strict=False) still load, as before.
     model.load_state_dict({k: v.numpy() for k, v in published.items()})
     model.load_state_dict({**model.state_dict(), "epoch": 3}, strict=False)
