@@ -7,9 +7,10 @@ epoch, which fixes the sampler position), RNG states, the best metric so far, th
 history and the resolved configuration. Anything else loadable is taken as a bare state_dict in
 one of the layouts the model accepts (own, published training wrapper ``best.pkl``, bare).
 """
+import contextlib
 import os
-import re
 import random
+import re
 import shutil
 
 import numpy as np
@@ -36,46 +37,49 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def atomic_save(obj, path):
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash at any point leaves either the old file or the new one, never a torn one."""
+@contextlib.contextmanager
+def _replaced_atomically(path):
+    """Yields a temporary path in ``path``'s folder to write; on success it is renamed over
+    ``path`` and the folder synced: a crash at any point leaves either the old file or the new
+    one, never a torn one. The temporary file never outlives the block."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def atomic_save(obj, path):
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    try:
+        with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except (OSError, RuntimeError) as error:
         # torch's zip writer turns a full disk into "[enforce fail at inline_container.cc...]
         # unexpected pos ...": say what happened. Other RuntimeErrors are not about the disk.
         if isinstance(error, RuntimeError) and not _is_zip_write_error(error):
             raise
+        folder = os.path.dirname(os.path.abspath(path))
         raise UserError(f"could not write {path}: {error}; {_free_space(folder)} free on that "
                         f"disk (the previous {os.path.basename(path)}, if any, is kept)") from error
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(folder)
 
 
 def atomic_copy(source, path):
     """Copy ``source`` over ``path`` the way :func:`atomic_save` writes: never a torn file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        shutil.copy2(source, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _replaced_atomically(path) as tmp:
+            shutil.copy2(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
     except OSError as error:
         raise UserError(f"could not copy {source} to {path}: {error} (the previous "
                         f"{os.path.basename(path)}, if any, is kept)") from error
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(folder)
 
 
 def _is_zip_write_error(error):

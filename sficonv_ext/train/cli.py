@@ -155,7 +155,8 @@ def _drop_builtin_val_fraction(command, args, yaml_values):
 def _resume_hint(command, out, resume):
     if command != "train":
         return ""
-    if out and os.path.isfile(os.path.join(out, "last.pt")):
+    from .checkpoint import LAST
+    if out and os.path.isfile(os.path.join(out, LAST)):
         return f"; resume from its last checkpoint with --resume {out}"
     if resume:  # nothing written in OUT yet: the checkpoint resumed from is still there
         return f"; resume again with --resume {resume}"
