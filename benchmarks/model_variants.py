@@ -14,13 +14,18 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   the same with the C++ BatchNorm + add + ReLU epilogue forced (CPU only; ``"auto"`` takes it in
   float32 CPU training, see ``sficonv_ext/ops/norm_act.py``); ``fast-torch-epilogue`` with
   PyTorch's BatchNorm, add and ReLU forced (the CPU default until 2026-11-27).
+  ``fast-torch-conv``: the same with PyTorch's 3x3 convolutions forced (``"auto"`` takes the
+  Winograd kernels for float32 CPU calls, see ``sficonv_ext/ops/conv3x3.py``).
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
-  SFIConv layer as one ordinary convolution, and PyTorch's own BatchNorm, add and ReLU: a plain
-  CNN with exactly the fast model's layer shapes, the speed an SFIConv network should approach.
+  SFIConv layer as one ordinary convolution, and PyTorch's own convolutions, BatchNorm, add and
+  ReLU: a plain CNN with exactly the fast model's layer shapes, the speed an SFIConv network
+  should approach.
 - ``fused-inference``: ``fuse_for_inference(fast, cudnn=False)`` (inference only; on the CPU
   its convolutions run with the residual add as a oneDNN post-op on pre-reordered weights, on
   CUDA as plain ``F.conv2d`` calls: the library's CUDA default is ``fused-inference-cudnn``);
   ``fused-inference-unpacked`` the same with plain ``F.conv2d`` calls (``onednn=False``);
+  ``fused-inference-no-winograd`` the oneDNN layers with the 3x3 convolutions on oneDNN too
+  (``winograd=False``; by default the CPU runs them as Winograd F(4x4, 3x3));
   ``fused-inference-compiled`` the same under ``torch.compile``; ``fused-inference-frozen``
   under ``torch.compile`` with inductor's freezing (weights as constants: oneDNN prepacking and
   convolution post-op fusion on the CPU);
@@ -42,14 +47,15 @@ from sficonv_ext import models, reference
 from sficonv_ext.nn import FirstSFIConv2d
 
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
-            "fast-cpp-epilogue", "fast-torch-epilogue", "fast-nchw",
+            "fast-cpp-epilogue", "fast-torch-epilogue", "fast-torch-conv", "fast-nchw",
             "fast-compiled", "plain", "plain-compiled", "fused-inference",
-            "fused-inference-unpacked", "fused-inference-compiled", "fused-inference-frozen",
-            "fused-inference-cudagraph", "fused-inference-lowp", "fused-inference-cudnn",
-            "fused-inference-cudnn-cudagraph")
+            "fused-inference-unpacked", "fused-inference-no-winograd", "fused-inference-compiled",
+            "fused-inference-frozen", "fused-inference-cudagraph", "fused-inference-lowp",
+            "fused-inference-cudnn", "fused-inference-cudnn-cudagraph")
 DEFAULT_VARIANTS = {
-    "cpu": ("reference", "reference-amp-cl", "fast", "fast-torch-epilogue", "fast-nchw", "plain",
-            "fused-inference", "fused-inference-unpacked"),
+    "cpu": ("reference", "reference-amp-cl", "fast", "fast-torch-epilogue", "fast-torch-conv",
+            "fast-nchw", "plain", "fused-inference", "fused-inference-no-winograd",
+            "fused-inference-unpacked"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudnn", "fused-inference-cudagraph"),
 }
@@ -71,8 +77,9 @@ class PlainFirstConv(nn.Module):
 
 def plain_twin(fast_model):
     """A copy of ``fast_model`` that is an ordinary CNN of the same layer shapes (PyTorch's
-    BatchNorm, add and ReLU, as any CNN runs them)."""
+    convolutions, BatchNorm, add and ReLU, as any CNN runs them)."""
     plain = models.set_norm_backend(copy.deepcopy(fast_model), "torch")
+    models.set_conv_backend(plain, "torch")
     for module in list(plain.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, FirstSFIConv2d):
@@ -134,6 +141,9 @@ def build_variants(names, depth, device, amp_dtype):
         "fast-torch-epilogue": lambda: Variant("fast-torch-epilogue",
                                                models.set_norm_backend(fast(), "torch"), True,
                                                amp_dtype),
+        "fast-torch-conv": lambda: Variant("fast-torch-conv",
+                                           models.set_conv_backend(fast(), "torch"), True,
+                                           amp_dtype),
         "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
         "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
                                          amp_dtype),
@@ -146,6 +156,9 @@ def build_variants(names, depth, device, amp_dtype):
             "fused-inference-unpacked",
             models.fuse_for_inference(fast(), onednn=False, cudnn=False), False,
             amp_dtype),
+        "fused-inference-no-winograd": lambda: Variant(
+            "fused-inference-no-winograd",
+            models.fuse_for_inference(fast(), cudnn=False, winograd=False), False, amp_dtype),
         "fused-inference-compiled": lambda: Variant(
             "fused-inference-compiled",
             torch.compile(models.fuse_for_inference(fast(), cudnn=False)), False,

@@ -9,6 +9,7 @@
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_config.h"
 #include "norm_act.h"
+#include "winograd.h"
 
 // setup.py writes the CUDA architectures it compiled for into this header.
 #if __has_include("generated/build_config.h")
@@ -34,7 +35,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 4;
+constexpr int kExtensionApi = 5;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
@@ -63,6 +64,14 @@ TORCH_LIBRARY(sficonv_ext, m) {
   m.def(
       "batch_norm_act_backward(Tensor grad_y, Tensor x, Tensor y, Tensor weight, Tensor mean, "
       "Tensor var, bool has_residual, bool relu, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("winograd_conv3x3_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def(
+      "winograd_conv3x3_backward(Tensor grad_y, Tensor x, Tensor weight, bool need_x, "
+      "bool need_weight) -> (Tensor, Tensor)");
+  m.def("winograd_weight_tiles(Tensor weight) -> Tensor");
+  m.def(
+      "winograd_conv3x3_inference(Tensor x, Tensor weight_tiles, Tensor bias, bool relu) -> "
+      "Tensor");
   m.def("build_info() -> str", &build_info);
   // The CUDA kernel choices the SFICONV_CUDA_* variables make now (an error if they are invalid):
   // plain C++, so it runs, and is tested, in builds and on machines without CUDA too.
@@ -80,6 +89,10 @@ TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {
   m.impl("mcs_conv_backward", &mcs_conv_backward_cpu);
   m.impl("batch_norm_act_forward", &batch_norm_act_forward_cpu);
   m.impl("batch_norm_act_backward", &batch_norm_act_backward_cpu);
+  m.impl("winograd_conv3x3_forward", &winograd_conv3x3_forward_cpu);
+  m.impl("winograd_conv3x3_backward", &winograd_conv3x3_backward_cpu);
+  m.impl("winograd_weight_tiles", &winograd_weight_tiles_cpu);
+  m.impl("winograd_conv3x3_inference", &winograd_conv3x3_inference_cpu);
 }
 
 #ifdef SFICONV_WITH_CUDA

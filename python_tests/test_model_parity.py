@@ -45,22 +45,29 @@ def _compare_state(ref, fast, tol=TOL):
             assert torch.equal(exported[key], value), key
 
 
-@pytest.mark.parametrize("depth", [26, 50])
-def test_eval_forward_parity(depth):
+@pytest.mark.parametrize("depth,conv_backend", [(26, "auto"), (50, "auto"), (26, "winograd")])
+def test_eval_forward_parity(depth, conv_backend):
+    if conv_backend == "winograd" and not ops.backends()["cpp"]:
+        pytest.skip("C++ extension not built")
     ref, fast = make_pair(depth)
+    models.set_conv_backend(fast, conv_backend)
     ref.eval(), fast.eval()
     x = torch.randn(2, 3, 65, 97, dtype=torch.float64)
     with torch.no_grad():
         assert rel_err(fast(x), ref(x)) < TOL
 
 
-@pytest.mark.parametrize("depth,mcs_backend", [(26, "auto"), (50, "auto"), (26, "cpp"),
-                                               (26, "torch")])
-def test_train_step_parity(depth, mcs_backend):
-    if mcs_backend == "cpp" and not ops.backends()["cpp"]:
+# conv_backend "winograd": every 3x3 convolution on the Winograd kernels ("auto" keeps float64
+# on PyTorch's convolutions).
+@pytest.mark.parametrize("depth,mcs_backend,conv_backend", [
+    (26, "auto", "auto"), (50, "auto", "auto"), (26, "cpp", "auto"), (26, "torch", "auto"),
+    (26, "auto", "winograd"), (50, "auto", "winograd")])
+def test_train_step_parity(depth, mcs_backend, conv_backend):
+    if (mcs_backend == "cpp" or conv_backend == "winograd") and not ops.backends()["cpp"]:
         pytest.skip("C++ extension not built")
     ref, fast = make_pair(depth)
     fast.layer1[0].SFIC1.conv.mcs.backend = mcs_backend
+    models.set_conv_backend(fast, conv_backend)
     ref.train(), fast.train()
     x = torch.randn(3, 3, 67, 61, dtype=torch.float64)
     target = torch.tensor([0, 1, 1])

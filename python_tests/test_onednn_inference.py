@@ -158,15 +158,18 @@ def test_copies_and_pickles_work_after_a_forward(trio):
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         expect = onednn(x)
-    layer = onednn.network.layer1[1].SFIC2
-    assert layer._fused._cache is not None
+    # A 1x1 layer caches oneDNN's reordered weight; a 3x3 one its Winograd tiles.
+    layer, winograd = onednn.network.layer1[1].SFIC1, onednn.network.layer1[1].SFIC2
+    assert layer._fused._cache is not None and winograd._fused._tiles_cache is not None
     buffer = io.BytesIO()
     torch.save(onednn, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     copied = copy.deepcopy(onednn)
-    assert layer._fused._cache is not None  # copying leaves the original's cache alone
-    assert copied.network.layer1[1].SFIC2._fused._cache is None
+    # copying leaves the original's caches alone, and the copies start without them
+    assert layer._fused._cache is not None and winograd._fused._tiles_cache is not None
+    assert copied.network.layer1[1].SFIC1._fused._cache is None
+    assert copied.network.layer1[1].SFIC2._fused._tiles_cache is None
     with torch.inference_mode():
         assert torch.equal(copied(x), expect)
         assert torch.equal(loaded(x), expect)
@@ -268,9 +271,9 @@ def test_fusing_under_inference_mode_still_caches(trio):
     with torch.inference_mode():
         fused = models.fuse_for_inference(fast)
         got = fused(x)
-    layer = fused.network.layer1[1].SFIC2
+    layer, winograd = fused.network.layer1[1].SFIC1, fused.network.layer1[1].SFIC2
     assert not layer.conv.weight.is_inference()
-    assert layer._fused._cache is not None
+    assert layer._fused._cache is not None and winograd._fused._tiles_cache is not None
     with torch.inference_mode():
         assert rel_err(got, plain(x)) < 1e-5
 

@@ -110,13 +110,16 @@ class FusedForInference(nn.Module):
             return self.network(x)
 
 
-def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=None):
+def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=None, winograd=True):
     """Return an eval-only copy of ``model`` with BatchNorm folded into the convolutions and
     weights in channels_last; same outputs as ``model.eval()`` within float32 rounding.
 
     ``onednn=True`` (a CPU model, where torch has oneDNN): the folded convolutions run with
     their residual add as one oneDNN call on a pre-reordered weight, the ReLU in place after it
     (see ``sficonv_ext.models.onednn_inference``); ``False`` keeps plain ``F.conv2d`` calls.
+    With it, ``winograd=True`` runs the 3x3 convolutions (maps of at least 8 pixels a side) as
+    Winograd F(4x4, 3x3) on weight tiles transformed once, with bias and ReLU in its output
+    pass (``sficonv_ext.ops.conv3x3``); ``False`` leaves them to oneDNN.
 
     ``cudnn=True`` (a CUDA model): each folded convolution followed by a ReLU runs with its
     bias, residual add and ReLU as one fused cuDNN call, on weights cast once to the compute
@@ -134,10 +137,10 @@ def fuse_for_inference(model, cuda_graph=False, onednn=True, cudnn=None):
     # Normal tensors even when called under inference_mode: weights made there carry no
     # version counter, so the oneDNN layers could not cache their reordered copies.
     with torch.inference_mode(False):
-        return _fuse(model, cuda_graph, onednn, cudnn)
+        return _fuse(model, cuda_graph, onednn, cudnn, winograd)
 
 
-def _fuse(model, cuda_graph, onednn, cudnn):
+def _fuse(model, cuda_graph, onednn, cudnn, winograd):
     device = next(model.parameters()).device
     for option, asked in (("cudnn", cudnn), ("cuda_graph", cuda_graph)):
         if asked and device.type != "cuda":
@@ -169,7 +172,7 @@ def _fuse(model, cuda_graph, onednn, cudnn):
     for p in net.parameters():
         p.requires_grad_(False)
     if onednn and _on_cpu(net) and onednn_fusion_available():
-        use_onednn_layers(net)
+        use_onednn_layers(net, winograd=winograd)
     if cudnn:
         use_cudnn_layers(net)
     net = net.to(memory_format=torch.channels_last)

@@ -26,8 +26,15 @@ enters around its own forward when no module of the network has a hook), a resid
 block's own activation that nothing reads afterwards, so the convolution adds it with oneDNN's
 in-place "sum" post-op, writing the result over it. Anywhere else the residual is left alone.
 
+Winograd: the 3x3 convolutions (padding 1, maps of at least 8 pixels a side) run instead as
+Winograd F(4x4, 3x3) (``sficonv_ext.ops.conv3x3``, csrc/winograd_cpu.cpp) on the weight's tiles
+transformed once, with the bias and the ReLU (NaN kept) applied in its output pass: a quarter
+of the multiplies of oneDNN's direct convolution. ``use_onednn_layers(..., winograd=False)``
+(``fuse_for_inference(..., winograd=False)``) keeps them on oneDNN.
+
 Cost: the reordered weights are a second copy of the convolution weights (about 56 MB for
-SFIConv-ResNet-26 in float32), kept while the model lives.
+SFIConv-ResNet-26 in float32), kept while the model lives; the Winograd tiles of a 3x3 weight
+are 4 times its size (36 values per 9 taps).
 """
 import contextlib
 import contextvars
@@ -35,6 +42,8 @@ import contextvars
 import torch
 import torch.nn.functional as F
 
+from ..ops import _extension
+from ..ops.conv3x3 import WINOGRAD_MIN_SIDE
 from .folded_layers import (FoldedConvNorm, FoldedPlainBottleneck, drop_cached_weights, hooked,
                             output_shape, swap_folded_layers, tracing_or_compiling)
 
@@ -81,15 +90,23 @@ class PackedConv:
     alive, so that no new storage can take the address compared) and its version counter:
     replacing the parameter, moving it, or changing it in place through autograd-visible ops
     rebuilds it. Writes that bypass the version counter (``weight.data``, a NumPy view) are not
-    seen: call :func:`drop_packed_weights` after them."""
+    seen: call :func:`drop_packed_weights` after them. The Winograd tiles of a 3x3 weight are
+    cached alike."""
 
-    def __init__(self, conv_module, padding):
+    winograd = False  # objects pickled before the Winograd path existed
+    _tiles_cache = None
+
+    def __init__(self, conv_module, padding, winograd=True):
         self.module, self.padding = conv_module, padding
+        self.winograd = (winograd and padding == 1
+                         and tuple(conv_module.weight.shape[2:]) == (3, 3))
         self._cache = None  # (weight, its version and address, reordered weight, storage)
+        self._tiles_cache = None  # the same for the Winograd tiles
 
     def __getstate__(self):
-        # Copies and pickles leave the reordered weight behind; the live object keeps it.
-        return {"module": self.module, "padding": self.padding, "_cache": None}
+        # Copies and pickles leave the prepared weights behind; the live object keeps them.
+        return {"module": self.module, "padding": self.padding, "winograd": self.winograd,
+                "_cache": None, "_tiles_cache": None}
 
     def can_run(self, x):
         """Whether ``x`` may take the oneDNN path (residual fit is checked separately)."""
@@ -115,11 +132,15 @@ class PackedConv:
                 and not (torch.is_grad_enabled() and other.requires_grad))
 
     def _weight(self, x):
+        return self._cached("_cache", lambda weight: self._reorder(weight, x))
+
+    def _cached(self, slot, prepare):
+        """``prepare(weight)``, kept in attribute ``slot`` until the weight changes."""
         weight = self.module.weight
         if weight.is_inference():
-            # No version counter to notice an in-place change: reorder on every call.
-            return self._reorder(weight, x)
-        cache = self._cache
+            # No version counter to notice an in-place change: prepare on every call.
+            return prepare(weight)
+        cache = getattr(self, slot)
         # Module.to() swaps a parameter's storage and keeps its version: both are compared.
         # The storage is held by the cache: freed, its address could come back for the new
         # one (.double().float() did, in a test run), and a stale weight would pass.
@@ -127,10 +148,14 @@ class PackedConv:
         if cache is not None and cache[0] is weight and cache[1] == state:
             return cache[2]
         # A normal (not inference-mode) tensor, so it may be used under any grad mode.
-        with torch.inference_mode(False):
-            packed = self._reorder(weight, x)
-        self._cache = (weight, state, packed, weight.untyped_storage())
-        return packed
+        with torch.inference_mode(False), torch.no_grad():
+            prepared = prepare(weight)
+        setattr(self, slot, (weight, state, prepared, weight.untyped_storage()))
+        return prepared
+
+    def _takes_winograd(self, x):
+        return (self.winograd and _extension.has_cpp_kernels()
+                and min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIDE)
 
     def _reorder(self, weight, x):
         with torch.no_grad():
@@ -138,6 +163,10 @@ class PackedConv:
                 weight, [self.padding] * 2, [1, 1], [1, 1], 1, list(x.shape))
 
     def __call__(self, x, other=None, relu=False):
+        if other is None and self._takes_winograd(x):
+            tiles = self._cached("_tiles_cache", torch.ops.sficonv_ext.winograd_weight_tiles)
+            return torch.ops.sficonv_ext.winograd_conv3x3_inference(x, tiles, self.module.bias,
+                                                                    relu)
         args = ([self.padding] * 2, [1, 1], [1, 1], 1)
         weight, bias = self._weight(x), self.module.bias
         # The ReLU is NOT oneDNN's "relu" post-op, which turns NaN into 0: one NaN pixel (or a
@@ -165,7 +194,7 @@ class PackedConv:
         return y.add_(other)
 
     def drop_cache(self):
-        self._cache = None
+        self._cache = self._tiles_cache = None
 
 
 class OneDNNConvNorm(FoldedConvNorm):
@@ -180,10 +209,18 @@ class OneDNNPlainBottleneck(FoldedPlainBottleneck):
     fused_conv = PackedConv
 
 
-def use_onednn_layers(network):
+def use_onednn_layers(network, winograd=True):
     """Swap, in place, every folded ``SFIConvNorm`` over an ``SFIConv2d`` and every folded
-    ``PlainBottleneck`` of ``network`` for the oneDNN layers above. Returns how many."""
-    return swap_folded_layers(network, OneDNNConvNorm, OneDNNPlainBottleneck)
+    ``PlainBottleneck`` of ``network`` for the oneDNN layers above (``winograd=False``: the 3x3
+    convolutions on oneDNN too). Returns how many."""
+    swapped = swap_folded_layers(network, OneDNNConvNorm, OneDNNPlainBottleneck)
+    if not winograd:
+        for module in network.modules():
+            fused = getattr(module, "_fused", None)
+            for conv in fused if isinstance(fused, list) else [fused]:
+                if isinstance(conv, PackedConv):
+                    conv.winograd = False
+    return swapped
 
 
 def drop_packed_weights(model):

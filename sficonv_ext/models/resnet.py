@@ -11,20 +11,38 @@ import torch.nn.functional as F
 from ..nn import FirstSFIConv2d, SFIConv2d, SFIConvNorm
 from ..nn.hooks import hooked
 from ..ops.ad_modes import functorch_transform_active
+from ..ops.conv3x3 import CONV3X3_BACKENDS, conv3x3
 from ..ops.norm_act import NORM_ACT_BACKENDS, batch_norm_act
 from ..reference.resnet import DEPTHS, EXPANSION
 from .input_checks import check_input
 
 
+def _set_on_every_layer(model, attribute, backend, choices):
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    for module in model.modules():
+        if hasattr(module, attribute):
+            setattr(module, attribute, backend)
+    return model
+
+
 def set_norm_backend(model, backend):
     """Pick the BatchNorm(+add)(+ReLU) epilogue path of every layer of ``model``: "auto",
     "torch", "cpp" or "triton" (see :func:`sficonv_ext.ops.batch_norm_act`). Returns ``model``."""
-    if backend not in NORM_ACT_BACKENDS:
-        raise ValueError(f"backend must be one of {NORM_ACT_BACKENDS}, got {backend!r}")
-    for module in model.modules():
-        if hasattr(module, "norm_backend"):
-            module.norm_backend = backend
-    return model
+    return _set_on_every_layer(model, "norm_backend", backend, NORM_ACT_BACKENDS)
+
+
+def set_conv_backend(model, backend):
+    """Pick the path of every 3x3 convolution of ``model``: "auto", "torch" or "winograd"
+    (see :func:`sficonv_ext.ops.conv3x3`). Returns ``model``."""
+    return _set_on_every_layer(model, "conv_backend", backend, CONV3X3_BACKENDS)
+
+
+def _is_plain_conv3x3(conv):
+    """An unhooked nn.Conv2d that computes exactly ``conv3x3``: 3x3, stride 1, padding 1."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and not hooked(conv))
 
 
 class SFIBottleneck(nn.Module):
@@ -76,13 +94,18 @@ class PlainBottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
         self.norm_backend = "auto"  # see set_norm_backend; not saved
+        self.conv_backend = "auto"  # see set_conv_backend; not saved
 
     def forward(self, x):
         # Each convolution's output is a temporary: add and ReLU may work in place on it
         # (after fuse_for_inference, with onednn=False), unless a hook has been handed it.
         out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend,
                              inplace_ok=not hooked(self.conv1))
-        out = batch_norm_act(self.conv2(out), self.bn2, backend=self.norm_backend,
+        if _is_plain_conv3x3(self.conv2):  # the module itself when hooked or replaced
+            out = conv3x3(out, self.conv2.weight, self.conv2.bias, backend=self.conv_backend)
+        else:
+            out = self.conv2(out)
+        out = batch_norm_act(out, self.bn2, backend=self.norm_backend,
                              inplace_ok=not hooked(self.conv2))
         return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend,
                               inplace_ok=not hooked(self.conv3))
@@ -122,6 +145,7 @@ class SFIResNet(nn.Module):
             *[PlainBottleneck(2048, 512) for _ in range(1, blocks[3])])
         self.fc = nn.Linear(512 * EXPANSION, num_classes)
         self.norm_backend = "auto"  # see set_norm_backend; not saved
+        self.conv_backend = "auto"  # see set_conv_backend; not saved
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

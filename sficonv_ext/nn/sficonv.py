@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .._arguments import as_int
 from ..reference.layers import spatial_channels
+from ..ops.conv3x3 import conv3x3
 from ..ops.first_layer import first_sfi_conv
 from ..ops.norm_act import batch_norm_act
 from .hooks import hooked
@@ -92,6 +93,7 @@ class SFIConv2d(nn.Module):
         self.pool_first = kernel_size > 1 or pool_before_pointwise(in_channels, out_channels)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = None  # set only when BatchNorm is folded in for inference
+        self.conv_backend = "auto"  # the 3x3 convolution's path (ops.conv3x3); not saved
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -104,13 +106,16 @@ class SFIConv2d(nn.Module):
                 _kaiming_fan_out_(self.weight[r, c], n_out * kk)
 
     def forward(self, x):
-        # The interaction itself stays one cuDNN/oneDNN convolution: a dense convolution is what
-        # those libraries do best, and the fast model measured within 4% of a plain CNN of the
-        # same layer shapes on the CPU (benchmarks/results/models_cpu.json).
+        # The interaction itself stays one dense convolution: cuDNN/oneDNN, or for 3x3 kernels
+        # on the CPU in float32 the Winograd kernels (sficonv_ext.ops.conv3x3), which do a
+        # quarter of the multiplies.
         pooled = self.stride == 2
         if pooled and self.pool_first:
             x = F.avg_pool2d(x, 2)
-        y = F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
+        if self.kernel_size == 3:
+            y = conv3x3(x, self.weight, self.bias, backend=self.conv_backend)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
         if pooled and not self.pool_first:
             y = F.avg_pool2d(y, 2)
         return y
