@@ -111,6 +111,20 @@ def test_bench_fused_layers_on_the_cpu_times_every_path(tmp_path):
     assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
 
 
+def test_bench_conv3x3_times_both_paths(tmp_path):
+    from sficonv_ext import ops
+    if not ops.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    out = tmp_path / "conv3x3.json"
+    _run("bench_conv3x3.py", "--shapes", "2x5x9x11", "1x3x8x8", "--iters", "1", "--warmup",
+         "0", "--rounds", "2", "--malloc", "no-mmap", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["shape"], r["path"], r["phase"]) for r in rows} == {
+        (s, p, ph) for s in ("2x5x9x11", "1x3x8x8") for p in ("torch", "winograd")
+        for ph in ("forward", "forward_backward")}
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
 def test_profile_driver_runs_every_phase_or_says_it_needs_a_gpu():
     import torch
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
