@@ -27,8 +27,9 @@ from model_variants import VARIANTS, build_variants
 
 # Operator name fragments -> kind, first match wins (ATen names, and this package's ops).
 KINDS = (
-    ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward")),
-    ("convolution forward", ("convolution", "conv2d", "mkldnn_convolution")),
+    ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward",
+                              "winograd_conv3x3_backward")),
+    ("convolution forward", ("convolution", "conv2d", "mkldnn_convolution", "winograd")),
     ("MCSConv", ("mcs_conv",)),
     ("BatchNorm", ("batch_norm", "native_batch_norm", "batch_norm_act")),
     ("ReLU", ("relu", "threshold_backward")),

@@ -113,11 +113,11 @@ inline void output_rows(const T* m0, const T* m1, const T* m2, const T* m3, cons
 // An output row's epilogue for inference: + bias, then ReLU (NaN kept, as torch's ReLU does).
 template <typename T>
 inline void store_row(const T* o, T* dst, const T* bias, bool relu, int64_t kb) {
-  if (bias == nullptr) {
+  if (bias == nullptr && !relu) {
     std::copy(o, o + kb, dst);
   } else if (relu) {
     for (int64_t k = 0; k < kb; ++k) {
-      const T v = o[k] + bias[k];
+      const T v = bias == nullptr ? o[k] : o[k] + bias[k];
       dst[k] = v < 0 ? T(0) : v;
     }
   } else {

@@ -77,9 +77,12 @@ def test_winograd_gradcheck(check, kind):
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
-def test_winograd_opcheck(kind):
+@pytest.mark.parametrize("w_kind", ["contiguous", "channels_last", "strided"])
+def test_winograd_opcheck(kind, w_kind):
+    # The fake kernels must lay out what the C++ ops return: the weight's gradient comes back in
+    # the weight's own layout (channels_last in the fast models).
     x = laid_out(torch.randn(2, 5, 6, 7), kind)
-    w = torch.randn(3, 5, 3, 3)
+    w = _weight(3, 5, torch.float32, w_kind)
     g = laid_out(torch.randn(2, 3, 6, 7), kind)
     torch.library.opcheck(FORWARD.default, (x.requires_grad_(), w.requires_grad_()))
     for need_x, need_w in ((True, True), (True, False), (False, True)):
@@ -100,6 +103,37 @@ def test_winograd_compiles_without_graph_breaks():
     (grad_got,) = torch.autograd.grad(got, w)
     assert torch.allclose(got, want, rtol=1e-6)
     assert torch.allclose(grad_got, grad_want, rtol=1e-6)
+
+
+def test_a_bottleneck_training_step_compiles_with_inductor():
+    # Inductor checks each custom op's real output against its fake kernel's: a wrong stride
+    # (the channels_last weight's gradient) failed here while aot_eager passed.
+    torch.manual_seed(0)
+    block = models.PlainBottleneck(64, 16).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, 64, 9, 10).contiguous(memory_format=torch.channels_last)
+
+    def step(module, x):
+        with OpCounter() as counter:
+            module(x).square().sum().backward()
+        return counter.count["sficonv_ext.winograd_conv3x3_forward"]
+
+    assert step(twin, x) == 1
+    torch.compile(lambda inp: block(inp).square().sum())(x).backward()
+    for (name, p), (_, q) in zip(block.named_parameters(), twin.named_parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-4, name
+
+
+def test_winograd_counts_the_flops_of_the_direct_convolution():
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    counts = []
+    for backend in ("winograd", "torch"):
+        with FlopCounterMode(display=False) as flops:
+            conv3x3(x, w, backend=backend).sum().backward()
+        counts.append(flops.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 2 * 5 * 4 * 8 * 8 * 9
 
 
 def test_winograd_empty_batch_matches_conv2d():
@@ -168,6 +202,24 @@ def test_winograd_rejects_bad_input():
         BACKWARD(torch.randn(2, 4, 5, 4), x, w, True, True)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         FORWARD(x.long(), w.long())
+
+
+def test_winograd_refuses_a_bias_pytorch_would_refuse():
+    x, w = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 3, 3)
+    for bias in (torch.randn(4, dtype=torch.float64), torch.randn(5), torch.randn(1, 4)):
+        with pytest.raises(ValueError, match="bias must be"):
+            conv3x3(x, w, bias, backend="winograd")
+
+
+def test_modules_pickled_before_the_conv_backend_attribute_still_run():
+    model = models.sfi_resnet26().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    for module in model.modules():
+        module.__dict__.pop("conv_backend", None)  # as unpickled from an older version
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
 
 
 def test_winograd_with_a_bias_adds_it():
@@ -249,6 +301,14 @@ def test_inference_relu_keeps_nan():
     w, b = torch.randn(2, 3, 3, 3), torch.randn(2)
     got = INFERENCE(x, TILES(w), b, True)
     assert torch.isnan(got)[torch.isnan(F.conv2d(x, w, b, padding=1))].all()
+
+
+def test_inference_ops_refuse_a_gradient():
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    w = torch.randn(2, 3, 3, 3)
+    y = INFERENCE(x, TILES(w), torch.randn(2), True)
+    with pytest.raises(RuntimeError, match="has no backward"):
+        y.sum().backward()
 
 
 def test_inference_ops_opcheck():

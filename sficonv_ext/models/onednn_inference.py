@@ -30,7 +30,9 @@ Winograd: the 3x3 convolutions (padding 1, maps of at least 8 pixels a side) run
 Winograd F(4x4, 3x3) (``sficonv_ext.ops.conv3x3``, csrc/winograd_cpu.cpp) on the weight's tiles
 transformed once, with the bias and the ReLU (NaN kept) applied in its output pass: a quarter
 of the multiplies of oneDNN's direct convolution. ``use_onednn_layers(..., winograd=False)``
-(``fuse_for_inference(..., winograd=False)``) keeps them on oneDNN.
+(``fuse_for_inference(..., winograd=False)``) keeps them on oneDNN. It rides on these layers:
+with ``onednn=False``, or ``torch.backends.mkldnn.enabled`` off, the folded model runs plain
+``F.conv2d`` calls, Winograd included.
 
 Cost: the reordered weights are a second copy of the convolution weights (about 56 MB for
 SFIConv-ResNet-26 in float32), kept while the model lives; the Winograd tiles of a 3x3 weight
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import _extension
-from ..ops.conv3x3 import WINOGRAD_MIN_SIDE
+from ..ops.conv3x3 import map_is_large_enough
 from .folded_layers import (FoldedConvNorm, FoldedPlainBottleneck, drop_cached_weights, hooked,
                             output_shape, swap_folded_layers, tracing_or_compiling)
 
@@ -154,8 +156,7 @@ class PackedConv:
         return prepared
 
     def _takes_winograd(self, x):
-        return (self.winograd and _extension.has_cpp_kernels()
-                and min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIDE)
+        return self.winograd and _extension.has_cpp_kernels() and map_is_large_enough(x)
 
     def _reorder(self, weight, x):
         with torch.no_grad():

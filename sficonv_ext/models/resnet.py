@@ -84,6 +84,8 @@ class SFIBottleneck(nn.Module):
 class PlainBottleneck(nn.Module):
     """Ordinary ResNet bottleneck of the remaining layer4 blocks (identity residual)."""
 
+    conv_backend = "auto"  # whole models pickled before this attribute existed
+
     def __init__(self, inplanes, planes):
         super().__init__()
         width = planes

@@ -77,6 +77,8 @@ class SFIConv2d(nn.Module):
     Stride 2 is a 2x2 average pool (floor) and a stride-1 convolution, as published.
     """
 
+    conv_backend = "auto"  # whole models pickled before this attribute existed
+
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, alpha=0.5,
                  merge_output=False):
         super().__init__()

@@ -4,17 +4,26 @@ Paths: ``"torch"`` is ``F.conv2d`` (oneDNN on the CPU, cuDNN on CUDA); ``"winogr
 Winograd F(4x4, 3x3) kernels of csrc/winograd_cpu.cpp (CPU, float32 or float64): 36 multiplies
 per 4x4 block of outputs and channel pair instead of 144, as 36 matrix products plus transforms.
 
-``"auto"`` takes ``"winograd"`` where it measured faster: float32 CPU calls outside autocast
-(bfloat16 autocast runs oneDNN's AMX convolutions, several times faster than float32 ones),
-on channels_last inputs (the layout of the fast models, and the only one measured), with maps
-of at least ``WINOGRAD_MIN_SIDE`` pixels a side. Forward+backward of one layer, batch 8, 2-core
-Intel Xeon (2026-11-27/28): 1.6x oneDNN at [64 ch, 64x64], 2.5x at [128, 32x32] and
-[256, 16x16], 1.4x at [512, 8x8]. Elsewhere, and wherever the custom op would change what a
-caller sees (forward-mode AD, torch.func transforms, a bias), PyTorch's convolution runs.
+``"auto"`` takes ``"winograd"`` for float32 CPU calls outside autocast (bfloat16 autocast runs
+oneDNN's AMX convolutions, several times faster than float32 ones), on channels_last inputs
+(the layout of the fast models, and the only one measured), with maps of at least
+``WINOGRAD_MIN_SIDE`` pixels a side. Measured on the project's 2-core Intel Xeon (batch 8,
+channels_last inputs and weights, benchmarks/results/conv3x3_cpu_xeon_2026-11-28.json),
+forward+backward against oneDNN: 0.98x at [64 channels, 64x64], 1.50x at [128, 32x32], 1.77x
+at [256, 16x16], 1.04x at [512, 8x8] (forward 1.14x, 1.90x, 1.78x, 1.04x); the fast model's
+train step with every 3x3 layer on it 11.25 against 10.41 images/s
+(benchmarks/results/models_cpu_xeon_winograd_no_mmap_2026-11-28.json). Layers 1 and 4 are
+level with oneDNN alone and stay on Winograd: in one in-process comparison (not saved) the
+step with layer4 moved back to oneDNN was slower (810 against 788 ms). Elsewhere, and wherever
+the custom op would change what a caller sees (forward-mode AD, torch.func transforms, a
+bias), PyTorch's convolution runs.
 
-Rounding: Winograd's transforms multiply and divide by up to 8 and 24, so float32 results
-differ from a direct convolution's by a few units in the sixth significant digit (relative
-to the output's largest value) rather than the seventh. float64 agrees to about 1e-14.
+Rounding: Winograd's transforms scale values by up to about 100 and back, so float32 results
+differ from a direct convolution's by a few units in the sixth significant digit (relative to
+the output's largest value) rather than the seventh, and inputs within a factor of about 100
+of float32's largest value can overflow where a direct convolution does not. An infinite
+input gives NaN (inf - inf in the transforms) over the tiles it reaches. float64 agrees to
+about 1e-14.
 """
 import torch
 import torch.nn.functional as F
@@ -27,6 +36,11 @@ _WINOGRAD_DTYPES = (torch.float32, torch.float64)
 # Maps smaller than this a side are mostly padding inside the 4x4 output tiles (a 2x2 map
 # pays for 16 outputs to get 4) and too small for the matrix products to run well.
 WINOGRAD_MIN_SIDE = 8
+
+
+def map_is_large_enough(x):
+    """Whether ``x``'s map is large enough for Winograd to pay (training and inference)."""
+    return min(x.shape[2], x.shape[3]) >= WINOGRAD_MIN_SIDE
 
 
 def _winograd_can_run(x, weight):
@@ -42,7 +56,7 @@ def _auto_takes_winograd(x, weight, bias):
         return False
     if not _winograd_can_run(x, weight) or torch.is_autocast_enabled("cpu"):
         return False
-    if min(x.shape[2], x.shape[3]) < WINOGRAD_MIN_SIDE or x.numel() == 0:
+    if not map_is_large_enough(x) or x.numel() == 0:
         return False
     return x.is_contiguous(memory_format=torch.channels_last)
 
@@ -65,6 +79,10 @@ def conv3x3(x, weight, bias=None, backend="auto"):
             f"conv3x3 backend='winograd' needs CPU tensors of one dtype (float32 or float64), "
             f"x [N, C, H, W] and weight [K, C, 3, 3]; got x {tuple(x.shape)} {x.dtype} on "
             f"{x.device}, weight {tuple(weight.shape)} {weight.dtype} on {weight.device}")
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"conv3x3: bias must be [{weight.shape[0]}] {x.dtype} on {x.device} "
+                         f"like x, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
     y = torch.ops.sficonv_ext.winograd_conv3x3_forward(x, weight)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
