@@ -394,3 +394,21 @@ def test_set_conv_backend_reaches_every_3x3_layer_and_refuses_unknown_names():
     with torch.no_grad(), OpCounter() as counter:
         nchw(x)
     assert counter.count["sficonv_ext.winograd_conv3x3_forward"] == 0
+
+
+def test_winograd_is_deterministic_across_thread_counts():
+    # The transforms split work by tile and never sum across threads; the sums are inside MKL's
+    # batched products, which gave bitwise equal results with 1 and 2 threads here.
+    x = laid_out(torch.randn(4, 70, 13, 11), "channels_last")
+    w = torch.randn(66, 70, 3, 3)
+    g = laid_out(torch.randn(4, 66, 13, 11), "channels_last")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append((FORWARD(x, w), *BACKWARD(g, x, w, True, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
