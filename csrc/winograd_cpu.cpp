@@ -75,13 +75,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
   check_weight(weight);
   TORCH_CHECK(weight.size(1) == x.size(1), "winograd_conv3x3: x has ", x.size(1),
               " channels, weight expects ", weight.size(1));
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(),
-              "winograd_conv3x3: CPU tensors expected");
+  // The weight's device and dtype are checked above: x must match them.
+  TORCH_CHECK(x.device().is_cpu(), "winograd_conv3x3: CPU tensors expected");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
               "winograd_conv3x3: x and weight dtypes differ (", x.scalar_type(), " and ",
               weight.scalar_type(), ")");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "winograd_conv3x3: float32 or float64 expected, got ", x.scalar_type());
 }
 
 // [36, tiles, C] tiles of x (any layout; made channels_last contiguous here).
