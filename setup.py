@@ -74,6 +74,22 @@ def _locate_cuda_home():
             return
 
 
+def _shared_cxx_runtime():
+    """The libstdc++ that torch loaded, as a link input ahead of the compiler's own -lstdc++.
+    On the GPU machines (torch 2.11, 2026-11-28) the extension came out with a private copy of
+    libstdc++'s stream code, and every error message that formats a number crashed the process
+    in it (sficonv_ext/ops/cxx_runtime.py says more). Linked first, the shared runtime resolves
+    those symbols and no archive copy is pulled in; where the compiler links the shared runtime
+    anyway (the usual case) nothing changes. [] where it is not found (not Linux)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "_sficonv_cxx_runtime", os.path.join(HERE, "sficonv_ext", "ops", "cxx_runtime.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # by path: importing the package would load a stale _C
+    path = module.loaded_runtime_path()
+    return [path] if path else []
+
+
 def _compiler_takes_openmp():
     """Whether the C++ compiler builds and links a program with -fopenmp (a machine may lack
     libgomp's development files even where torch ships its own runtime)."""
@@ -139,6 +155,7 @@ def _extensions():
         else:
             print("sficonv_ext: the C++ compiler does not build with -fopenmp; the CPU kernels "
                   "will run on one thread", file=sys.stderr)
+    link += _shared_cxx_runtime()
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():

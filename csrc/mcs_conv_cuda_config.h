@@ -1,10 +1,10 @@
 // The CUDA kernels' run-time choices (SFICONV_CUDA_* environment variables) and the input
 // checks whose messages carry numbers, in host code that the C++ compiler builds (not nvcc).
-// Why not in mcs_conv_cuda.cu: on the GPU machines (torch 2.11, nvcc 13.0) every TORCH_CHECK
-// raised from that file with an integer in its message crashed the process (segfault, H100 and
-// H200, 2026-11-27), while its string-only errors were caught; the cause was not found, so
-// nothing that formats a number is raised from nvcc-compiled code. Built in every build, so
-// the CPU tests check the choices too (the op sficonv_ext::cuda_kernel_config).
+// They were moved here when errors with numbers, raised from mcs_conv_cuda.cu, crashed the
+// process on the GPU machines (2026-11-27); raised from here they crashed too (H200,
+// 2026-11-28): the cause was a private copy of libstdc++'s stream code in that build, whatever
+// compiled the caller (sficonv_ext/ops/cxx_runtime.py). Built in every build, so the CPU tests
+// check the choices too (the op sficonv_ext::cuda_kernel_config).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -340,9 +340,8 @@ def test_gpu_weight_gradient_of_more_channels_than_a_grid_dimension(layout):
     want = grads("torch", x.double(), weight.double(), g.double(), True)
     for a, b in zip(got, want):
         assert rel_err(a.double(), b) < 4 * TOLERANCES[torch.float32]
-    # This error crashed the process on an H100 and an H200 (segfault, 2026-11-27) when raised
-    # from nvcc-compiled code, wherever in it; it is now raised by C++-compiled code
-    # (csrc/mcs_conv_cuda_config.h), before any work.
+    # This error crashed the process on an H100 and an H200 (segfault, 2026-11-27 and -28):
+    # the build there held its own copy of libstdc++'s number formatting (test_cxx_runtime.py).
     with pytest.raises(RuntimeError, match="at most 65535 channels"):
         grads("cuda", x, torch.rand(70000, 1, 9, 9, device="cuda") + 0.5, g, True)
 

@@ -72,12 +72,21 @@ step() {
 
 note "== build (CUDA kernels for sm_90 only, to keep the build short)"
 if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=${MAX_JOBS:-16} \
-    timeout "$(limit 180)" "$PY" -m pip install -e . --no-build-isolation --no-deps \
+    timeout "$(limit 180)" "$PY" -m pip install -v -e . --no-build-isolation --no-deps \
     > "$OUTDIR/build.log" 2>&1; then
   note "BUILD FAILED (see build.log)"; status=1
 fi
 note "build done at ${SECONDS} s"
 "$PY" -m sficonv_ext.info 2>&1 | tee -a "$OUTDIR/summary.txt"
+# The toolchain, and whether the extension holds its own copy of libstdc++'s stream code (its
+# numbered error messages crashed on 2026-11-28; sficonv_ext/ops/cxx_runtime.py). build.log
+# (pip -v) has the link command.
+{
+  echo "c++: $(c++ --version 2>&1 | head -1); libstdc++.so for it: $(c++ -print-file-name=libstdc++.so 2>&1)"
+  so=$(ls sficonv_ext/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] && command -v nm > /dev/null && echo "std::ostream symbols defined in $so: $(nm -D --defined-only "$so" | grep -c ' _ZNSo')"
+  grep -E " -shared " "$OUTDIR/build.log" | grep -E "(c|g)\+\+ " | tail -1 | sed 's# [^ ]*\.o\b##g' | cut -c1-800
+} 2>&1 | tee -a "$OUTDIR/summary.txt"
 
 note "== MCSConv kernel benchmark"
 # Two interleaved rounds of 30 calls (about the 50 calls of one round before): a kernel's time
@@ -100,23 +109,34 @@ wanted eager && step "eager model benchmark" "$(limit 150)" "$PY" benchmarks/ben
     --variants reference reference-amp-cl fast plain fused-inference fused-inference-cudagraph \
     fused-inference-lowp fused-inference-cudnn fused-inference-cudnn-cudagraph \
     >> "$OUTDIR/bench.log" 2>&1
-# The CUDA tests that raise errors, alone and first: on 2026-11-27 (H100, then H200) every error
-# raised from nvcc-compiled code with a number in its message crashed its process (segfault);
-# those checks now live in C++-compiled code (csrc/mcs_conv_cuda_config.h). Run serially with
-# faulthandler, so a crash is named in the summary with its Python traceback in bench.log
-# rather than lost with an xdist worker. (Not under gdb: the GPU machines have none, and gdb's
-# exit status is not the tests'.)
+# The tests that raise errors, alone and first: on 2026-11-27 and -28 (H100, H200) every error
+# message of the extension with a number in it crashed its process (segfault): the build there
+# held a private copy of libstdc++'s stream code (scripts/cuda_error_probe.py found it on
+# 2026-11-28; setup.py now links the loaded libstdc++ first, untried on a GPU machine;
+# test_cxx_runtime.py checks the build). Run serially with faulthandler, so a crash is named
+# in the summary with its Python traceback in bench.log rather than lost with an xdist worker.
+# (Not under gdb: the GPU machines have none, and gdb's exit status is not the tests'.)
 if wanted tests; then
-  note "== the CUDA error tests, alone (segfaulted on 2026-11-27)"
+  note "== the error tests, alone (segfaulted on 2026-11-27 and -28)"
   marker="== error tests $(date +%s)"  # bench.log may hold an older run's
   echo "$marker" >> "$OUTDIR/bench.log"
   step "CUDA error tests" "$(limit 60)" "$PY" -X faulthandler -m pytest \
-      python_tests/test_gpu_mcs.py python_tests/test_cuda_kernel_config.py -q -p no:cacheprovider \
-      -k "more_channels_than_a_grid or register_cap or bad_kernel_choice or kernel_config" \
+      python_tests/test_gpu_mcs.py python_tests/test_cuda_kernel_config.py \
+      python_tests/test_cxx_runtime.py -q -p no:cacheprovider \
+      -k "more_channels_than_a_grid or register_cap or bad_kernel_choice or kernel_config or cxx_runtime" \
       >> "$OUTDIR/bench.log" 2>&1
   sed -n "/^$marker\$/,\$p" "$OUTDIR/bench.log" \
       | grep -E "Segmentation|Fatal Python|passed|failed|^FAILED" | head -30 \
       | tee -a "$OUTDIR/summary.txt"
+  # If they failed: which kinds of error crash, each in a process of its own, with the native
+  # stack in bench.log (the probe that found the private libstdc++ copy on 2026-11-28).
+  if grep -q "CUDA error tests:" "$OUTDIR/summary.txt"; then
+    echo "== cuda_error_probe" >> "$OUTDIR/bench.log"
+    step "CUDA error probe" "$(limit 60)" "$PY" scripts/cuda_error_probe.py --maps \
+        >> "$OUTDIR/bench.log" 2>&1
+    sed -n '/^== cuda_error_probe$/,$p' "$OUTDIR/bench.log" | grep -E "^[a-z].*: |crashed$" \
+        | cut -c1-200 | tee -a "$OUTDIR/summary.txt"
+  fi
 fi
 note "== GPU tests"
 # Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.

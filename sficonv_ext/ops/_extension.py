@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from . import cxx_runtime
+
 REBUILD_HINT = ("rebuild it against the installed torch with "
                 "`pip install -e . --no-build-isolation` in the sficonv_ext checkout")
 
@@ -51,6 +53,11 @@ else:
     if _reason is not None:
         _C = None  # its ops stay registered but unused: every path falls back
         LOAD_ERROR = f"sficonv_ext._C is out of date: {_reason}; {REBUILD_HINT}"
+# A build holding its own copy of libstdc++'s stream code crashes on numbered error messages
+# (cxx_runtime.py): its kernels are right, so it stays in use, with a warning that says so.
+RUNTIME_WARNING = None if _C is None else cxx_runtime.private_runtime_copy(_C.__file__)
+if RUNTIME_WARNING:
+    warnings.warn(RUNTIME_WARNING, RuntimeWarning, stacklevel=2)
 if LOAD_ERROR:
     warnings.warn(LOAD_ERROR + ". Falling back to the pure-PyTorch and Triton kernels.",
                   RuntimeWarning, stacklevel=2)

@@ -24,6 +24,9 @@ def backends():
         "cuda": _extension.has_cuda_kernels(),
         "cuda_archs": info.get("cuda_archs", "") if _extension.has_cuda_kernels() else "",
         "extension_error": _extension.LOAD_ERROR,
+        # "shared", or why a number in an error message may crash (cxx_runtime.py).
+        "cxx_runtime": (None if not _extension.has_cpp_kernels() else
+                        _extension.RUNTIME_WARNING or "shared"),
         "triton": triton_version,
         "triton_ops": triton_ops() is not None,
         "triton_error": triton_error(),

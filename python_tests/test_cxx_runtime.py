@@ -1,0 +1,105 @@
+"""The extension must use the C++ runtime that torch loaded (sficonv_ext/ops/cxx_runtime.py).
+
+A library holding its own copy of libstdc++'s stream code mis-formats numbers in this process:
+on the GPU machines of 2026-11-28 every error message with a number crashed; here a small
+library linked with -static-libstdc++ silently drops the number. These tests build such a
+library, check that the detector flags it, that linking the loaded runtime first (setup.py)
+cures it, and that the built extension is clean and its numbered errors arrive whole."""
+import ctypes
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sficonv_ext import ops
+from sficonv_ext.ops import cxx_runtime
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF/libstdc++ only")
+
+SOURCE = r"""
+#include <sstream>
+#include <string>
+extern "C" int format_number(long value, char* out, int size) {
+  std::ostringstream stream;
+  stream << "got " << value;
+  const std::string text = stream.str();
+  const int n = static_cast<int>(text.size()) < size - 1 ? static_cast<int>(text.size()) : size - 1;
+  text.copy(out, n);
+  out[n] = '\0';
+  return n;
+}
+"""
+
+
+def build_library(folder, name, extra):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = folder / "format_number.cpp"
+    source.write_text(SOURCE)
+    path = folder / f"{name}.so"
+    done = subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(path), str(source),
+                           *extra], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot build the probe library: {done.stderr.strip()[:200]}")
+    return str(path)
+
+
+def format_with(path, value):
+    library = ctypes.CDLL(path)
+    buffer = ctypes.create_string_buffer(64)
+    library.format_number(value, buffer, 64)
+    return buffer.value.decode()
+
+
+@linux_only
+def test_loaded_runtime_is_found():
+    path = cxx_runtime.loaded_runtime_path()  # torch is imported, so libstdc++ is mapped
+    assert path is not None and "libstdc++.so" in path
+
+
+@linux_only
+def test_detector_flags_a_static_copy_and_the_shared_link_cures_it(tmp_path):
+    runtime = cxx_runtime.loaded_runtime_path()
+    if runtime is None:
+        pytest.skip("no libstdc++ loaded")
+    plain = build_library(tmp_path, "plain", [])
+    static = build_library(tmp_path, "static", ["-static-libstdc++"])
+    # What setup.py does: the loaded runtime ahead of the compiler's -lstdc++ (here even of an
+    # explicit static one).
+    cured = build_library(tmp_path, "cured", ["-static-libstdc++", runtime])
+    # Loaded first: the detector looks at libraries already in the process.
+    assert format_with(plain, 1234567) == "got 1234567"
+    assert cxx_runtime.private_runtime_copy(plain) is None
+    print("the static copy formats:", repr(format_with(static, 1234567)))  # "got " here
+    message = cxx_runtime.private_runtime_copy(static)
+    assert message is not None and cxx_runtime.STREAM_INSERT_LONG in message
+    assert format_with(cured, 1234567) == "got 1234567"
+    assert cxx_runtime.private_runtime_copy(cured) is None
+
+
+@linux_only
+@pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
+def test_extension_uses_the_shared_runtime_and_its_numbered_errors_arrive_whole():
+    from sficonv_ext import _C
+    assert cxx_runtime.private_runtime_copy(_C.__file__) is None
+    assert ops.backends()["cxx_runtime"] == "shared"
+    # A message that formats numbers, raised by the extension's own C++ code.
+    with pytest.raises(RuntimeError, match="weight has 3 channels but x has 2"):
+        torch.ops.sficonv_ext.mcs_conv_forward(torch.randn(1, 2, 5, 5), torch.randn(3, 1, 3, 3),
+                                               True, 1e-6)
+
+
+@pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
+def test_error_probe_reports_a_raised_error():
+    # scripts/cuda_error_probe.py, the GPU check's diagnosis of crashing errors, on one CPU case.
+    import pathlib
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "cuda_error_probe.py"
+    done = subprocess.run([sys.executable, str(script), "--only", "CPU tensors (channel"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    want = "CPU tensors (channel mismatch): raised RuntimeError: mcs_conv: weight has 3"
+    assert want in done.stdout
+    assert "0 case(s) crashed" in done.stdout
