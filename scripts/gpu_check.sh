@@ -11,9 +11,10 @@
 # them share one deadline (GPU_CHECK_BUDGET_S, default 480 s), so a slow step shortens the
 # later ones instead of overrunning the whole check. Order (times from the H100 run of
 # 2026-11-27): build (95 s), the kernel and eager model benchmarks (140 s together), the GPU
-# tests (about 200 s with 8 xdist workers for 491 tests; about 620 since 2026-11-27 evening,
-# capped at 280 s), the MCSConv kernels as CUDA-graph replays (at most 60 s), the compiled
-# models with what is left but 80 s, an inference kernel profile (at most 45 s, keeping 50), then an Nsight Compute profile of the
+# tests (about 200 s with 8 xdist workers for 491 tests; 624 since 2026-11-27 evening, of
+# which 8 workers ran 497 in 214 s on an H200; capped at 280 s), the MCSConv kernels as
+# CUDA-graph replays (at most 60 s), the compiled models with what is left but 80 s, an
+# inference kernel profile (at most 45 s, keeping 50), then an Nsight Compute profile of the
 # MCSConv kernels when ncu is there. At the default budget the tests end near 480 s, so the
 # compiled models need the second call below (about 230 s: 20 s rebuild, 190 s for four
 # compiled variants; reference-compiled has never finished compiling inside any budget).
@@ -139,16 +140,21 @@ if wanted tests; then
   fi
 fi
 note "== GPU tests"
-# Parallel workers when pytest-xdist is installed: Triton compiles dominate the test time.
-# Without it the tests run one by one and may not finish in their time (noted).
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+# Parallel workers when pytest-xdist is installed, one per core up to 16: Triton compiles
+# dominate the test time (8 workers on the H200's 16 cores reached 497 of 624 tests in 214 s,
+# 2026-11-28). Without xdist the tests run one by one and may not finish in their time (noted).
+WORKERS=$(nproc 2>/dev/null || echo 8); [ "$WORKERS" -gt 16 ] && WORKERS=16
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n $WORKERS" || echo "")
 note "pytest-xdist: ${XDIST:-not installed, tests run serially}"
 # SFICONV_REQUIRE_*: a build whose CUDA kernels did not load fails here instead of skipping.
+# The files the 2026-11-28 run never reached come first (xdist hands tests out in this order):
+# the fused first layer's layout fix and the Triton epilogue have not run on a GPU since.
 wanted tests && SFICONV_REQUIRE_EXTENSION=1 SFICONV_REQUIRE_CUDA=1 \
-step "GPU tests" "$(limit 280)" "$PY" -m pytest python_tests/test_gpu_mcs.py \
-    python_tests/test_cuda_kernel_config.py \
+step "GPU tests" "$(limit 280)" "$PY" -m pytest python_tests/test_first_layer.py \
+    python_tests/test_norm_act.py python_tests/test_mcs_triton.py \
+    python_tests/test_cuda_kernel_config.py python_tests/test_cxx_runtime.py \
     python_tests/test_gpu_models.py python_tests/test_gpu_cudnn_inference.py \
-    python_tests/test_mcs_triton.py python_tests/test_first_layer.py python_tests/test_norm_act.py \
+    python_tests/test_gpu_mcs.py \
     -q -p no:cacheprovider $XDIST -rfEpP > "$OUTDIR/tests.log" 2>&1
 if [ -f "$OUTDIR/tests.log" ]; then
   grep -E "^(FAILED|ERROR)" "$OUTDIR/tests.log" | head -20 | tee -a "$OUTDIR/summary.txt"
