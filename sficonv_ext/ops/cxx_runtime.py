@@ -1,12 +1,15 @@
 """Whether the compiled extension uses the C++ runtime (libstdc++) that torch loaded, or a
 private copy of part of it.
 
-Why it matters: on the GPU machines of 2026-11-27/28 (Ubuntu 24.04, torch 2.11) the extension
-came out holding its own copy of libstdc++'s stream code. Every error message that formats a
-number (``TORCH_CHECK(..., "got ", n)``) then crashed the process inside that copy, whose locale
-facets are not the ones the shared runtime set up, while text-only messages worked
-(``scripts/cuda_error_probe.py`` showed it, with the native stack). The same failure is known
-from other libraries that link libstdc++ statically (pytorch/pytorch#109923).
+Why it matters: on the GPU machine of 2026-11-28 (an H200; glibc 2.39, torch 2.11) the
+extension came out holding its own copy of libstdc++'s stream code (the H100 and H200 runs of
+2026-11-27 showed the same crashes). Every error message that formats a number
+(``TORCH_CHECK(..., "got ", n)``) crashed the process inside that copy, while text-only
+messages worked (``scripts/cuda_error_probe.py`` showed it, with the native stack). Most likely
+the copy formats numbers through locale facets that the shared runtime, which set up the
+stream, never registered with it; here a test library linked with -static-libstdc++ drops the
+number instead (python_tests/test_cxx_runtime.py). The same failure is known from other
+libraries that link libstdc++ statically (pytorch/pytorch#109923).
 
 The check asks the dynamic linker for one such function, ``std::ostream::_M_insert<long>``,
 through the extension's handle (the extension first, then its dependencies) and through
