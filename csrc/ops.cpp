@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu_block_cache.h"
+#include "cpu_scratch.h"
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_config.h"
 #include "norm_act.h"
@@ -35,7 +36,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 5;
+constexpr int kExtensionApi = 6;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
@@ -82,6 +83,9 @@ TORCH_LIBRARY(sficonv_ext, m) {
   m.def("cpu_block_cache_exit(int token) -> ()", &cpu_block_cache_exit);
   m.def("cpu_block_cache_trim() -> int", &cpu_block_cache_trim);
   m.def("cpu_block_cache_stats() -> int[]", &cpu_block_cache_stats);
+  // The pool of the Winograd convolutions' large temporaries (cpu_scratch.h).
+  m.def("cpu_scratch_stats() -> int[]", &cpu_scratch_stats);
+  m.def("cpu_scratch_trim() -> int", &cpu_scratch_trim);
 }
 
 TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {

@@ -18,12 +18,17 @@
 // degrees and its channel axes swapped. The weight gradient is the adjoint of the map above:
 //   dU = sum over tiles of (B^T d B) (x) (A dY A^T),  dg = G^T dU G,
 // 36 matrix products [C, tiles] x [tiles, K].
+//
+// Memory: the weight tiles, tile-domain inputs and products of a call are temporaries from
+// cpu_scratch.h's pool (kept for the next call), not fresh allocations: glibc maps blocks over
+// 32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 
+#include "cpu_scratch.h"
 #include "winograd.h"
 #include "winograd_transforms.h"
 
@@ -39,10 +44,11 @@ const auto aten_parallel = [](int64_t begin, int64_t end, int64_t grain, const a
 
 // weight [K, C, 3, 3] -> U [36, K, C] (see weight_tiles_kernel); `turned`: the tiles of the
 // input gradient's kernel, w turned 180 degrees (its channel axes swapped by the caller's use
-// of U untransposed).
-at::Tensor weight_tiles(const at::Tensor& weight, bool turned) {
+// of U untransposed). `scratch`: U lives only for this call (pooled memory, cpu_scratch.h).
+at::Tensor weight_tiles(const at::Tensor& weight, bool turned, bool scratch) {
   const int64_t K = weight.size(0), C = weight.size(1);
-  auto u = at::empty({kPositions, K, C}, weight.options());
+  auto u = scratch ? scratch_empty({kPositions, K, C}, weight.options())
+                   : at::empty({kPositions, K, C}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "winograd_weight_tiles", [&] {
     weight_tiles_kernel(weight.const_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>(), K,
                         C, WeightView(weight.strides().data(), turned), aten_parallel);
@@ -82,11 +88,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
               weight.scalar_type(), ")");
 }
 
-// [36, tiles, C] tiles of x (any layout; made channels_last contiguous here).
+// [36, tiles, C] tiles of x (any layout; made channels_last contiguous here), for this call.
 at::Tensor transformed_input(const at::Tensor& x, const TileGrid& g) {
   const auto xc = x.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t C = x.size(1);
-  auto v = at::empty({kPositions, g.count(), C}, x.options());
+  auto v = scratch_empty({kPositions, g.count(), C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_input_tiles", [&] {
     input_tiles(xc.const_data_ptr<scalar_t>(), v.mutable_data_ptr<scalar_t>(), g, C,
                 aten_parallel);
@@ -102,7 +108,8 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& u, const at::Tensor& 
   auto y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const TileGrid g(N, H, W);
-  const auto m = at::bmm(transformed_input(x, g), u);  // [36, tiles, K]
+  auto m = scratch_empty({kPositions, g.count(), K}, x.options());
+  at::bmm_out(m, transformed_input(x, g), u);  // [36, tiles, K]
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_output_tiles", [&] {
     output_tiles(m.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g, K,
                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, relu,
@@ -115,12 +122,12 @@ at::Tensor convolve(const at::Tensor& x, const at::Tensor& u, const at::Tensor& 
 
 at::Tensor winograd_conv3x3_forward_cpu(const at::Tensor& x, const at::Tensor& weight) {
   check_inputs(x, weight);
-  return convolve(x, weight_tiles(weight, /*turned=*/false).transpose(1, 2));
+  return convolve(x, weight_tiles(weight, /*turned=*/false, /*scratch=*/true).transpose(1, 2));
 }
 
 at::Tensor winograd_weight_tiles_cpu(const at::Tensor& weight) {
   check_weight(weight);
-  return weight_tiles(weight, /*turned=*/false);
+  return weight_tiles(weight, /*turned=*/false, /*scratch=*/false);  // kept by the caller
 }
 
 at::Tensor winograd_conv3x3_inference_cpu(const at::Tensor& x, const at::Tensor& weight_tiles,
@@ -161,11 +168,11 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward_cpu(
   if (need_x) {
     // The transposed convolution: the kernel turned 180 degrees, in and out channels swapped
     // (U [36, K, C] is already [in, out] for it).
-    grad_x = convolve(gy, weight_tiles(weight, /*turned=*/true));
+    grad_x = convolve(gy, weight_tiles(weight, /*turned=*/true, /*scratch=*/true));
   }
   if (need_weight) {
     const TileGrid g(N, H, W);
-    auto dy = at::empty({kPositions, g.count(), K}, x.options());
+    auto dy = scratch_empty({kPositions, g.count(), K}, x.options());
     if (dy.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_grad_tiles", [&] {
         grad_tiles(gy.const_data_ptr<scalar_t>(), dy.mutable_data_ptr<scalar_t>(), g, K,
@@ -173,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward_cpu(
       });
     }
     // [36, K, tiles] x [36, tiles, C]: a sum over tiles, zero where there are none.
-    const auto du = at::bmm(dy.transpose(1, 2), transformed_input(x, g));
+    auto du = scratch_empty({kPositions, K, weight.size(1)}, x.options());
+    at::bmm_out(du, dy.transpose(1, 2), transformed_input(x, g));
     grad_w = weight_grad_from_tiles(du, weight);
   }
   return {grad_x.defined() ? grad_x : at::empty({0}, x.options()),

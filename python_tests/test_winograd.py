@@ -412,3 +412,43 @@ def test_winograd_is_deterministic_across_thread_counts():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _check_large_call(seed):
+    # Temporaries of 1 MiB and more come from the scratch pool (csrc/cpu_scratch.cpp): the
+    # weight tiles [36, 128, 96] and the input tiles and products [36, 2 * 10 * 10, C] in
+    # float64. Fresh values each call, so a block handed out twice or reused dirty shows.
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 96, 40, 40, dtype=torch.float64, generator=gen)
+    w = torch.randn(128, 96, 3, 3, dtype=torch.float64, generator=gen)
+    g = torch.randn(2, 128, 40, 40, dtype=torch.float64, generator=gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    got, want = _run(x, w, g, "winograd"), _run(x, w, g, "torch")
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOLERANCES[torch.float64]
+
+
+def test_scratch_pool_reuses_its_blocks_and_results_stay_exact():
+    from sficonv_ext import cpu_allocator
+    _check_large_call(0)  # fills the pool with this call's sizes
+    before = cpu_allocator.winograd_scratch_stats()
+    assert before["cached_bytes"] > 0 and before["in_use_bytes"] == 0
+    for seed in (1, 2):
+        _check_large_call(seed)
+    after = cpu_allocator.winograd_scratch_stats()
+    assert after["misses"] == before["misses"]  # every large temporary came from the pool
+    assert after["hits"] > before["hits"]
+    assert after["in_use_bytes"] == 0 and after["cached_bytes"] <= 256 << 20
+    assert cpu_allocator.trim_winograd_scratch() == after["cached_bytes"]
+    assert cpu_allocator.winograd_scratch_stats()["cached_bytes"] == 0
+    _check_large_call(3)  # works after a trim
+
+
+def test_scratch_pool_under_concurrent_calls():
+    # Calls from several threads at once (the ops release the GIL) must each get blocks of
+    # their own.
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as workers:
+        list(workers.map(_check_large_call, range(10, 16)))
+    from sficonv_ext import cpu_allocator
+    assert cpu_allocator.winograd_scratch_stats()["in_use_bytes"] == 0

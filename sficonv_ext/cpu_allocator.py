@@ -1,6 +1,8 @@
 """Two ways to keep large CPU tensors from being page-faulted in again on every training step:
 a process-wide glibc setting (:func:`keep_large_blocks_on_heap`) and a cache of large blocks
 that is on only inside a ``with`` block (:func:`large_block_cache`, from the compiled extension).
+Apart from both, the Winograd 3x3 convolutions keep their own large temporaries in a small pool
+that is always on (:func:`winograd_scratch_stats`, :func:`trim_winograd_scratch`).
 
 glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it on free, so each large
 activation is faulted in 4 KB at a time on every step. SFIConv-ResNet's fused activations are
@@ -159,3 +161,32 @@ def large_block_cache_stats():
     stats = dict(zip(keys, values))
     stats["on"] = bool(stats["on"])
     return stats
+
+
+def _scratch_ops():
+    ops = _cache_ops()
+    if not hasattr(ops, "cpu_scratch_stats"):
+        from .ops import _extension
+        raise RuntimeError(f"the compiled extension sficonv_ext._C predates the scratch pool: "
+                           f"{_extension.REBUILD_HINT}")
+    return ops
+
+
+def winograd_scratch_stats():
+    """The pool that keeps the Winograd 3x3 convolutions' large temporaries (blocks of 1 MiB
+    or more: weight tiles, tile-domain inputs and products) for reuse across calls, so that
+    glibc does not map and fault them in again on every call. Always on; at most 256 MiB wait
+    for reuse. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, and ``hits`` and
+    ``misses`` (requests served from the pool or not, since the process started)."""
+    values = list(_scratch_ops().cpu_scratch_stats())
+    return dict(zip(("cached_bytes", "in_use_bytes", "hits", "misses"), values))
+
+
+def trim_winograd_scratch():
+    """Free the blocks the Winograd scratch pool holds for reuse (e.g. after training, to get
+    the memory back); returns the bytes freed, 0 without the compiled extension."""
+    try:
+        ops = _scratch_ops()
+    except RuntimeError:
+        return 0
+    return int(ops.cpu_scratch_trim())

@@ -8,15 +8,19 @@ per 4x4 block of outputs and channel pair instead of 144, as 36 matrix products 
 oneDNN's AMX convolutions, several times faster than float32 ones), on channels_last inputs
 (the layout of the fast models, and the only one measured), with maps of at least
 ``WINOGRAD_MIN_SIDE`` pixels a side. Measured on the project's 2-core Intel Xeon (batch 8,
-channels_last inputs and weights, benchmarks/results/conv3x3_cpu_xeon_2026-11-28.json),
-forward+backward against oneDNN: 0.98x at [64 channels, 64x64], 1.50x at [128, 32x32], 1.77x
-at [256, 16x16], 1.04x at [512, 8x8] (forward 1.14x, 1.90x, 1.78x, 1.04x); the fast model's
-train step with every 3x3 layer on it 11.25 against 10.41 images/s
-(benchmarks/results/models_cpu_xeon_winograd_no_mmap_2026-11-28.json). Layers 1 and 4 are
-level with oneDNN alone and stay on Winograd: in one in-process comparison (not saved) the
-step with layer4 moved back to oneDNN was slower (810 against 788 ms). Elsewhere, and wherever
+channels_last inputs and weights, with the scratch pool below:
+benchmarks/results/conv3x3_cpu_xeon_scratch_no_mmap_2026-11-28.json), forward+backward
+against oneDNN: 1.42x at [64 channels, 64x64], 2.14x at [128, 32x32], 2.20x at [256, 16x16],
+1.59x at [512, 8x8] (forward 1.29x, 1.94x, 1.94x, 1.08x); the fast model's train step with
+every 3x3 layer on it 12.47 against 11.63 images/s
+(benchmarks/results/models_cpu_xeon_scratch_no_mmap_2026-11-28.json). Elsewhere, and wherever
 the custom op would change what a caller sees (forward-mode AD, torch.func transforms, a
 bias), PyTorch's convolution runs.
+
+Memory: each call's temporaries of 1 MiB or more (weight tiles, input tiles, products) come
+from a pool that keeps them for the next call (csrc/cpu_scratch.cpp; at most 256 MiB held,
+``sficonv_ext.cpu_allocator.winograd_scratch_stats`` / ``trim_winograd_scratch``): glibc maps
+blocks over 32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB.
 
 Rounding: Winograd's transforms scale values by up to about 100 and back, so float32 results
 differ from a direct convolution's by a few units in the sixth significant digit (relative to
