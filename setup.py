@@ -79,14 +79,19 @@ def _shared_cxx_runtime():
     On the GPU machines (torch 2.11, 2026-11-28) the extension came out with a private copy of
     libstdc++'s stream code, and every error message that formats a number crashed the process
     in it (sficonv_ext/ops/cxx_runtime.py says more). Linked first, the shared runtime resolves
-    those symbols and no archive copy is pulled in; where the compiler links the shared runtime
-    anyway (the usual case) nothing changes. [] where it is not found (not Linux)."""
+    those symbols, so no archive member is pulled in for them (a toolchain's own archive, e.g.
+    gcc-toolset's libstdc++_nonshared.a, still supplies what the loaded runtime lacks); where
+    the compiler links the shared runtime anyway (the usual case) nothing changes. A loaded
+    runtime older than the compiler's leaves the newer symbols undefined, and the import then
+    names them. [] where it is not found (not Linux)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "_sficonv_cxx_runtime", os.path.join(HERE, "sficonv_ext", "ops", "cxx_runtime.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # by path: importing the package would load a stale _C
     path = module.loaded_runtime_path()
+    if path:
+        print(f"sficonv_ext: linking the C++ runtime torch loaded: {path}", file=sys.stderr)
     return [path] if path else []
 
 

@@ -430,6 +430,7 @@ def _check_large_call(seed):
 
 def test_scratch_pool_reuses_its_blocks_and_results_stay_exact():
     from sficonv_ext import cpu_allocator
+    cpu_allocator.trim_winograd_scratch()  # whatever earlier tests left
     _check_large_call(0)  # fills the pool with this call's sizes
     before = cpu_allocator.winograd_scratch_stats()
     assert before["cached_bytes"] > 0 and before["in_use_bytes"] == 0
@@ -452,3 +453,16 @@ def test_scratch_pool_under_concurrent_calls():
         list(workers.map(_check_large_call, range(10, 16)))
     from sficonv_ext import cpu_allocator
     assert cpu_allocator.winograd_scratch_stats()["in_use_bytes"] == 0
+
+
+def test_scratch_block_reused_for_an_empty_map_gives_a_zero_weight_gradient():
+    # The tile-domain weight gradient [36, 128, 96] float64 (3.5 MB) is a pooled block that
+    # the previous call left full of values; with no tiles it must come out zero (bmm_out
+    # over an empty sum), as F.conv2d's weight gradient of an empty batch is.
+    _check_large_call(20)
+    x = torch.randn(0, 96, 40, 40, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(128, 96, 3, 3, dtype=torch.float64)
+    _, grad_x, grad_w = _run(x, w, torch.zeros(0, 128, 40, 40, dtype=torch.float64),
+                             "winograd")
+    assert grad_x.shape == x.shape and torch.equal(grad_w, torch.zeros_like(grad_w))

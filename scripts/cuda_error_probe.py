@@ -98,12 +98,16 @@ def build_handler(folder):
 
 def run_case(code, env_extra, handler, maps, timeout):
     env = dict(os.environ, **env_extra)
+    # The native stack from the preloaded handler, or else Python's own (faulthandler).
+    flags = []
     if handler:
         env["LD_PRELOAD"] = handler
+    else:
+        flags = ["-X", "faulthandler"]
     child = CHILD.format(code=code, maps=maps)
     try:
-        done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, *flags, "-c", child], env=env,
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"TIMED OUT after {timeout} s", ""
     if done.returncode < 0:
@@ -122,20 +126,20 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         handler = build_handler(folder)
         print("native stacks:", "yes" if handler else "no (no C compiler)")
-        crashed = 0
+        failed = 0  # crashed, timed out or exited with an error
         for name, (code, env_extra) in CASES.items():
             if args.only not in name:
                 continue
             result, stderr = run_case(code, env_extra, handler, args.maps, args.timeout)
             print(f"{name}: {result}")
+            failed += not (result.startswith("raised") or result.startswith("no error"))
             if stderr:
-                crashed += result.startswith("CRASHED")
                 # The native frames (and the Python error of a failed child), not the noise.
                 keep = [ln for ln in stderr.splitlines()
                         if "(" in ln or "Error" in ln or "native stack" in ln]
                 print("\n".join("    " + ln for ln in keep[:40]))
-        print(f"{crashed} case(s) crashed")
-    return 1 if crashed else 0
+        print(f"{failed} case(s) crashed or failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ if wanted tests; then
     echo "== cuda_error_probe" >> "$OUTDIR/bench.log"
     step "CUDA error probe" "$(limit 60)" "$PY" scripts/cuda_error_probe.py --maps \
         >> "$OUTDIR/bench.log" 2>&1
-    sed -n '/^== cuda_error_probe$/,$p' "$OUTDIR/bench.log" | grep -E "^[a-z].*: |crashed$" \
+    sed -n '/^== cuda_error_probe$/,$p' "$OUTDIR/bench.log" | grep -E "^[a-z].*: |crashed or failed$" \
         | cut -c1-200 | tee -a "$OUTDIR/summary.txt"
   fi
 fi

@@ -176,10 +176,11 @@ def winograd_scratch_stats():
     """The pool that keeps the Winograd 3x3 convolutions' large temporaries (blocks of 1 MiB
     or more: weight tiles, tile-domain inputs and products) for reuse across calls, so that
     glibc does not map and fault them in again on every call. Always on; at most 256 MiB wait
-    for reuse. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, and ``hits`` and
-    ``misses`` (requests served from the pool or not, since the process started)."""
+    for reuse. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, and since the
+    process started ``hits`` and ``misses`` (requests served from the pool or not) and
+    ``evictions`` (blocks freed to make room, those that had waited longest first)."""
     values = list(_scratch_ops().cpu_scratch_stats())
-    return dict(zip(("cached_bytes", "in_use_bytes", "hits", "misses"), values))
+    return dict(zip(("cached_bytes", "in_use_bytes", "hits", "misses", "evictions"), values))
 
 
 def trim_winograd_scratch():

@@ -55,9 +55,9 @@ else:
         LOAD_ERROR = f"sficonv_ext._C is out of date: {_reason}; {REBUILD_HINT}"
 # A build holding its own copy of libstdc++'s stream code crashes on numbered error messages
 # (cxx_runtime.py): its kernels are right, so it stays in use, with a warning that says so.
-RUNTIME_WARNING = None if _C is None else cxx_runtime.private_runtime_copy(_C.__file__)
-if RUNTIME_WARNING:
-    warnings.warn(RUNTIME_WARNING, RuntimeWarning, stacklevel=2)
+RUNTIME_STATUS = (None, None) if _C is None else cxx_runtime.runtime_status(_C.__file__)
+if RUNTIME_STATUS[0] == "private":
+    warnings.warn(RUNTIME_STATUS[1], RuntimeWarning, stacklevel=2)
 if LOAD_ERROR:
     warnings.warn(LOAD_ERROR + ". Falling back to the pure-PyTorch and Triton kernels.",
                   RuntimeWarning, stacklevel=2)

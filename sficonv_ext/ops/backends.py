@@ -24,9 +24,9 @@ def backends():
         "cuda": _extension.has_cuda_kernels(),
         "cuda_archs": info.get("cuda_archs", "") if _extension.has_cuda_kernels() else "",
         "extension_error": _extension.LOAD_ERROR,
-        # "shared", or why a number in an error message may crash (cxx_runtime.py).
-        "cxx_runtime": (None if not _extension.has_cpp_kernels() else
-                        _extension.RUNTIME_WARNING or "shared"),
+        # "shared", "unknown (why)", or why a number in an error message may crash
+        # (cxx_runtime.py).
+        "cxx_runtime": _runtime_text(*_extension.RUNTIME_STATUS),
         "triton": triton_version,
         "triton_ops": triton_ops() is not None,
         "triton_error": triton_error(),
@@ -50,6 +50,12 @@ def backends():
             "auto", torch.empty(1, 2, 2, 2, device="cuda").contiguous(
                 memory_format=torch.channels_last))
     return result
+
+
+def _runtime_text(state, detail):
+    if state is None:
+        return None  # no extension loaded
+    return {"shared": "shared", "unknown": f"unknown ({detail})"}.get(state, detail)
 
 
 def cuda_kernel_choices():

@@ -12,8 +12,10 @@ number instead (python_tests/test_cxx_runtime.py). The same failure is known fro
 libraries that link libstdc++ statically (pytorch/pytorch#109923).
 
 The check asks the dynamic linker for one such function, ``std::ostream::_M_insert<long>``,
-through the extension's handle (the extension first, then its dependencies) and through
-libstdc++'s: a different address means the extension calls its own copy.
+through the extension's handle (the extension first, then its dependencies), and asks
+``dladdr`` which file holds the address found: the extension itself means it carries an
+exported copy, which its own calls, bound at link time, reach. A heuristic with a blind spot:
+a copy linked in but not exported (``--exclude-libs``, a version script) is not seen.
 """
 import ctypes
 import os
@@ -36,7 +38,9 @@ def loaded_runtime_path():
     except OSError:
         return None
     found = sorted(p for p in paths if os.path.isfile(p))
-    return found[0] if found else None
+    # Two mapped copies would be unusual (a conda runtime and the system's); the one with the
+    # longest name is the most specific version (libstdc++.so.6.0.33 over libstdc++.so.6).
+    return max(found, key=len) if found else None
 
 
 def _address(library, symbol):
@@ -46,23 +50,50 @@ def _address(library, symbol):
         return None
 
 
-def private_runtime_copy(extension_path):
-    """A message if the library at ``extension_path`` (already loaded) calls its own copy of
-    libstdc++'s stream code instead of the loaded libstdc++'s; None when it uses the shared
-    runtime or when this cannot be told (not Linux, no libstdc++, symbol not found)."""
-    if not sys.platform.startswith("linux"):
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _file_holding(address):
+    """The path of the loaded object that holds ``address`` (dladdr), or None."""
+    info = _DlInfo()
+    libc = ctypes.CDLL(None)
+    if not libc.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) or not info.dli_fname:
         return None
-    mode = os.RTLD_LAZY | os.RTLD_NOLOAD  # both already loaded: nothing new is opened
+    return os.path.realpath(info.dli_fname.decode())
+
+
+def runtime_status(extension_path):
+    """("shared" | "private" | "unknown", detail) for the library at ``extension_path``
+    (already loaded): "private" when it holds its own exported copy of libstdc++'s stream code
+    (detail: the warning text), "unknown" when this cannot be told (detail: why). Never
+    raises: it runs on every import."""
     try:
+        if not sys.platform.startswith("linux"):
+            return "unknown", "checked on Linux only"
+        mode = os.RTLD_LAZY | os.RTLD_NOLOAD  # both already loaded: nothing new is opened
         extension = ctypes.CDLL(extension_path, mode=mode)
-        runtime = ctypes.CDLL("libstdc++.so.6", mode=mode)
-    except OSError:
-        return None
-    ours, shared = _address(extension, STREAM_INSERT_LONG), _address(runtime, STREAM_INSERT_LONG)
-    if ours is None or shared is None or ours == shared:
-        return None
-    return ("sficonv_ext._C carries its own copy of libstdc++'s stream code "
-            f"({STREAM_INSERT_LONG} at {ours:#x}, the loaded libstdc++'s at {shared:#x}): "
-            "an error message with a number in it may crash the process instead of raising. "
-            "Rebuild with `pip install -e . --no-build-isolation` (setup.py links the loaded "
-            "libstdc++ first); if it persists, the C++ compiler links libstdc++ statically")
+        found = _address(extension, STREAM_INSERT_LONG)
+        if found is None:
+            return "unknown", f"{STREAM_INSERT_LONG} not found (not libstdc++?)"
+        holder = _file_holding(found)
+        if holder is None:
+            return "unknown", "dladdr could not place the symbol"
+        if holder != os.path.realpath(extension_path):
+            return "shared", holder
+        return "private", (
+            f"{os.path.basename(extension_path)} carries its own copy of libstdc++'s stream "
+            f"code ({STREAM_INSERT_LONG} is defined in it): an error message with a number in "
+            "it may crash the process instead of raising. Rebuild with `pip install -e . "
+            "--no-build-isolation` (setup.py links the loaded libstdc++ first); if it persists, "
+            "the C++ compiler links libstdc++ statically")
+    except Exception as error:  # noqa: BLE001 (a diagnostic must not break the import)
+        return "unknown", f"check failed: {error}"
+
+
+def private_runtime_copy(extension_path):
+    """The warning text if the library at ``extension_path`` (already loaded) holds its own
+    copy of libstdc++'s stream code, else None (shared, or not known: see runtime_status)."""
+    state, detail = runtime_status(extension_path)
+    return detail if state == "private" else None
