@@ -466,3 +466,20 @@ def test_scratch_block_reused_for_an_empty_map_gives_a_zero_weight_gradient():
     _, grad_x, grad_w = _run(x, w, torch.zeros(0, 128, 40, 40, dtype=torch.float64),
                              "winograd")
     assert grad_x.shape == x.shape and torch.equal(grad_w, torch.zeros_like(grad_w))
+
+
+def test_scratch_pool_frees_its_longest_waiting_blocks_to_stay_within_its_cap():
+    # Weight tiles [36, K, C] in float64 of four sizes, 64-76 MB each: together over the pool's
+    # 256 MiB, so the oldest must be freed to make room, and results stay exact.
+    from sficonv_ext import cpu_allocator
+    cpu_allocator.trim_winograd_scratch()
+    before = cpu_allocator.winograd_scratch_stats()
+    for k, c in ((512, 512), (512, 496), (496, 480), (480, 464)):
+        x = torch.randn(1, c, 8, 8, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last)
+        w = torch.randn(k, c, 3, 3, dtype=torch.float64)
+        assert rel_err(FORWARD(x, w), F.conv2d(x, w, padding=1)) < TOLERANCES[torch.float64]
+    after = cpu_allocator.winograd_scratch_stats()
+    assert after["evictions"] > before["evictions"]
+    assert 0 < after["cached_bytes"] <= 256 << 20 and after["in_use_bytes"] == 0
+    cpu_allocator.trim_winograd_scratch()
