@@ -72,12 +72,12 @@ def test_detector_flags_a_static_copy_and_the_shared_link_cures_it(tmp_path):
     cured = build_library(tmp_path, "cured", ["-static-libstdc++", runtime])
     # Loaded first: the detector looks at libraries already in the process.
     assert format_with(plain, 1234567) == "got 1234567"
-    assert cxx_runtime.private_runtime_copy(plain) is None
+    assert cxx_runtime.runtime_status(plain)[0] != "private"
     print("the static copy formats:", repr(format_with(static, 1234567)))  # "got " here
-    message = cxx_runtime.private_runtime_copy(static)
-    assert message is not None and cxx_runtime.STREAM_INSERT_LONG in message
+    state, message = cxx_runtime.runtime_status(static)
+    assert state == "private" and cxx_runtime.STREAM_INSERT_LONG in message
     assert format_with(cured, 1234567) == "got 1234567"
-    assert cxx_runtime.private_runtime_copy(cured) is None
+    assert cxx_runtime.runtime_status(cured)[0] != "private"
 
 
 def test_status_is_unknown_not_an_error_when_it_cannot_tell(tmp_path):

@@ -65,10 +65,10 @@ def _ops_namespace():
 _block_tokens = itertools.count(1)  # next() is atomic under the GIL
 
 
-def _cache_ops():
+def _cache_ops(feature="large_block_cache"):
     from .ops import _extension
     if not _extension.has_cpp_kernels():
-        raise RuntimeError(f"large_block_cache needs the compiled extension sficonv_ext._C: "
+        raise RuntimeError(f"{feature} needs the compiled extension sficonv_ext._C: "
                            f"{_extension.LOAD_ERROR or _extension.REBUILD_HINT}")
     ops = _ops_namespace()
     if not hasattr(ops, "cpu_block_cache_enter"):
@@ -163,15 +163,6 @@ def large_block_cache_stats():
     return stats
 
 
-def _scratch_ops():
-    ops = _cache_ops()
-    if not hasattr(ops, "cpu_scratch_stats"):
-        from .ops import _extension
-        raise RuntimeError(f"the compiled extension sficonv_ext._C predates the scratch pool: "
-                           f"{_extension.REBUILD_HINT}")
-    return ops
-
-
 def winograd_scratch_stats():
     """The pool that keeps the Winograd 3x3 convolutions' large temporaries (blocks of 1 MiB
     or more: weight tiles, tile-domain inputs and products) for reuse across calls, so that
@@ -179,7 +170,8 @@ def winograd_scratch_stats():
     for reuse. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, and since the
     process started ``hits`` and ``misses`` (requests served from the pool or not) and
     ``evictions`` (blocks freed to make room, those that had waited longest first)."""
-    values = list(_scratch_ops().cpu_scratch_stats())
+    # A binary without the pool's ops is refused at import (its extension API is older).
+    values = list(_cache_ops("winograd_scratch_stats").cpu_scratch_stats())
     return dict(zip(("cached_bytes", "in_use_bytes", "hits", "misses", "evictions"), values))
 
 
@@ -187,7 +179,7 @@ def trim_winograd_scratch():
     """Free the blocks the Winograd scratch pool holds for reuse (e.g. after training, to get
     the memory back); returns the bytes freed, 0 without the compiled extension."""
     try:
-        ops = _scratch_ops()
+        ops = _cache_ops("trim_winograd_scratch")
     except RuntimeError:
         return 0
     return int(ops.cpu_scratch_trim())

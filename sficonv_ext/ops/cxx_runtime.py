@@ -91,9 +91,3 @@ def runtime_status(extension_path):
     except Exception as error:  # noqa: BLE001 (a diagnostic must not break the import)
         return "unknown", f"check failed: {error}"
 
-
-def private_runtime_copy(extension_path):
-    """The warning text if the library at ``extension_path`` (already loaded) holds its own
-    copy of libstdc++'s stream code, else None (shared, or not known: see runtime_status)."""
-    state, detail = runtime_status(extension_path)
-    return detail if state == "private" else None
