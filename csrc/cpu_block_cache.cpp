@@ -29,7 +29,6 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
-#include <c10/util/Exception.h>
 
 #include <pthread.h>
 
@@ -42,6 +41,7 @@
 #include <vector>
 
 #include "cpu_block_cache.h"
+#include "error_text.h"
 
 namespace sficonv {
 namespace {
@@ -101,8 +101,8 @@ class BlockCache final : public c10::Allocator {
   // reached here, and retry a close the interrupt may have cut short, without ever closing
   // another block (which a plain count could not tell apart).
   void enter_block(int64_t token, int64_t min_bytes, double budget) {
-    TORCH_CHECK(min_bytes >= 0, "min_bytes must be >= 0, got ", min_bytes);
-    TORCH_CHECK(budget >= 1.0 && budget <= 64.0, "budget must be in [1, 64], got ", budget);
+    SFI_CHECK(min_bytes >= 0, "min_bytes must be >= 0, got ", min_bytes);
+    SFI_CHECK(budget >= 1.0 && budget <= 64.0, "budget must be in [1, 64], got ", budget);
     std::lock_guard<std::mutex> guard(mutex_);
     if (open_.count(token)) return;
     if (open_.empty()) turn_on_locked(min_bytes, budget);
@@ -173,16 +173,16 @@ class BlockCache final : public c10::Allocator {
   static void raw_return(void* block);
 
   void turn_on_locked(int64_t min_bytes, double budget) {
-    TORCH_CHECK(!on_, "the CPU block cache is already on");
+    SFI_CHECK(!on_, "the CPU block cache is already on");
     c10::Allocator* current = c10::GetCPUAllocator();
-    TORCH_CHECK(current == this || current == c10::GetDefaultCPUAllocator(),
-                "the CPU block cache only replaces torch's default CPU allocator, and another "
-                "one is installed");
+    SFI_CHECK(current == this || current == c10::GetDefaultCPUAllocator(),
+              "the CPU block cache only replaces torch's default CPU allocator, and another "
+              "one is installed");
     if (current != this) {
       c10::SetCPUAllocator(this, /*priority=*/0);
-      TORCH_CHECK(c10::GetCPUAllocator() == this,
-                  "could not install the CPU block cache: another CPU allocator was set with a "
-                  "higher priority");
+      SFI_CHECK(c10::GetCPUAllocator() == this,
+                "could not install the CPU block cache: another CPU allocator was set with a "
+                "higher priority");
     }
     min_bytes_ = static_cast<size_t>(min_bytes);
     budget_ = budget;

@@ -13,6 +13,7 @@
 // A fork() while another thread holds the lock would deadlock the child's first Winograd call;
 // the library's forked children (data loader workers) run no convolutions.
 #include "cpu_scratch.h"
+#include "error_text.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -122,7 +123,7 @@ ScratchPool& pool() {
 }  // namespace
 
 at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  TORCH_CHECK(options.device().is_cpu(), "scratch_empty: CPU tensors only");
+  SFI_CHECK(options.device().is_cpu(), "scratch_empty: CPU tensors only");
   int64_t numel = 1;
   for (const auto size : sizes) numel *= size;
   const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "error_text.h"
 #include "mcs_conv.h"
 #include "mcs_conv_cpu_channels_last.h"
 #include "mcs_conv_cpu_geometry.h"
@@ -182,8 +183,8 @@ at::Tensor constraint_backward_cpu(const at::Tensor& grad_eff, const at::Tensor&
 
 at::Tensor mcs_conv_forward_cpu(const at::Tensor& x, const at::Tensor& weight, bool constrained,
                                 double eps) {
-  TORCH_CHECK(x.device().is_cpu(), "mcs_conv_forward_cpu: expected CPU tensors, got ",
-              x.device());
+  SFI_CHECK(x.device().is_cpu(), "mcs_conv_forward_cpu: expected CPU tensors, got ",
+            x.device());
   auto args = prepare_forward(x, weight, eps);
   if (args.y.numel() == 0) return args.y;
   const Geometry g = geometry_of(x, weight);
@@ -208,8 +209,8 @@ std::tuple<at::Tensor, at::Tensor> mcs_conv_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& weight,
                                                          bool constrained, double eps,
                                                          bool need_x, bool need_weight) {
-  TORCH_CHECK(x.device().is_cpu(), "mcs_conv_backward_cpu: expected CPU tensors, got ",
-              x.device());
+  SFI_CHECK(x.device().is_cpu(), "mcs_conv_backward_cpu: expected CPU tensors, got ",
+            x.device());
   auto args = prepare_backward(grad_out, x, weight, eps, need_x, need_weight);
   const Geometry g = geometry_of(x, weight);
   if (x.numel() == 0 || (!need_x && !need_weight)) return {args.grad_x, args.grad_weight};

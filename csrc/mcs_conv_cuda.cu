@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "error_text.h"
 #include "mcs_conv.h"
 #include "mcs_conv_cuda_config.h"
 #include "mcs_conv_cuda_rows.cuh"
@@ -261,7 +262,7 @@ void launch_conv_rows(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y
   const int64_t groups = geo.channels_last ? x.size(0) : x.size(0) * x.size(1);
   const int threads = row_threads(geo.row_len, kThreads);
   const int64_t blocks_x = (geo.row_len + threads - 1) / threads;
-  TORCH_CHECK(blocks_x <= INT32_MAX, "mcs_conv: image rows too long for the CUDA kernel");
+  SFI_CHECK(blocks_x <= INT32_MAX, "mcs_conv: image rows too long for the CUDA kernel");
   const dim3 grid(static_cast<unsigned>(blocks_x),
                   static_cast<unsigned>((geo.h + kRowBlock - 1) / kRowBlock),
                   static_cast<unsigned>(std::min<int64_t>(groups, kMaxGrid)));
@@ -307,7 +308,7 @@ tiles::TileGrid tile_grid(const at::Tensor& x, int tx) {
 dim3 tile_launch_grid(const tiles::TileGrid& geo, int tx, int rows) {
   const int64_t tiles =
       static_cast<int64_t>(geo.tiles_x) * ((static_cast<int64_t>(geo.h) + rows - 1) / rows);
-  TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
+  SFI_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
   return dim3(static_cast<unsigned>(tiles),
               static_cast<unsigned>(std::min<int64_t>(geo.planes, kMaxGrid)));
 }
@@ -425,7 +426,7 @@ void launch_conv(const at::Tensor& x, const at::Tensor& taps, at::Tensor& y, int
   }
   if (!cl && k <= kMaxTiledK) {
     const int64_t tiles = ((w + kTileW - 1) / kTileW) * ((h + kTileH - 1) / kTileH);
-    TORCH_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
+    SFI_CHECK(tiles <= INT32_MAX, "mcs_conv: image too large for the tiled CUDA kernel");
     const dim3 grid(static_cast<unsigned>(tiles),
                     static_cast<unsigned>(std::min<int64_t>(n * channels, 65535)));
     const dim3 block(kTileW, kTileH);

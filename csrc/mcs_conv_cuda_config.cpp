@@ -1,8 +1,8 @@
 // See mcs_conv_cuda_config.h: the CUDA kernels' choices and numbered errors, built by the C++
 // compiler.
 #include "mcs_conv_cuda_config.h"
+#include "error_text.h"
 
-#include <c10/util/Exception.h>
 
 #include <climits>
 #include <cstdlib>
@@ -21,7 +21,7 @@ std::string env_choice(const char* name, std::initializer_list<const char*> allo
     if (std::strcmp(value, a) == 0) return a;
     choices += choices.empty() ? a : std::string(", ") + a;
   }
-  TORCH_CHECK(false, "mcs_conv CUDA kernel: ", name, "=", value, " is not one of: ", choices);
+  SFI_CHECK(false, "mcs_conv CUDA kernel: ", name, "=", value, " is not one of: ", choices);
   return {};
 }
 
@@ -59,12 +59,12 @@ CudaKernelConfig cuda_kernel_config() {
   // contradiction, refused on every call whatever its input, like an unknown value.
   config.tile_min_blocks =
       std::atoi(env_choice("SFICONV_CUDA_TILE_MIN_BLOCKS", {"1", "3", "4"}).c_str());
-  TORCH_CHECK(config.tile_min_blocks == 1 ||
-                  !(env_set("SFICONV_CUDA_NCHW_KERNEL") &&
-                    config.nchw_kernel == NchwKernel::kTilesPipelined),
-              "mcs_conv CUDA kernel: SFICONV_CUDA_TILE_MIN_BLOCKS=", config.tile_min_blocks,
-              " caps the plain tile kernel, but SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined asks for "
-              "the double-buffered one");
+  SFI_CHECK(config.tile_min_blocks == 1 ||
+                !(env_set("SFICONV_CUDA_NCHW_KERNEL") &&
+                  config.nchw_kernel == NchwKernel::kTilesPipelined),
+            "mcs_conv CUDA kernel: SFICONV_CUDA_TILE_MIN_BLOCKS=", config.tile_min_blocks,
+            " caps the plain tile kernel, but SFICONV_CUDA_NCHW_KERNEL=tiles-pipelined asks for "
+            "the double-buffered one");
   config.fused_backward = env_choice("SFICONV_CUDA_FUSED_BACKWARD", {"0", "1"}) == "1";
   return config;
 }
@@ -77,19 +77,19 @@ std::string cuda_kernel_config_text() {
 }
 
 void check_cuda_device(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
+  SFI_CHECK(x.is_cuda(), "mcs_conv CUDA kernel: expected CUDA tensors, got ", x.device());
 }
 
 void check_cuda_sizes(const at::Tensor& x) {
   constexpr int64_t kMaxSide = INT32_MAX - 1024;
-  TORCH_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= kMaxSide && x.size(3) <= kMaxSide,
-              "mcs_conv CUDA kernel: C must fit in 32 bits and H and W must be at most ",
-              kMaxSide, ", got ", x.sizes());
+  SFI_CHECK(x.size(1) <= INT32_MAX && x.size(2) <= kMaxSide && x.size(3) <= kMaxSide,
+            "mcs_conv CUDA kernel: C must fit in 32 bits and H and W must be at most ",
+            kMaxSide, ", got ", x.sizes());
 }
 
 void check_weight_grad_channels(int64_t channels, int64_t limit, int k) {
-  TORCH_CHECK(channels <= limit, "mcs_conv CUDA kernel: the weight gradient for k = ", k,
-              " in this layout supports at most ", limit, " channels, got ", channels);
+  SFI_CHECK(channels <= limit, "mcs_conv CUDA kernel: the weight gradient for k = ", k,
+            " in this layout supports at most ", limit, " channels, got ", channels);
 }
 
 }  // namespace sficonv

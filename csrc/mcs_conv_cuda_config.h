@@ -3,7 +3,8 @@
 // They were moved here when errors with numbers, raised from mcs_conv_cuda.cu, crashed the
 // process on the GPU machines (2026-11-27); raised from here they crashed too (H200,
 // 2026-11-28): the cause was a private copy of libstdc++'s stream code in that build, whatever
-// compiled the caller (sficonv_ext/ops/cxx_runtime.py). Built in every build, so the CPU tests
+// compiled the caller (sficonv_ext/ops/cxx_runtime.py). Every check of the extension now builds
+// its message without streams (SFI_CHECK, error_text.h). Built in every build, so the CPU tests
 // check the choices too (the op sficonv_ext::cuda_kernel_config).
 #pragma once
 

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "error_text.h"
 #include "mcs_conv.h"  // kernel_layout
 #include "norm_act.h"
 
@@ -341,28 +342,28 @@ void with_flags(bool a, bool b, Fn fn) {
 }
 
 void check_common(const at::Tensor& x, const at::Tensor& weight, double eps, const char* op) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ",
-              x.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op, ": weight must be [",
-              x.size(1), "], got shape ", weight.sizes());
-  TORCH_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(),
-              " but x is on ", x.device());
+  SFI_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got ", x.device());
+  SFI_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
+  SFI_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ",
+            x.scalar_type());
+  SFI_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op, ": weight must be [",
+            x.size(1), "], got shape ", weight.sizes());
+  SFI_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(),
+            " but x is on ", x.device());
   // As F.batch_norm in training: eps = 0 turns a constant channel into inf - inf = NaN.
-  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  TORCH_CHECK(x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
-              ": expected more than 1 value per channel when training, got input size ",
-              x.sizes());
+  SFI_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  SFI_CHECK(x.numel() / std::max<int64_t>(x.size(1), 1) > 1, op,
+            ": expected more than 1 value per channel when training, got input size ",
+            x.sizes());
 }
 
 void check_like(const at::Tensor& t, const at::Tensor& x, const char* name, const char* op) {
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(),
-              " but x has shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
-              " but x is ", x.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device());
+  SFI_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(),
+            " but x has shape ", x.sizes());
+  SFI_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+            " but x is ", x.scalar_type());
+  SFI_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+            " but x is on ", x.device());
 }
 
 std::vector<double> as_doubles(const at::Tensor& t) {
@@ -386,8 +387,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     const std::optional<at::Tensor>& residual_in, bool relu, double eps) {
   const char* op = "batch_norm_act_forward";
   check_common(x_in, weight, eps, op);
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x_in.size(1), op, ": bias must be [",
-              x_in.size(1), "], got shape ", bias.sizes());
+  SFI_CHECK(bias.dim() == 1 && bias.size(0) == x_in.size(1), op, ": bias must be [",
+            x_in.size(1), "], got shape ", bias.sizes());
   const bool has_res = residual_in.has_value() && residual_in->defined();
   if (has_res) check_like(*residual_in, x_in, "residual", op);
   const auto layout = kernel_layout(x_in);
@@ -428,12 +429,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
     bool has_residual, bool relu, double eps) {
   const char* op = "batch_norm_act_backward";
   check_common(x_in, weight, eps, op);
-  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes() && grad_y_in.device() == x_in.device(), op,
-              ": grad_y has shape ", grad_y_in.sizes(), " on ", grad_y_in.device(),
-              ", expected ", x_in.sizes(), " on ", x_in.device());
+  SFI_CHECK(grad_y_in.sizes() == x_in.sizes() && grad_y_in.device() == x_in.device(), op,
+            ": grad_y has shape ", grad_y_in.sizes(), " on ", grad_y_in.device(),
+            ", expected ", x_in.sizes(), " on ", x_in.device());
   check_like(y_in, x_in, "y", op);
-  TORCH_CHECK(mean_in.numel() == x_in.size(1) && var_in.numel() == x_in.size(1), op,
-              ": mean and var must have ", x_in.size(1), " values");
+  SFI_CHECK(mean_in.numel() == x_in.size(1) && var_in.numel() == x_in.size(1), op,
+            ": mean and var must have ", x_in.size(1), " values");
   const auto layout = kernel_layout(x_in);
   const auto x = x_in.contiguous(layout);
   const auto y = y_in.contiguous(layout);

@@ -29,6 +29,7 @@
 #include <algorithm>
 
 #include "cpu_scratch.h"
+#include "error_text.h"
 #include "winograd.h"
 #include "winograd_transforms.h"
 
@@ -69,23 +70,23 @@ at::Tensor weight_grad_from_tiles(const at::Tensor& du, const at::Tensor& weight
 }
 
 void check_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
-              "winograd_conv3x3: weight must be [K, C, 3, 3], got ", weight.sizes());
-  TORCH_CHECK(weight.device().is_cpu(), "winograd_conv3x3: CPU tensors expected");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
-              "winograd_conv3x3: float32 or float64 expected, got ", weight.scalar_type());
+  SFI_CHECK(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3,
+            "winograd_conv3x3: weight must be [K, C, 3, 3], got ", weight.sizes());
+  SFI_CHECK(weight.device().is_cpu(), "winograd_conv3x3: CPU tensors expected");
+  SFI_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kDouble,
+            "winograd_conv3x3: float32 or float64 expected, got ", weight.scalar_type());
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() == 4, "winograd_conv3x3: x must be [N, C, H, W], got ", x.sizes());
+  SFI_CHECK(x.dim() == 4, "winograd_conv3x3: x must be [N, C, H, W], got ", x.sizes());
   check_weight(weight);
-  TORCH_CHECK(weight.size(1) == x.size(1), "winograd_conv3x3: x has ", x.size(1),
-              " channels, weight expects ", weight.size(1));
+  SFI_CHECK(weight.size(1) == x.size(1), "winograd_conv3x3: x has ", x.size(1),
+            " channels, weight expects ", weight.size(1));
   // The weight's device and dtype are checked above: x must match them.
-  TORCH_CHECK(x.device().is_cpu(), "winograd_conv3x3: CPU tensors expected");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(),
-              "winograd_conv3x3: x and weight dtypes differ (", x.scalar_type(), " and ",
-              weight.scalar_type(), ")");
+  SFI_CHECK(x.device().is_cpu(), "winograd_conv3x3: CPU tensors expected");
+  SFI_CHECK(x.scalar_type() == weight.scalar_type(),
+            "winograd_conv3x3: x and weight dtypes differ (", x.scalar_type(), " and ",
+            weight.scalar_type(), ")");
 }
 
 // [36, tiles, C] tiles of x (any layout; made channels_last contiguous here), for this call.
@@ -132,23 +133,23 @@ at::Tensor winograd_weight_tiles_cpu(const at::Tensor& weight) {
 
 at::Tensor winograd_conv3x3_inference_cpu(const at::Tensor& x, const at::Tensor& weight_tiles,
                                           const at::Tensor& bias, bool relu) {
-  TORCH_CHECK(weight_tiles.dim() == 3 && weight_tiles.size(0) == kPositions,
-              "winograd_conv3x3_inference: weight_tiles must be [36, K, C] (from "
-              "winograd_weight_tiles), got ", weight_tiles.sizes());
+  SFI_CHECK(weight_tiles.dim() == 3 && weight_tiles.size(0) == kPositions,
+            "winograd_conv3x3_inference: weight_tiles must be [36, K, C] (from "
+            "winograd_weight_tiles), got ", weight_tiles.sizes());
   const int64_t K = weight_tiles.size(1);
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == weight_tiles.size(2),
-              "winograd_conv3x3_inference: x must be [N, ", weight_tiles.size(2),
-              ", H, W], got ", x.sizes());
-  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == K, "winograd_conv3x3_inference: bias must be [",
-              K, "], got ", bias.sizes());
-  TORCH_CHECK(x.device().is_cpu() && weight_tiles.device().is_cpu() && bias.device().is_cpu(),
-              "winograd_conv3x3_inference: CPU tensors expected");
-  TORCH_CHECK(x.scalar_type() == weight_tiles.scalar_type() &&
-                  x.scalar_type() == bias.scalar_type() &&
-                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-              "winograd_conv3x3_inference: x, weight_tiles and bias must all be float32 or all "
-              "float64, got ", x.scalar_type(), ", ", weight_tiles.scalar_type(), ", ",
-              bias.scalar_type());
+  SFI_CHECK(x.dim() == 4 && x.size(1) == weight_tiles.size(2),
+            "winograd_conv3x3_inference: x must be [N, ", weight_tiles.size(2),
+            ", H, W], got ", x.sizes());
+  SFI_CHECK(bias.dim() == 1 && bias.size(0) == K, "winograd_conv3x3_inference: bias must be [",
+            K, "], got ", bias.sizes());
+  SFI_CHECK(x.device().is_cpu() && weight_tiles.device().is_cpu() && bias.device().is_cpu(),
+            "winograd_conv3x3_inference: CPU tensors expected");
+  SFI_CHECK(x.scalar_type() == weight_tiles.scalar_type() &&
+                x.scalar_type() == bias.scalar_type() &&
+                (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+            "winograd_conv3x3_inference: x, weight_tiles and bias must all be float32 or all "
+            "float64, got ", x.scalar_type(), ", ", weight_tiles.scalar_type(), ", ",
+            bias.scalar_type());
   return convolve(x, weight_tiles.transpose(1, 2), bias.contiguous(), relu);
 }
 
@@ -157,12 +158,12 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward_cpu(
     bool need_weight) {
   check_inputs(x, weight);
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), K = weight.size(0);
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({N, K, H, W}),
-              "winograd_conv3x3_backward: grad_y must be ", at::IntArrayRef({N, K, H, W}),
-              ", got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(),
-              "winograd_conv3x3_backward: grad_y dtype ", grad_y.scalar_type(), ", x dtype ",
-              x.scalar_type());
+  SFI_CHECK(grad_y.sizes() == at::IntArrayRef({N, K, H, W}),
+            "winograd_conv3x3_backward: grad_y must be ", at::IntArrayRef({N, K, H, W}),
+            ", got ", grad_y.sizes());
+  SFI_CHECK(grad_y.scalar_type() == x.scalar_type(),
+            "winograd_conv3x3_backward: grad_y dtype ", grad_y.scalar_type(), ", x dtype ",
+            x.scalar_type());
   const auto gy = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor grad_x, grad_w;
   if (need_x) {

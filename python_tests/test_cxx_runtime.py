@@ -6,6 +6,7 @@ library linked with -static-libstdc++ silently drops the number. These tests bui
 library, check that the detector flags it, that linking the loaded runtime first (setup.py)
 cures it, and that the built extension is clean and its numbered errors arrive whole."""
 import ctypes
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,6 @@ def test_extension_uses_the_shared_runtime_and_its_numbered_errors_arrive_whole(
 @pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
 def test_error_probe_reports_a_raised_error():
     # scripts/cuda_error_probe.py, the GPU check's diagnosis of crashing errors, on one CPU case.
-    import pathlib
     script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "cuda_error_probe.py"
     done = subprocess.run([sys.executable, str(script), "--only", "CPU tensors (channel"],
                           capture_output=True, text=True, timeout=300)
@@ -110,3 +110,83 @@ def test_error_probe_reports_a_raised_error():
     want = "CPU tensors (channel mismatch): raised RuntimeError: mcs_conv: weight has 3"
     assert want in done.stdout
     assert "0 case(s) crashed or failed" in done.stdout
+
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+
+# The extension's way to build a message (csrc/error_text.h) beside a stream's, in one library.
+ERROR_TEXT_SOURCE = r"""
+#include <sstream>
+#include <string>
+#include "error_text.h"
+static int give(const std::string& text, char* out, int size) {
+  const int n = static_cast<int>(text.size()) < size - 1 ? static_cast<int>(text.size()) : size - 1;
+  text.copy(out, n);
+  out[n] = '\0';
+  return n;
+}
+extern "C" int stream_text(long value, char* out, int size) {
+  std::ostringstream stream;
+  stream << "got " << value;
+  return give(stream.str(), out, size);
+}
+extern "C" int error_text(long value, double real, char* out, int size) {
+  const int64_t sizes[] = {value, 3};
+  return give(sficonv::error_text("got ", value, ", eps ", real, ", shape ",
+                                  c10::IntArrayRef(sizes), ", dtype ", c10::ScalarType::Float,
+                                  ", size_t ", size_t{7}, ", int ", 5, ", float ", 0.5f),
+              out, size);
+}
+"""
+
+
+@linux_only
+def test_error_text_keeps_numbers_where_a_private_stream_copy_drops_them(tmp_path):
+    # The library is linked as the GPU machines' build was in effect: with its own copy of
+    # libstdc++ (-static-libstdc++). A stream there garbles the number; error_text does not.
+    from torch.utils import cpp_extension
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = tmp_path / "error_text_probe.cpp"
+    source.write_text(ERROR_TEXT_SOURCE)
+    path = tmp_path / "error_text_probe.so"
+    includes = [f"-I{folder}" for folder in cpp_extension.include_paths()] + [f"-I{CSRC}"]
+    done = subprocess.run([compiler, "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(path),
+                           str(source), *includes, "-static-libstdc++"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    library = ctypes.CDLL(str(path))
+    buffer = ctypes.create_string_buffer(256)
+    library.stream_text(ctypes.c_long(1234567), buffer, 256)
+    print("a stream in the static copy formats:", repr(buffer.value.decode()))
+    library.error_text(ctypes.c_long(1234567), ctypes.c_double(1e-6), buffer, 256)
+    assert buffer.value.decode() == ("got 1234567, eps 1e-06, shape [1234567, 3], dtype Float, "
+                                     "size_t 7, int 5, float 0.5")
+
+
+def test_every_check_in_csrc_builds_its_message_without_streams():
+    # A bare TORCH_CHECK (or c10::str, or a stream) in csrc/ would bring back messages that a
+    # private libstdc++ copy garbles or crashes on: SFI_CHECK (error_text.h) is the rule.
+    offenders = []
+    for path in sorted(CSRC.rglob("*")):
+        if path.suffix not in {".h", ".cpp", ".cu", ".cuh"} or path.name == "error_text.h":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//")[0]
+            if any(word in code for word in ("TORCH_CHECK", "c10::str(", "ostringstream",
+                                             "AT_ERROR", "TORCH_WARN")):
+                offenders.append(f"{path.relative_to(CSRC)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")
+def test_the_extensions_messages_print_sizes_dtypes_and_reals_as_torch_does():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"got shape \[3, 2, 5\]"):
+        torch.ops.sficonv_ext.mcs_conv_forward(x, torch.randn(3, 2, 5), True, 1e-6)
+    with pytest.raises(RuntimeError, match="x is Float but weight is Double"):
+        torch.ops.sficonv_ext.mcs_conv_forward(x, torch.randn(3, 1, 3, 3, dtype=torch.float64),
+                                               True, 1e-6)
+    with pytest.raises(RuntimeError, match=r"eps must be positive, got -0\.25$"):
+        torch.ops.sficonv_ext.mcs_conv_forward(x, torch.randn(3, 1, 3, 3), True, -0.25)
