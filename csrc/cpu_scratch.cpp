@@ -1,23 +1,40 @@
-// A pool of large CPU scratch blocks, reused across calls.
+// A pool of large CPU blocks, reused across calls: the Winograd kernels' temporaries and the
+// BatchNorm epilogue's largest outputs.
 //
 // Why: glibc hands out blocks over its mmap threshold (at most 32 MiB) as fresh mappings and
-// unmaps them when freed, so a temporary of that size is page-faulted in again on every call.
-// The Winograd weight tiles of the fast model's 512-channel layers are 37.7 MB ([36, 512, 512]
-// float32), made twice per train step per layer (forward, and the turned kernel in backward),
-// with a tile-domain weight gradient of the same size: under glibc's defaults a profile of the
-// train step put 18% of its page faults in writing those tiles. Kept here, they are faulted
-// in once. Sizes recur exactly (the same layers every step), so blocks are matched by size.
-// At most kMaxCachedBytes wait for reuse: to make room, the blocks that have waited longest
-// are freed first (sizes no longer asked for, e.g. an evaluation's, leave that way).
+// unmaps them when freed, so a block of that size is page-faulted in again on every call.
+// - The Winograd weight tiles of the fast model's 512-channel layers are 37.7 MB ([36, 512,
+//   512] float32), made twice per train step per layer (forward, and the turned kernel in
+//   backward), with a tile-domain weight gradient of the same size: under glibc's defaults a
+//   profile of the train step put 18% of its page faults in writing those tiles.
+// - The epilogue's outputs (y in forward, the input and residual gradients in backward) are
+//   exactly 32 MiB for layer1 of SFIConv-ResNet at batch 8, 256x256: 39% of the step's page
+//   faults were the epilogue writing them, and on its own the backward with a residual took
+//   20.4 ms from fresh mappings against 7.7 ms from reused blocks (2026-11-28, 2-core Xeon).
+// Kept here, they are faulted in once. Sizes recur exactly (the same layers every step), so
+// blocks are matched by size. Temporaries (scratch_empty) use the pool from 1 MiB; outputs
+// (output_empty) only from 31 MiB, the sizes glibc always maps afresh (its threshold rises to
+// the size of a freed mapping, up to 32 MiB, so smaller blocks come back from its heap).
+// Blocks waiting for reuse are capped at the larger of 256 MiB and twice the most the pool
+// has had handed out at once: a training step's blocks are all freed by its end and the next
+// step wants them all again, while blocks of one size wait as others are in use (a cap of
+// once the peak missed and re-faulted 17 blocks a step at batch 16, twice the peak none). To
+// make room, the blocks that have waited longest are freed first (sizes no longer asked for,
+// e.g. an evaluation's, leave that way). cpu_scratch_trim frees them all and lowers the cap
+// again (the high-water mark restarts from what is in use).
 //
-// A fork() while another thread holds the lock would deadlock the child's first Winograd call;
-// the library's forked children (data loader workers) run no convolutions.
+// A fork() while another thread holds the lock would deadlock the child's first call that
+// uses the pool; the library's forked children (data loader workers) run no such kernels.
 #include "cpu_scratch.h"
 #include "error_text.h"
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
+#include <algorithm>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -28,7 +45,8 @@ namespace sficonv {
 namespace {
 
 constexpr int64_t kMinBytes = int64_t{1} << 20;
-constexpr int64_t kMaxCachedBytes = int64_t{256} << 20;
+constexpr int64_t kMinCachedCap = int64_t{256} << 20;
+constexpr int64_t kOutputMinBytes = int64_t{31} << 20;
 constexpr int64_t kAlignment = 64;
 
 struct Block {
@@ -47,8 +65,7 @@ class ScratchPool {
         void* data = it->data;
         cached_.erase(std::next(it).base());
         cached_bytes_ -= bytes;
-        in_use_[data] = bytes;
-        in_use_bytes_ += bytes;
+        note_in_use_locked(data, bytes);
         ++hits_;
         return data;
       }
@@ -56,8 +73,7 @@ class ScratchPool {
     }
     void* data = c10::alloc_cpu(static_cast<size_t>(bytes));  // 64-byte aligned; throws OOM
     std::lock_guard<std::mutex> lock(mutex_);
-    in_use_[data] = bytes;
-    in_use_bytes_ += bytes;
+    note_in_use_locked(data, bytes);
     return data;
   }
 
@@ -73,10 +89,11 @@ class ScratchPool {
       const int64_t bytes = found->second;
       in_use_.erase(found);
       in_use_bytes_ -= bytes;
-      if (bytes > kMaxCachedBytes) {
+      const int64_t cap = std::max(kMinCachedCap, 2 * peak_in_use_bytes_);
+      if (bytes > cap) {
         to_free.push_back(data);
       } else {
-        while (cached_bytes_ + bytes > kMaxCachedBytes) {
+        while (cached_bytes_ + bytes > cap) {
           to_free.push_back(cached_.front().data);
           cached_bytes_ -= cached_.front().bytes;
           cached_.pop_front();
@@ -97,6 +114,7 @@ class ScratchPool {
       blocks.swap(cached_);
       freed = cached_bytes_;
       cached_bytes_ = 0;
+      peak_in_use_bytes_ = in_use_bytes_;  // the cap falls back: the workload is done
     }
     for (const auto& block : blocks) c10::free_cpu(block.data);
     return freed;
@@ -104,19 +122,50 @@ class ScratchPool {
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_bytes_, in_use_bytes_, hits_, misses_, evictions_};
+    return {cached_bytes_, in_use_bytes_, hits_, misses_, evictions_, peak_in_use_bytes_};
   }
 
  private:
+  void note_in_use_locked(void* data, int64_t bytes) {
+    in_use_[data] = bytes;
+    in_use_bytes_ += bytes;
+    peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
+  }
+
   std::mutex mutex_;
   std::list<Block> cached_;                    // waiting for reuse, longest-waiting first
   std::unordered_map<void*, int64_t> in_use_;  // handed out: block -> its bytes
-  int64_t cached_bytes_ = 0, in_use_bytes_ = 0, hits_ = 0, misses_ = 0, evictions_ = 0;
+  int64_t cached_bytes_ = 0, in_use_bytes_ = 0, peak_in_use_bytes_ = 0;
+  int64_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 // Never destroyed: tensors freed during interpreter shutdown still give their blocks back.
 ScratchPool& pool() {
   static ScratchPool* instance = new ScratchPool();
+  return *instance;
+}
+
+void give_back_block(void* data) { pool().give_back(data); }
+
+// Serves kernel outputs: blocks of at least kOutputMinBytes from the pool, others from the
+// current CPU allocator.
+class OutputAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const auto bytes = static_cast<int64_t>(n);
+    if (bytes < kOutputMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    const int64_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
+    void* data = pool().take(rounded);
+    return {data, data, &give_back_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+
+OutputAllocator& output_allocator() {
+  static OutputAllocator* instance = new OutputAllocator();
   return *instance;
 }
 
@@ -131,11 +180,20 @@ at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options
   const int64_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
   void* data = pool().take(rounded);
   try {
-    return at::from_blob(data, sizes, [](void* p) { pool().give_back(p); }, options);
+    return at::from_blob(data, sizes, &give_back_block, options);
   } catch (...) {
     pool().give_back(data);
     throw;
   }
+}
+
+at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format) {
+  SFI_CHECK(options.device().is_cpu(), "output_empty: CPU tensors only");
+  // The storage keeps the allocator, so a resize_ later is served the same way.
+  return at::detail::empty_generic(sizes, &output_allocator(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), format);
 }
 
 std::vector<int64_t> cpu_scratch_stats() { return pool().stats(); }

@@ -36,7 +36,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 6;
+constexpr int kExtensionApi = 7;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {

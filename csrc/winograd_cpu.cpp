@@ -21,7 +21,8 @@
 //
 // Memory: the weight tiles, tile-domain inputs and products of a call are temporaries from
 // cpu_scratch.h's pool (kept for the next call), not fresh allocations: glibc maps blocks over
-// 32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB.
+// 32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB. Outputs of
+// 31 MiB or more come from the same pool (output_empty).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -106,7 +107,8 @@ at::Tensor transformed_input(const at::Tensor& x, const TileGrid& g) {
 at::Tensor convolve(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias = {},
                     bool relu = false) {
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), K = u.size(2);
-  auto y = at::empty({N, K, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // From the kernel pool when it is 31 MiB or more (cpu_scratch.h): layer1's at batch 32.
+  auto y = output_empty({N, K, H, W}, x.options(), at::MemoryFormat::ChannelsLast);
   if (y.numel() == 0) return y;
   const TileGrid g(N, H, W);
   auto m = scratch_empty({kPositions, g.count(), K}, x.options());

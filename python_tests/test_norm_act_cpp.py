@@ -364,3 +364,58 @@ def test_second_derivatives_when_only_the_residual_needs_a_gradient():
     assert torch.equal(gr, g * (y > 0))
     (gg,) = torch.autograd.grad(gr.sum(), g)
     assert torch.equal(gg, (y > 0).to(gg.dtype))
+
+
+@pytest.mark.parametrize("kind", ["channels_last", "nchw"])
+def test_outputs_of_31_mib_or_more_come_from_the_kernel_pool_and_are_reused(kind):
+    # [2, 256, 128, 128] float32 is 32 MiB: glibc maps such blocks afresh on every call, so the
+    # epilogue takes its outputs (y; the input and residual gradients) from the kernel pool.
+    from sficonv_ext import cpu_allocator
+    forward = torch.ops.sficonv_ext.batch_norm_act_forward
+    backward = torch.ops.sficonv_ext.batch_norm_act_backward
+    cpu_allocator.trim_kernel_pool()
+    gen = torch.Generator().manual_seed(5)
+    shape, block = (2, 256, 128, 128), 32 << 20
+    x, r, g = (laid_out(torch.randn(shape, generator=gen), kind) for _ in range(3))
+    w, b = torch.rand(256, generator=gen) + 0.5, torch.randn(256, generator=gen)
+
+    def call():
+        y, mean, var = forward(x, w, b, r, True, 1e-5)
+        dx, dw, db, dres = backward(g, x, y, w, mean, var, True, True, 1e-5)
+        return y, dx, dres, dw, db
+
+    first = call()
+    stats = cpu_allocator.kernel_pool_stats()
+    assert stats["in_use_bytes"] >= 3 * block  # y, dx and dres are alive, from the pool
+    assert stats["peak_in_use_bytes"] >= stats["in_use_bytes"]
+    layout = torch.channels_last if kind == "channels_last" else torch.contiguous_format
+    for t in first[:3]:
+        assert t.shape == shape and t.is_contiguous(memory_format=layout)
+    # Against PyTorch's BatchNorm, in float64.
+    x64, r64, g64 = (t.double().requires_grad_() for t in (x, r, g))
+    bn = torch.nn.BatchNorm2d(256, eps=1e-5).double().train()
+    with torch.no_grad():
+        bn.weight.copy_(w)
+        bn.bias.copy_(b)
+    want_y = torch.relu(bn(x64) + r64)
+    want_dx, want_dr = torch.autograd.grad(want_y, (x64, r64), g64)
+    for got, want in zip(first[:3], (want_y, want_dx, want_dr)):
+        assert rel_err(got.double(), want.detach()) < TOLERANCES[torch.float32]
+    values = [t.clone() for t in first]
+    del first, t, got  # the loops' names hold outputs too
+    after_first = cpu_allocator.kernel_pool_stats()
+    assert after_first["in_use_bytes"] == 0 and after_first["cached_bytes"] >= 3 * block
+    # The same call again: every large output is a reused block, and the results are the same.
+    again = call()
+    after = cpu_allocator.kernel_pool_stats()
+    assert after["misses"] == after_first["misses"] and after["hits"] >= after_first["hits"] + 3
+    for got, want in zip(again, values):
+        assert torch.equal(got, want)
+    # A pooled output keeps an allocator: it can grow like any tensor.
+    y = again[0]
+    y.resize_(2 * y.numel())
+    assert y.numel() == 2 * values[0].numel()
+    del again, y
+    assert cpu_allocator.kernel_pool_stats()["in_use_bytes"] == 0
+    assert cpu_allocator.trim_kernel_pool() > 0
+    assert cpu_allocator.kernel_pool_stats()["cached_bytes"] == 0

@@ -430,18 +430,18 @@ def _check_large_call(seed):
 
 def test_scratch_pool_reuses_its_blocks_and_results_stay_exact():
     from sficonv_ext import cpu_allocator
-    cpu_allocator.trim_winograd_scratch()  # whatever earlier tests left
+    cpu_allocator.trim_kernel_pool()  # whatever earlier tests left
     _check_large_call(0)  # fills the pool with this call's sizes
-    before = cpu_allocator.winograd_scratch_stats()
+    before = cpu_allocator.kernel_pool_stats()
     assert before["cached_bytes"] > 0 and before["in_use_bytes"] == 0
     for seed in (1, 2):
         _check_large_call(seed)
-    after = cpu_allocator.winograd_scratch_stats()
+    after = cpu_allocator.kernel_pool_stats()
     assert after["misses"] == before["misses"]  # every large temporary came from the pool
     assert after["hits"] > before["hits"]
     assert after["in_use_bytes"] == 0 and after["cached_bytes"] <= 256 << 20
-    assert cpu_allocator.trim_winograd_scratch() == after["cached_bytes"]
-    assert cpu_allocator.winograd_scratch_stats()["cached_bytes"] == 0
+    assert cpu_allocator.trim_kernel_pool() == after["cached_bytes"]
+    assert cpu_allocator.kernel_pool_stats()["cached_bytes"] == 0
     _check_large_call(3)  # works after a trim
 
 
@@ -452,7 +452,7 @@ def test_scratch_pool_under_concurrent_calls():
     with concurrent.futures.ThreadPoolExecutor(max_workers=3) as workers:
         list(workers.map(_check_large_call, range(10, 16)))
     from sficonv_ext import cpu_allocator
-    assert cpu_allocator.winograd_scratch_stats()["in_use_bytes"] == 0
+    assert cpu_allocator.kernel_pool_stats()["in_use_bytes"] == 0
 
 
 def test_scratch_block_reused_for_an_empty_map_gives_a_zero_weight_gradient():
@@ -470,16 +470,45 @@ def test_scratch_block_reused_for_an_empty_map_gives_a_zero_weight_gradient():
 
 def test_scratch_pool_frees_its_longest_waiting_blocks_to_stay_within_its_cap():
     # Weight tiles [36, K, C] in float64 of four sizes, 64-76 MB each: together over the pool's
-    # 256 MiB, so the oldest must be freed to make room, and results stay exact.
+    # 256 MiB (its cap after a trim, while twice the most in use at once stays below that), so
+    # the oldest must be freed to make room, and results stay exact.
     from sficonv_ext import cpu_allocator
-    cpu_allocator.trim_winograd_scratch()
-    before = cpu_allocator.winograd_scratch_stats()
+    cpu_allocator.trim_kernel_pool()
+    before = cpu_allocator.kernel_pool_stats()
     for k, c in ((512, 512), (512, 496), (496, 480), (480, 464)):
         x = torch.randn(1, c, 8, 8, dtype=torch.float64).contiguous(
             memory_format=torch.channels_last)
         w = torch.randn(k, c, 3, 3, dtype=torch.float64)
         assert rel_err(FORWARD(x, w), F.conv2d(x, w, padding=1)) < TOLERANCES[torch.float64]
-    after = cpu_allocator.winograd_scratch_stats()
+    after = cpu_allocator.kernel_pool_stats()
     assert after["evictions"] > before["evictions"]
     assert 0 < after["cached_bytes"] <= 256 << 20 and after["in_use_bytes"] == 0
-    cpu_allocator.trim_winograd_scratch()
+    cpu_allocator.trim_kernel_pool()
+
+
+def test_outputs_of_31_mib_or_more_come_from_the_kernel_pool():
+    # [2, 256, 128, 128] float32 is 32 MiB, a block glibc would map afresh on every call: the
+    # output and the input gradient come from the pool, and a second call reuses them.
+    from sficonv_ext import cpu_allocator
+    cpu_allocator.trim_kernel_pool()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 256, 128, 128, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, generator=gen) * 0.05
+    g = torch.randn(2, 256, 128, 128, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = FORWARD(x, w)
+    assert cpu_allocator.kernel_pool_stats()["in_use_bytes"] >= 32 << 20
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, F.conv2d(x, w, padding=1)) < TOLERANCES[torch.float32]
+    grad_x, _ = BACKWARD(g, x, w, True, False)
+    want = torch.nn.grad.conv2d_input(x.shape, w, g, padding=1)
+    assert rel_err(grad_x, want) < TOLERANCES[torch.float32]
+    first = (y.clone(), grad_x.clone())
+    del y, grad_x
+    before = cpu_allocator.kernel_pool_stats()
+    assert before["in_use_bytes"] == 0
+    again = FORWARD(x, w), BACKWARD(g, x, w, True, False)[0]
+    after = cpu_allocator.kernel_pool_stats()
+    assert after["misses"] == before["misses"]
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    del again
+    cpu_allocator.trim_kernel_pool()

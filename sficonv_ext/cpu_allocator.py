@@ -1,8 +1,9 @@
 """Two ways to keep large CPU tensors from being page-faulted in again on every training step:
 a process-wide glibc setting (:func:`keep_large_blocks_on_heap`) and a cache of large blocks
 that is on only inside a ``with`` block (:func:`large_block_cache`, from the compiled extension).
-Apart from both, the Winograd 3x3 convolutions keep their own large temporaries in a small pool
-that is always on (:func:`winograd_scratch_stats`, :func:`trim_winograd_scratch`).
+Apart from both, the extension's CPU kernels keep their own large blocks (the Winograd 3x3
+convolutions' temporaries, the BatchNorm epilogue's outputs from 31 MiB) in a pool that is
+always on (:func:`kernel_pool_stats`, :func:`trim_kernel_pool`).
 
 glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it on free, so each large
 activation is faulted in 4 KB at a time on every step. SFIConv-ResNet's fused activations are
@@ -163,23 +164,28 @@ def large_block_cache_stats():
     return stats
 
 
-def winograd_scratch_stats():
-    """The pool that keeps the Winograd 3x3 convolutions' large temporaries (blocks of 1 MiB
-    or more: weight tiles, tile-domain inputs and products) for reuse across calls, so that
-    glibc does not map and fault them in again on every call. Always on; at most 256 MiB wait
-    for reuse. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, and since the
-    process started ``hits`` and ``misses`` (requests served from the pool or not) and
-    ``evictions`` (blocks freed to make room, those that had waited longest first)."""
+def kernel_pool_stats():
+    """The pool that keeps the extension's large CPU blocks for reuse across calls, so that
+    glibc does not map and fault them in again on every call: the Winograd 3x3 convolutions'
+    temporaries of 1 MiB or more (weight tiles, tile-domain inputs and products) and the
+    BatchNorm epilogue's outputs of 31 MiB or more (glibc maps every block over 32 MiB afresh).
+    Always on. Blocks waiting for reuse are capped at the larger of 256 MiB and the most it
+    ever had handed out at once. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``,
+    ``peak_in_use_bytes``, and since the process started ``hits`` and ``misses`` (requests
+    served from the pool or not) and ``evictions`` (blocks freed to make room, those that had
+    waited longest first)."""
     # A binary without the pool's ops is refused at import (its extension API is older).
-    values = list(_cache_ops("winograd_scratch_stats").cpu_scratch_stats())
-    return dict(zip(("cached_bytes", "in_use_bytes", "hits", "misses", "evictions"), values))
+    values = list(_cache_ops("kernel_pool_stats").cpu_scratch_stats())
+    keys = ("cached_bytes", "in_use_bytes", "hits", "misses", "evictions", "peak_in_use_bytes")
+    return dict(zip(keys, values))
 
 
-def trim_winograd_scratch():
-    """Free the blocks the Winograd scratch pool holds for reuse (e.g. after training, to get
-    the memory back); returns the bytes freed, 0 without the compiled extension."""
+def trim_kernel_pool():
+    """Free the blocks the kernel pool holds for reuse (e.g. after training, to get the memory
+    back); returns the bytes freed, 0 without the compiled extension. Blocks still in use go
+    back to the pool when their tensors die."""
     try:
-        ops = _cache_ops("trim_winograd_scratch")
+        ops = _cache_ops("trim_kernel_pool")
     except RuntimeError:
         return 0
     return int(ops.cpu_scratch_trim())

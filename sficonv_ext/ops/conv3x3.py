@@ -18,9 +18,9 @@ the custom op would change what a caller sees (forward-mode AD, torch.func trans
 bias), PyTorch's convolution runs.
 
 Memory: each call's temporaries of 1 MiB or more (weight tiles, input tiles, products) come
-from a pool that keeps them for the next call (csrc/cpu_scratch.cpp; at most 256 MiB held,
-``sficonv_ext.cpu_allocator.winograd_scratch_stats`` / ``trim_winograd_scratch``): glibc maps
-blocks over 32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB.
+from the extension's kernel pool, which keeps them for the next call (csrc/cpu_scratch.cpp;
+``sficonv_ext.cpu_allocator.kernel_pool_stats`` / ``trim_kernel_pool``): glibc maps blocks over
+32 MiB afresh on every call, and the 512-channel layers' tiles are 37.7 MB.
 
 Rounding: Winograd's transforms scale values by up to about 100 and back, so float32 results
 differ from a direct convolution's by a few units in the sixth significant digit (relative to
