@@ -8,13 +8,15 @@
 //   backward), with a tile-domain weight gradient of the same size: under glibc's defaults a
 //   profile of the train step put 18% of its page faults in writing those tiles.
 // - The epilogue's outputs (y in forward, the input and residual gradients in backward) are
-//   exactly 32 MiB for layer1 of SFIConv-ResNet at batch 8, 256x256: 39% of the step's page
-//   faults were the epilogue writing them, and on its own the backward with a residual took
-//   20.4 ms from fresh mappings against 7.7 ms from reused blocks (2026-11-28, 2-core Xeon).
+//   exactly 32 MiB for layer1 of SFIConv-ResNet at batch 8, 256x256: 39% of the page faults
+//   of a 9-step training run were the epilogue writing its outputs, and on its own the
+//   backward with a residual took 20.4 ms from fresh mappings against 7.7 ms from reused
+//   blocks (2026-11-28, 2-core Xeon).
 // Kept here, they are faulted in once. Sizes recur exactly (the same layers every step), so
 // blocks are matched by size. Temporaries (scratch_empty) use the pool from 1 MiB; outputs
-// (output_empty) only from 31 MiB, the sizes glibc always maps afresh (its threshold rises to
-// the size of a freed mapping, up to 32 MiB, so smaller blocks come back from its heap).
+// (output_empty), which may live long, only from 31 MiB: blocks whose request (with glibc's
+// alignment padding) passes 32 MiB are mapped afresh every time, while glibc's threshold rises
+// to the size of any smaller mapping it frees, so those come back from its heap.
 // Blocks waiting for reuse are capped at the larger of 256 MiB and twice the most the pool
 // has had handed out at once: a training step's blocks are all freed by its end and the next
 // step wants them all again, while blocks of one size wait as others are in use (a cap of
@@ -23,8 +25,10 @@
 // e.g. an evaluation's, leave that way). cpu_scratch_trim frees them all and lowers the cap
 // again (the high-water mark restarts from what is in use).
 //
-// A fork() while another thread holds the lock would deadlock the child's first call that
-// uses the pool; the library's forked children (data loader workers) run no such kernels.
+// Both kinds are served by a c10::Allocator the tensors keep (so they resize like any tensor),
+// their blocks going back to the pool when the last tensor using them dies. An allocation
+// that fails frees the waiting blocks and tries once more. fork() is safe: the lock is taken
+// around it, so the child's copy is never left locked.
 #include "cpu_scratch.h"
 #include "error_text.h"
 
@@ -33,6 +37,8 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+
+#include <pthread.h>
 
 #include <algorithm>
 #include <list>
@@ -71,15 +77,22 @@ class ScratchPool {
       }
       ++misses_;
     }
-    void* data = c10::alloc_cpu(static_cast<size_t>(bytes));  // 64-byte aligned; throws OOM
+    void* data = nullptr;
+    try {
+      data = c10::alloc_cpu(static_cast<size_t>(bytes));  // 64-byte aligned; throws OOM
+    } catch (const c10::Error&) {
+      // The waiting blocks (of other sizes) may be what the allocation lacked.
+      trim();
+      data = c10::alloc_cpu(static_cast<size_t>(bytes));
+    }
     std::lock_guard<std::mutex> lock(mutex_);
     note_in_use_locked(data, bytes);
     return data;
   }
 
-  // Back to the pool, after freeing the longest-waiting blocks if it would overflow; a block
-  // larger than the whole pool goes straight back to the system. (A tensor's deleter: it must
-  // not throw, so a block the pool never handed out is left alone.)
+  // Back to the pool, after freeing the longest-waiting blocks if it would overflow the cap
+  // (which is at least twice any block in use, so the block itself always fits). A tensor's
+  // deleter: it must not throw, so a block the pool never handed out is left alone.
   void give_back(void* data) {
     std::vector<void*> to_free;
     {
@@ -90,18 +103,14 @@ class ScratchPool {
       in_use_.erase(found);
       in_use_bytes_ -= bytes;
       const int64_t cap = std::max(kMinCachedCap, 2 * peak_in_use_bytes_);
-      if (bytes > cap) {
-        to_free.push_back(data);
-      } else {
-        while (cached_bytes_ + bytes > cap) {
-          to_free.push_back(cached_.front().data);
-          cached_bytes_ -= cached_.front().bytes;
-          cached_.pop_front();
-          ++evictions_;
-        }
-        cached_.push_back({data, bytes});
-        cached_bytes_ += bytes;
+      while (!cached_.empty() && cached_bytes_ + bytes > cap) {
+        to_free.push_back(cached_.front().data);
+        cached_bytes_ -= cached_.front().bytes;
+        cached_.pop_front();
+        ++evictions_;
       }
+      cached_.push_back({data, bytes});
+      cached_bytes_ += bytes;
     }
     for (void* block : to_free) c10::free_cpu(block);
   }
@@ -125,6 +134,11 @@ class ScratchPool {
     return {cached_bytes_, in_use_bytes_, hits_, misses_, evictions_, peak_in_use_bytes_};
   }
 
+  // fork(): the child must not inherit a locked mutex (another thread may hold it while one
+  // thread forks); a child (a DataLoader worker) may free inherited pooled tensors.
+  void before_fork() { mutex_.lock(); }
+  void after_fork() { mutex_.unlock(); }
+
  private:
   void note_in_use_locked(void* data, int64_t bytes) {
     in_use_[data] = bytes;
@@ -141,19 +155,26 @@ class ScratchPool {
 
 // Never destroyed: tensors freed during interpreter shutdown still give their blocks back.
 ScratchPool& pool() {
-  static ScratchPool* instance = new ScratchPool();
+  static ScratchPool* instance = [] {
+    auto* made = new ScratchPool();
+    pthread_atfork([] { pool().before_fork(); }, [] { pool().after_fork(); },
+                   [] { pool().after_fork(); });
+    return made;
+  }();
   return *instance;
 }
 
 void give_back_block(void* data) { pool().give_back(data); }
 
-// Serves kernel outputs: blocks of at least kOutputMinBytes from the pool, others from the
-// current CPU allocator.
-class OutputAllocator final : public c10::Allocator {
+// Requests of at least `min_bytes` from the pool, others from the current CPU allocator. The
+// tensors keep it as their storage's allocator, so a resize_ is served the same way.
+class PoolAllocator final : public c10::Allocator {
  public:
+  explicit PoolAllocator(int64_t min_bytes) : min_bytes_(min_bytes) {}
+
   c10::DataPtr allocate(size_t n) override {
     const auto bytes = static_cast<int64_t>(n);
-    if (bytes < kOutputMinBytes) return c10::GetCPUAllocator()->allocate(n);
+    if (bytes < min_bytes_) return c10::GetCPUAllocator()->allocate(n);
     const int64_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     void* data = pool().take(rounded);
     return {data, data, &give_back_block, c10::Device(c10::DeviceType::CPU)};
@@ -162,38 +183,39 @@ class OutputAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+
+ private:
+  const int64_t min_bytes_;
 };
 
-OutputAllocator& output_allocator() {
-  static OutputAllocator* instance = new OutputAllocator();
+PoolAllocator& scratch_allocator() {
+  static PoolAllocator* instance = new PoolAllocator(kMinBytes);
   return *instance;
+}
+
+PoolAllocator& output_allocator() {
+  static PoolAllocator* instance = new PoolAllocator(kOutputMinBytes);
+  return *instance;
+}
+
+at::Tensor pooled_empty(PoolAllocator& allocator, at::IntArrayRef sizes,
+                        const at::TensorOptions& options, at::MemoryFormat format,
+                        const char* caller) {
+  SFI_CHECK(options.device().is_cpu(), caller, ": CPU tensors only");
+  return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), format);
 }
 
 }  // namespace
 
 at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  SFI_CHECK(options.device().is_cpu(), "scratch_empty: CPU tensors only");
-  int64_t numel = 1;
-  for (const auto size : sizes) numel *= size;
-  const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
-  if (bytes < kMinBytes) return at::empty(sizes, options);
-  const int64_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
-  void* data = pool().take(rounded);
-  try {
-    return at::from_blob(data, sizes, &give_back_block, options);
-  } catch (...) {
-    pool().give_back(data);
-    throw;
-  }
+  return pooled_empty(scratch_allocator(), sizes, options, at::MemoryFormat::Contiguous,
+                      "scratch_empty");
 }
 
 at::Tensor output_empty(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat format) {
-  SFI_CHECK(options.device().is_cpu(), "output_empty: CPU tensors only");
-  // The storage keeps the allocator, so a resize_ later is served the same way.
-  return at::detail::empty_generic(sizes, &output_allocator(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(options.dtype()), format);
+  return pooled_empty(output_allocator(), sizes, options, format, "output_empty");
 }
 
 std::vector<int64_t> cpu_scratch_stats() { return pool().stats(); }

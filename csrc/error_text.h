@@ -9,7 +9,9 @@
 // numbers go through std::to_string / snprintf, sizes, dtypes and devices through c10's own
 // (shared-library) text. A single std::string argument makes TORCH_CHECK pass the text on
 // unformatted (c10::str's std::string case). The text matches what c10's stream operators
-// print ("[2, 3]", "Float", "cuda:0", "%g" for floating point values).
+// print ("[2, 3]", "Float", "cuda:0", "%g" for floating point values). What is left to streams
+// is c10's own inline text without numbers (AT_DISPATCH's "not implemented for 'Float8...'",
+// which the checks before each dispatch keep out of reach).
 #pragma once
 
 #include <c10/core/Device.h>
@@ -25,10 +27,13 @@
 namespace sficonv {
 namespace error_text_detail {
 
-inline void append(std::string& out, const char* text) { out += text; }
+inline void append(std::string& out, const char* text) { out += text ? text : "(null)"; }
 inline void append(std::string& out, const std::string& text) { out += text; }
 inline void append(std::string& out, char c) { out += c; }
 inline void append(std::string& out, bool value) { out += value ? "1" : "0"; }  // as a stream
+// Any other pointer would convert to bool and print "1": refused.
+template <typename T>
+void append(std::string& out, const T* pointer) = delete;
 
 template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
 inline void append(std::string& out, T value) {
@@ -52,13 +57,17 @@ inline void append(std::string& out, c10::IntArrayRef sizes) {
 
 inline void append(std::string& out, c10::ScalarType type) { out += c10::toString(type); }
 inline void append(std::string& out, const c10::Device& device) { out += device.str(); }
+// Without it a DeviceType would become a Device and print in lower case.
+inline void append(std::string& out, c10::DeviceType type) { out += c10::DeviceTypeName(type); }
 
 }  // namespace error_text_detail
 
-// The concatenated text of `parts`: strings, integers, floating point values, sizes, dtypes,
-// devices. Any other type is a compile error, not a silent fallback to a stream.
+// The concatenated text of `parts`: strings, integers (8-bit ones as numbers, where a stream
+// would print a character), floating point values, sizes, dtypes, devices and device types.
+// Any other type is a compile error, not a silent fallback to a stream.
 template <typename... Parts>
 std::string error_text(const Parts&... parts) {
+  static_assert(sizeof...(Parts) > 0, "SFI_CHECK needs a message");
   std::string out;
   (error_text_detail::append(out, parts), ...);
   return out;
@@ -67,5 +76,6 @@ std::string error_text(const Parts&... parts) {
 }  // namespace sficonv
 
 // TORCH_CHECK with the message built by error_text (see the top of this file): use it for every
-// check in csrc/ (python_tests/test_cxx_runtime.py refuses a bare TORCH_CHECK there).
+// check in csrc/ (python_tests/test_cxx_runtime.py refuses TORCH_CHECK, c10::str and streams
+// there).
 #define SFI_CHECK(cond, ...) TORCH_CHECK(cond, ::sficonv::error_text(__VA_ARGS__))

@@ -349,8 +349,12 @@ void with_flags(bool a, bool b, Fn fn) {
 void check_common(const at::Tensor& x, const at::Tensor& weight, double eps, const char* op) {
   SFI_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got ", x.device());
   SFI_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
-  SFI_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ",
-            x.scalar_type());
+  // The four the kernels are built for (isFloatingType also admits the Float8 types).
+  const auto dtype = x.scalar_type();
+  SFI_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                dtype == at::kBFloat16,
+            op, ": expected a floating dtype (float32, float64, float16 or bfloat16), got ",
+            dtype);
   SFI_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op, ": weight must be [",
             x.size(1), "], got shape ", weight.sizes());
   SFI_CHECK(weight.device() == x.device(), op, ": weight is on ", weight.device(),

@@ -7,6 +7,7 @@ library, check that the detector flags it, that linking the loaded runtime first
 cures it, and that the built extension is clean and its numbered errors arrive whole."""
 import ctypes
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_error_text_keeps_numbers_where_a_private_stream_copy_drops_them(tmp_pat
     source.write_text(ERROR_TEXT_SOURCE)
     path = tmp_path / "error_text_probe.so"
     includes = [f"-I{folder}" for folder in cpp_extension.include_paths()] + [f"-I{CSRC}"]
-    done = subprocess.run([compiler, "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(path),
+    done = subprocess.run([compiler, "-O1", "-std=c++20", "-shared", "-fPIC", "-o", str(path),
                            str(source), *includes, "-static-libstdc++"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -165,19 +166,45 @@ def test_error_text_keeps_numbers_where_a_private_stream_copy_drops_them(tmp_pat
                                      "size_t 7, int 5, float 0.5")
 
 
+# What builds a message through a stream: c10's checks, asserts and warnings with a message,
+# c10::str, and the streams themselves. TORCH_INTERNAL_ASSERT without a message builds none.
+STREAM_MESSAGES = re.compile(
+    r"\b(TORCH_CHECK\w*|AT_ERROR|AT_ASSERTM?|C10_THROW_ERROR|TORCH_WARN\w*)\b"
+    r"|\bTORCH_INTERNAL_ASSERT\w*\s*\([^;]*,"
+    r"|\bc10::str\b|\bstd::\w*stringstream\b|\bstd::ostream\b|\bstd::c(?:out|err)\b")
+
+
+def code_of(text):
+    """``text`` without its comments (// and /* */) and string literals."""
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    text = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+    return re.sub(r"//[^\n]*", "", text)
+
+
 def test_every_check_in_csrc_builds_its_message_without_streams():
     # A bare TORCH_CHECK (or c10::str, or a stream) in csrc/ would bring back messages that a
     # private libstdc++ copy garbles or crashes on: SFI_CHECK (error_text.h) is the rule.
     offenders = []
     for path in sorted(CSRC.rglob("*")):
-        if path.suffix not in {".h", ".cpp", ".cu", ".cuh"} or path.name == "error_text.h":
+        if (path.suffix not in {".h", ".hpp", ".c", ".cc", ".cpp", ".cu", ".cuh", ".inl"}
+                or path.name == "error_text.h"):
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("//")[0]
-            if any(word in code for word in ("TORCH_CHECK", "c10::str(", "ostringstream",
-                                             "AT_ERROR", "TORCH_WARN")):
-                offenders.append(f"{path.relative_to(CSRC)}:{number}: {line.strip()}")
+        code = code_of(path.read_text())
+        for match in STREAM_MESSAGES.finditer(code):
+            number = code.count("\n", 0, match.start()) + 1
+            offenders.append(f"{path.relative_to(CSRC)}:{number}: {match.group(0)}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_stream_lint_sees_what_it_must():
+    # The rule above must not pass by matching nothing.
+    seen = STREAM_MESSAGES.findall(code_of(
+        'TORCH_CHECK(a, "x", n);\nTORCH_INTERNAL_ASSERT(b, "y", n);\nauto s = c10::str(n);\n'
+        'std::ostringstream o;\nTORCH_WARN("z");\n'))
+    assert len(seen) == 5
+    assert not STREAM_MESSAGES.search(code_of(
+        '// TORCH_CHECK in a comment\n/* c10::str( */ SFI_CHECK(a, "TORCH_CHECK(", n);\n'
+        'TORCH_INTERNAL_ASSERT(b);\n'))
 
 
 @pytest.mark.skipif(not ops.backends()["cpp"], reason="C++ extension not built")

@@ -169,8 +169,9 @@ def kernel_pool_stats():
     glibc does not map and fault them in again on every call: the Winograd 3x3 convolutions'
     temporaries of 1 MiB or more (weight tiles, tile-domain inputs and products) and the
     BatchNorm epilogue's outputs of 31 MiB or more (glibc maps every block over 32 MiB afresh).
-    Always on. Blocks waiting for reuse are capped at the larger of 256 MiB and the most it
-    ever had handed out at once. A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``,
+    Always on. Blocks waiting for reuse are capped at the larger of 256 MiB and twice the
+    most it has had handed out at once since the last :func:`trim_kernel_pool` (so after a
+    large workload it may hold up to twice that workload's peak until trimmed). A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``,
     ``peak_in_use_bytes``, and since the process started ``hits`` and ``misses`` (requests
     served from the pool or not) and ``evictions`` (blocks freed to make room, those that had
     waited longest first)."""
@@ -189,3 +190,8 @@ def trim_kernel_pool():
     except RuntimeError:
         return 0
     return int(ops.cpu_scratch_trim())
+
+
+# The names of the morning of 2026-11-28, when the pool held only the Winograd temporaries.
+winograd_scratch_stats = kernel_pool_stats
+trim_winograd_scratch = trim_kernel_pool
