@@ -83,7 +83,7 @@ TORCH_LIBRARY(sficonv_ext, m) {
   m.def("cpu_block_cache_exit(int token) -> ()", &cpu_block_cache_exit);
   m.def("cpu_block_cache_trim() -> int", &cpu_block_cache_trim);
   m.def("cpu_block_cache_stats() -> int[]", &cpu_block_cache_stats);
-  // The pool of the Winograd convolutions' large temporaries (cpu_scratch.h).
+  // The kernel pool: the Winograd temporaries and the large outputs (cpu_scratch.h).
   m.def("cpu_scratch_stats() -> int[]", &cpu_scratch_stats);
   m.def("cpu_scratch_trim() -> int", &cpu_scratch_trim);
 }

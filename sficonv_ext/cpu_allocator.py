@@ -171,10 +171,11 @@ def kernel_pool_stats():
     BatchNorm epilogue's outputs of 31 MiB or more (glibc maps every block over 32 MiB afresh).
     Always on. Blocks waiting for reuse are capped at the larger of 256 MiB and twice the
     most it has had handed out at once since the last :func:`trim_kernel_pool` (so after a
-    large workload it may hold up to twice that workload's peak until trimmed). A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``,
-    ``peak_in_use_bytes``, and since the process started ``hits`` and ``misses`` (requests
-    served from the pool or not) and ``evictions`` (blocks freed to make room, those that had
-    waited longest first)."""
+    large workload it may hold up to twice that workload's peak until trimmed).
+
+    A dict: ``cached_bytes`` (held for reuse), ``in_use_bytes``, ``peak_in_use_bytes``, and
+    since the process started ``hits`` and ``misses`` (requests served from the pool or not)
+    and ``evictions`` (blocks freed to make room, those that had waited longest first)."""
     # A binary without the pool's ops is refused at import (its extension API is older).
     values = list(_cache_ops("kernel_pool_stats").cpu_scratch_stats())
     keys = ("cached_bytes", "in_use_bytes", "hits", "misses", "evictions", "peak_in_use_bytes")
