@@ -16,6 +16,9 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   PyTorch's BatchNorm, add and ReLU forced (the CPU default until 2026-11-27).
   ``fast-torch-conv``: the same with PyTorch's 3x3 convolutions forced (``"auto"`` takes the
   Winograd kernels for float32 CPU calls, see ``sficonv_ext/ops/conv3x3.py``).
+  ``fast-torch-pointwise``: the same with PyTorch's 1x1 convolutions forced (``"auto"`` takes
+  one matrix product for float32 CPU calls on maps of 16x16 and smaller, see
+  ``sficonv_ext/ops/conv1x1.py``).
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution, and PyTorch's own convolutions, BatchNorm, add and
   ReLU: a plain CNN with exactly the fast model's layer shapes, the speed an SFIConv network
@@ -47,15 +50,15 @@ from sficonv_ext import models, reference
 from sficonv_ext.nn import FirstSFIConv2d
 
 VARIANTS = ("reference", "reference-amp-cl", "reference-compiled", "fast", "fast-triton",
-            "fast-cpp-epilogue", "fast-torch-epilogue", "fast-torch-conv", "fast-nchw",
-            "fast-compiled", "plain", "plain-compiled", "fused-inference",
+            "fast-cpp-epilogue", "fast-torch-epilogue", "fast-torch-conv", "fast-torch-pointwise",
+            "fast-nchw", "fast-compiled", "plain", "plain-compiled", "fused-inference",
             "fused-inference-unpacked", "fused-inference-no-winograd", "fused-inference-compiled",
             "fused-inference-frozen", "fused-inference-cudagraph", "fused-inference-lowp",
             "fused-inference-cudnn", "fused-inference-cudnn-cudagraph")
 DEFAULT_VARIANTS = {
     "cpu": ("reference", "reference-amp-cl", "fast", "fast-torch-epilogue", "fast-torch-conv",
-            "fast-nchw", "plain", "fused-inference", "fused-inference-no-winograd",
-            "fused-inference-unpacked"),
+            "fast-torch-pointwise", "fast-nchw", "plain", "fused-inference",
+            "fused-inference-no-winograd", "fused-inference-unpacked"),
     "cuda": ("reference", "reference-amp-cl", "fast", "fast-triton", "plain", "fused-inference",
              "fused-inference-cudnn", "fused-inference-cudagraph"),
 }
@@ -80,6 +83,7 @@ def plain_twin(fast_model):
     convolutions, BatchNorm, add and ReLU, as any CNN runs them)."""
     plain = models.set_norm_backend(copy.deepcopy(fast_model), "torch")
     models.set_conv_backend(plain, "torch")
+    models.set_pointwise_backend(plain, "torch")
     for module in list(plain.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, FirstSFIConv2d):
@@ -144,6 +148,9 @@ def build_variants(names, depth, device, amp_dtype):
         "fast-torch-conv": lambda: Variant("fast-torch-conv",
                                            models.set_conv_backend(fast(), "torch"), True,
                                            amp_dtype),
+        "fast-torch-pointwise": lambda: Variant("fast-torch-pointwise",
+                                                models.set_pointwise_backend(fast(), "torch"),
+                                                True, amp_dtype),
         "fast-nchw": lambda: Variant("fast-nchw", fast(channels_last=False), True, amp_dtype),
         "fast-compiled": lambda: Variant("fast-compiled", torch.compile(fast()), True,
                                          amp_dtype),

@@ -36,7 +36,10 @@ KINDS = (
     ("pooling", ("pool",)),
     # Before "adds": Adam's step counter is aten._foreach_add_.
     ("Adam", ("adam", "_foreach")),
-    ("linear", ("addmm", "linear", "aten::mm")),
+    # Plain matrix products: the 1x1 convolutions on small maps (sficonv_ext.ops.conv1x1's
+    # "gemm" path, forward and both gradients) and the classifier's weight gradient.
+    ("matrix products", ("aten.mm", "aten::mm")),
+    ("linear", ("addmm", "linear")),
     ("adds", ("add", "sum")),
     ("copies and layout", ("copy", "contiguous", "clone", "cat", "to", "empty", "zero", "fill")),
 )

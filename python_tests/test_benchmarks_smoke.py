@@ -125,6 +125,21 @@ def test_bench_conv3x3_times_both_paths(tmp_path):
     assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
 
 
+def test_bench_conv1x1_times_both_paths(tmp_path):
+    out = tmp_path / "conv1x1.json"
+    _run("bench_conv1x1.py", "--shapes", "2x5x9x11:7", "1x3x8x8:4", "--iters", "1", "--warmup",
+         "0", "--rounds", "2", "--malloc", "no-mmap", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["shape"], r["path"], r["phase"]) for r in rows} == {
+        (s, p, ph) for s in ("2x5x9x11:7", "1x3x8x8:4") for p in ("torch", "gemm")
+        for ph in ("forward", "forward_backward")}
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_bench_conv1x1_names_a_bad_shape():
+    assert "NxCxHxW:K" in _run_failing("bench_conv1x1.py", "--shapes", "8x512x8x8")
+
+
 def test_profile_driver_runs_every_phase_or_says_it_needs_a_gpu():
     import torch
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

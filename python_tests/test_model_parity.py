@@ -57,17 +57,21 @@ def test_eval_forward_parity(depth, conv_backend):
         assert rel_err(fast(x), ref(x)) < TOL
 
 
-# conv_backend "winograd": every 3x3 convolution on the Winograd kernels ("auto" keeps float64
-# on PyTorch's convolutions).
-@pytest.mark.parametrize("depth,mcs_backend,conv_backend", [
-    (26, "auto", "auto"), (50, "auto", "auto"), (26, "cpp", "auto"), (26, "torch", "auto"),
-    (26, "auto", "winograd"), (50, "auto", "winograd")])
-def test_train_step_parity(depth, mcs_backend, conv_backend):
+# conv_backend "winograd": every 3x3 convolution on the Winograd kernels; pointwise "gemm":
+# every 1x1 convolution after the first layer as one matrix product ("auto" keeps float64 on
+# PyTorch's convolutions for both).
+@pytest.mark.parametrize("depth,mcs_backend,conv_backend,pointwise_backend", [
+    (26, "auto", "auto", "auto"), (50, "auto", "auto", "auto"), (26, "cpp", "auto", "auto"),
+    (26, "torch", "auto", "auto"), (26, "auto", "winograd", "auto"),
+    (50, "auto", "winograd", "auto"), (26, "auto", "auto", "gemm"),
+    (50, "auto", "winograd", "gemm")])
+def test_train_step_parity(depth, mcs_backend, conv_backend, pointwise_backend):
     if (mcs_backend == "cpp" or conv_backend == "winograd") and not ops.backends()["cpp"]:
         pytest.skip("C++ extension not built")
     ref, fast = make_pair(depth)
     fast.layer1[0].SFIC1.conv.mcs.backend = mcs_backend
     models.set_conv_backend(fast, conv_backend)
+    models.set_pointwise_backend(fast, pointwise_backend)
     ref.train(), fast.train()
     x = torch.randn(3, 3, 67, 61, dtype=torch.float64)
     target = torch.tensor([0, 1, 1])

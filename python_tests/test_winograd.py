@@ -215,17 +215,6 @@ def test_winograd_refuses_a_bias_pytorch_would_refuse():
             conv3x3(x, w, bias, backend="winograd")
 
 
-def test_modules_pickled_before_the_conv_backend_attribute_still_run():
-    model = models.sfi_resnet26().eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        want = model(x)
-    for module in model.modules():
-        module.__dict__.pop("conv_backend", None)  # as unpickled from an older version
-    with torch.no_grad():
-        assert torch.equal(model(x), want)
-
-
 def test_winograd_with_a_bias_adds_it():
     x, w, b = torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.randn(4, 3, 3, 3,
                                                                         dtype=torch.float64), \
@@ -539,12 +528,20 @@ _POOL_FORKS = textwrap.dedent("""
     for _ in range(60):
         pid = os.fork()
         if pid == 0:
-            signal.alarm(60)  # a deadlock never ends; a starved child on a loaded machine does
-            del held  # the inherited block goes back to the child's pool
-            conv(x, w)
-            os._exit(0)
+            code = 2  # an exception: never run on as a second parent
+            try:
+                signal.alarm(60)  # a deadlock never ends; a starved child on a loaded machine does
+                del held  # the inherited block goes back to the child's pool
+                again = torch.ops.sficonv_ext.batch_norm_act_forward(  # and one comes from it
+                    big, torch.ones(256), torch.zeros(256), None, True, 1e-5)[0]
+                code = 0 if again.shape == big.shape else 3
+            finally:
+                os._exit(code)
         _, status = os.waitpid(pid, 0)
-        hung += os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0
+        if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+            hung += 1
+            print("child", "signal" if os.WIFSIGNALED(status) else "exit status",
+                  os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     stop = True; thread.join()
     print(hung)
 """)
@@ -556,7 +553,12 @@ def test_a_forked_child_uses_and_frees_pooled_blocks_without_hanging():
     # must be able to give them back and use the pool. The pool takes its lock around fork()
     # so that the child's copy is never locked; the race this guards against (another thread
     # inside the lock at the fork) is rare here: the test passed twice with the guard removed.
+    # The child takes its block through the epilogue, not a convolution: with a child that ran
+    # the Winograd convolution, one child of 60 failed in one full run on a loaded machine
+    # (2026-11-28; how, unrecorded then: the failures are printed now) and none in 9 runs of
+    # the script alone. The suspect, unconfirmed, is MKL's matrix products, which the parent's
+    # thread was inside at the fork and which have no fork handlers.
     done = subprocess.run([sys.executable, "-c", _POOL_FORKS], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == "0"
+    assert done.stdout.split()[-1] == "0", done.stdout[-2000:]

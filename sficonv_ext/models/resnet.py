@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ..nn import FirstSFIConv2d, SFIConv2d, SFIConvNorm
 from ..nn.hooks import hooked
 from ..ops.ad_modes import functorch_transform_active
+from ..ops.conv1x1 import CONV1X1_BACKENDS, conv1x1
 from ..ops.conv3x3 import CONV3X3_BACKENDS, conv3x3
 from ..ops.norm_act import NORM_ACT_BACKENDS, batch_norm_act
 from ..reference.resnet import DEPTHS, EXPANSION
@@ -38,11 +39,19 @@ def set_conv_backend(model, backend):
     return _set_on_every_layer(model, "conv_backend", backend, CONV3X3_BACKENDS)
 
 
-def _is_plain_conv3x3(conv):
-    """An unhooked nn.Conv2d that computes exactly ``conv3x3``: 3x3, stride 1, padding 1."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and not hooked(conv))
+def set_pointwise_backend(model, backend):
+    """Pick the path of every 1x1 convolution of ``model`` after the first layer: "auto",
+    "torch" or "gemm" (see :func:`sficonv_ext.ops.conv1x1`). Returns ``model``."""
+    return _set_on_every_layer(model, "pointwise_backend", backend, CONV1X1_BACKENDS)
+
+
+def _is_plain_conv(conv, size):
+    """An unhooked nn.Conv2d that computes exactly ``conv3x3`` (``size`` 3: stride 1, padding
+    1) or ``conv1x1`` (``size`` 1: stride 1, no padding)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (size, size)
+            and conv.stride == (1, 1) and conv.padding == (size // 2, size // 2)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and not hooked(conv))
 
 
 class SFIBottleneck(nn.Module):
@@ -84,7 +93,8 @@ class SFIBottleneck(nn.Module):
 class PlainBottleneck(nn.Module):
     """Ordinary ResNet bottleneck of the remaining layer4 blocks (identity residual)."""
 
-    conv_backend = "auto"  # whole models pickled before this attribute existed
+    conv_backend = "auto"  # whole models pickled before these attributes existed
+    pointwise_backend = "auto"
 
     def __init__(self, inplanes, planes):
         super().__init__()
@@ -97,20 +107,26 @@ class PlainBottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
         self.norm_backend = "auto"  # see set_norm_backend; not saved
         self.conv_backend = "auto"  # see set_conv_backend; not saved
+        self.pointwise_backend = "auto"  # see set_pointwise_backend; not saved
+
+    def _pointwise(self, conv, x):
+        if _is_plain_conv(conv, 1):  # the module itself when hooked or replaced
+            return conv1x1(x, conv.weight, conv.bias, backend=self.pointwise_backend)
+        return conv(x)
 
     def forward(self, x):
         # Each convolution's output is a temporary: add and ReLU may work in place on it
         # (after fuse_for_inference, with onednn=False), unless a hook has been handed it.
-        out = batch_norm_act(self.conv1(x), self.bn1, backend=self.norm_backend,
-                             inplace_ok=not hooked(self.conv1))
-        if _is_plain_conv3x3(self.conv2):  # the module itself when hooked or replaced
+        out = batch_norm_act(self._pointwise(self.conv1, x), self.bn1,
+                             backend=self.norm_backend, inplace_ok=not hooked(self.conv1))
+        if _is_plain_conv(self.conv2, 3):  # the module itself when hooked or replaced
             out = conv3x3(out, self.conv2.weight, self.conv2.bias, backend=self.conv_backend)
         else:
             out = self.conv2(out)
         out = batch_norm_act(out, self.bn2, backend=self.norm_backend,
                              inplace_ok=not hooked(self.conv2))
-        return batch_norm_act(self.conv3(out), self.bn3, x, backend=self.norm_backend,
-                              inplace_ok=not hooked(self.conv3))
+        return batch_norm_act(self._pointwise(self.conv3, out), self.bn3, x,
+                              backend=self.norm_backend, inplace_ok=not hooked(self.conv3))
 
 
 class SFIResNet(nn.Module):

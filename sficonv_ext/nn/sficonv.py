@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from .._arguments import as_int
 from ..reference.layers import spatial_channels
+from ..ops.conv1x1 import conv1x1
 from ..ops.conv3x3 import conv3x3
 from ..ops.first_layer import first_sfi_conv
 from ..ops.norm_act import batch_norm_act
@@ -77,7 +78,8 @@ class SFIConv2d(nn.Module):
     Stride 2 is a 2x2 average pool (floor) and a stride-1 convolution, as published.
     """
 
-    conv_backend = "auto"  # whole models pickled before this attribute existed
+    conv_backend = "auto"  # whole models pickled before these attributes existed
+    pointwise_backend = "auto"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, alpha=0.5,
                  merge_output=False):
@@ -96,6 +98,7 @@ class SFIConv2d(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = None  # set only when BatchNorm is folded in for inference
         self.conv_backend = "auto"  # the 3x3 convolution's path (ops.conv3x3); not saved
+        self.pointwise_backend = "auto"  # the 1x1 convolution's path (ops.conv1x1); not saved
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -108,14 +111,17 @@ class SFIConv2d(nn.Module):
                 _kaiming_fan_out_(self.weight[r, c], n_out * kk)
 
     def forward(self, x):
-        # The interaction itself stays one dense convolution: cuDNN/oneDNN, or for 3x3 kernels
-        # on the CPU in float32 the Winograd kernels (sficonv_ext.ops.conv3x3), which do a
-        # quarter of the multiplies.
+        # The interaction itself stays one dense convolution: cuDNN/oneDNN, or on the CPU in
+        # float32 for 3x3 kernels the Winograd kernels (sficonv_ext.ops.conv3x3), which do a
+        # quarter of the multiplies, and for 1x1 kernels on small maps one matrix product
+        # (sficonv_ext.ops.conv1x1), which measured faster than oneDNN there.
         pooled = self.stride == 2
         if pooled and self.pool_first:
             x = F.avg_pool2d(x, 2)
         if self.kernel_size == 3:
             y = conv3x3(x, self.weight, self.bias, backend=self.conv_backend)
+        elif self.kernel_size == 1:
+            y = conv1x1(x, self.weight, self.bias, backend=self.pointwise_backend)
         else:
             y = F.conv2d(x, self.weight, self.bias, padding=self.kernel_size // 2)
         if pooled and not self.pool_first:

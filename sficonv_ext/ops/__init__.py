@@ -1,8 +1,10 @@
 """Custom ops: MCSConv kernels in C++ (CPU), CUDA and Triton, with a pure-PyTorch fallback;
 the fused first SFIConv layer in Triton; the fused BatchNorm + add + ReLU epilogue in C++ (CPU)
-and Triton; 3x3 convolutions by Winograd's F(4x4, 3x3) in C++ (CPU)."""
+and Triton; 3x3 convolutions by Winograd's F(4x4, 3x3) in C++ (CPU). Also the paths of the 1x1
+convolutions (one matrix product on small CPU maps, PyTorch ops only)."""
 from . import _extension
 from .backends import backends
+from .conv1x1 import CONV1X1_BACKENDS, conv1x1
 from .conv3x3 import CONV3X3_BACKENDS, conv3x3
 from .first_layer import FIRST_LAYER_BACKENDS, first_sfi_conv
 from .mcs_conv import BACKENDS, mcs_conv, resolve_backend
@@ -11,5 +13,6 @@ from .norm_act import NORM_ACT_BACKENDS, batch_norm_act
 if _extension.has_cpp_kernels():
     from . import mcs_cpp, norm_act_cpp, winograd_cpp  # noqa: F401  (fakes and autograd, C++ ops)
 
-__all__ = ["mcs_conv", "first_sfi_conv", "batch_norm_act", "conv3x3", "backends", "BACKENDS",
-           "FIRST_LAYER_BACKENDS", "NORM_ACT_BACKENDS", "CONV3X3_BACKENDS", "resolve_backend"]
+__all__ = ["mcs_conv", "first_sfi_conv", "batch_norm_act", "conv3x3", "conv1x1", "backends",
+           "BACKENDS", "FIRST_LAYER_BACKENDS", "NORM_ACT_BACKENDS", "CONV3X3_BACKENDS",
+           "CONV1X1_BACKENDS", "resolve_backend"]

@@ -1,0 +1,235 @@
+"""The 1x1 convolution as one matrix product (``conv1x1(..., backend="gemm")``,
+sficonv_ext/ops/conv1x1.py) against PyTorch's convolution: float64 to 1e-12 and float32 within
+its tolerance over odd sizes, every input and weight layout, a bias; gradcheck and
+gradgradcheck; forward-mode AD, vmap and torch.compile; empty inputs; NaN; bad input; where
+"auto" takes it; the fast model on it (the published reference in float64: test_model_parity)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sficonv_ext import models
+from sficonv_ext.nn import SFIConv2d
+from sficonv_ext.ops import conv1x1
+from sficonv_ext.ops.conv1x1 import GEMM_MAX_SIDE
+
+from conftest import OpCounter, fresh_leaf, laid_out, make_pair, rel_err
+
+# float32: sums over C of up to 70 products in another order than oneDNN's.
+TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
+SHAPES = [  # (N, C, K, H, W)
+    (2, 5, 7, 9, 11),   # odd sizes
+    (1, 3, 4, 1, 1),    # one pixel
+    (3, 70, 66, 4, 8),  # more channels
+    (1, 1, 1, 17, 3),   # one channel in and out
+]
+
+
+def _weight(k, c, dtype, kind):
+    w = torch.randn(k, c, 1, 1, dtype=torch.float64).to(dtype)
+    if kind == "channels_last":
+        return w.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        return torch.randn(k, 2 * c, 1, 1, dtype=dtype)[:, ::2].copy_(w)
+    return w
+
+
+def _run(x, w, b, grad, backend):
+    """(y, grad_x, grad_w, grad_b) of one forward and backward."""
+    x, w = fresh_leaf(x), fresh_leaf(w)
+    b = None if b is None else fresh_leaf(b)
+    y = conv1x1(x, w, b, backend=backend)
+    y.backward(grad)
+    return y, x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("x_kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("w_kind", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemm_matches_conv2d(shape, x_kind, w_kind, dtype, with_bias):
+    n, c, k, h, w_ = shape
+    x = laid_out(torch.randn(n, c, h, w_, dtype=torch.float64).to(dtype), x_kind)
+    w = _weight(k, c, dtype, w_kind)
+    b = torch.randn(k, dtype=dtype) if with_bias else None
+    grad = torch.randn(n, k, h, w_, dtype=dtype)
+    got = _run(x, w, b, grad, "gemm")
+    want = _run(x, w, b, grad, "torch")
+    for g, r in zip(got, want):
+        if r is not None:
+            assert g.dtype == r.dtype and g.shape == r.shape
+            assert rel_err(g.double(), r.double()) < TOLERANCES[dtype]
+    # The output keeps a channels_last input's layout (no silent flip for the next layer).
+    if x_kind == "channels_last":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_gemm_gradcheck_and_gradgradcheck(kind):
+    x = laid_out(torch.randn(2, 3, 5, 4, dtype=torch.float64), kind).requires_grad_()
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return conv1x1(x, w, b, backend="gemm")
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_gemm_under_forward_ad_vmap_and_compile():
+    import torch.autograd.forward_ad as fwad
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 6, 1, 1)
+    tangent = torch.randn_like(x)
+    with fwad.dual_level():
+        out = conv1x1(fwad.make_dual(x, tangent), w, backend="gemm")
+        got = fwad.unpack_dual(out).tangent
+    assert rel_err(got, F.conv2d(tangent, w)) < 1e-5
+    batched = torch.func.vmap(lambda t: conv1x1(t, w, backend="gemm"))(x.unsqueeze(0))
+    assert rel_err(batched[0], F.conv2d(x, w)) < 1e-5
+    compiled = torch.compile(lambda t, v: conv1x1(t, v, backend="gemm"), fullgraph=True,
+                             backend="aot_eager")
+    assert rel_err(compiled(x, w), F.conv2d(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 6), (2, 3, 4, 0, 6), (2, 0, 4, 5, 6)])
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_gemm_empty_inputs_match_conv2d(shape, kind):
+    n, c, k, h, w_ = shape
+    x = laid_out(torch.randn(n, c, h, w_), kind)
+    w = torch.randn(k, c, 1, 1)
+    got = conv1x1(x, w, backend="gemm")
+    assert got.shape == (n, k, h, w_)
+    assert torch.equal(got, torch.zeros_like(got))  # no channels: the empty sum
+
+
+def test_a_nan_reaches_exactly_its_own_pixel():
+    x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 4] = float("nan")
+    y = conv1x1(x, torch.randn(3, 4, 1, 1), backend="gemm")
+    nan = torch.isnan(y)
+    assert nan[1, :, 3, 4].all() and nan.sum() == 3
+
+
+def test_gemm_rejects_bad_input():
+    x, w = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 1, 1)
+    cases = [
+        ((x, torch.randn(4, 3, 3, 3)), "weight \\[K, C, 1, 1\\]"),
+        ((x[0], w), "x \\[N, C, H, W\\]"),
+        ((x, torch.randn(4, 5, 1, 1)), "expects 5 input channels"),
+        ((x, w.double()), "one floating dtype"),
+        ((x.long(), w.long()), "one floating dtype"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            conv1x1(*args, backend="gemm")
+    for bias in (torch.randn(4, dtype=torch.float64), torch.randn(5), torch.randn(1, 4)):
+        with pytest.raises(ValueError, match="bias must be"):
+            conv1x1(x, w, bias, backend="gemm")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conv1x1(x, w, backend="mm")
+
+
+def _auto_ran_gemm(x, w, bias=None):
+    with OpCounter() as counter:
+        conv1x1(x, w, bias)
+    return counter.count["aten.mm"] + counter.count["aten.addmm"] > 0
+
+
+def test_auto_takes_gemm_for_small_float32_channels_last_cpu_maps():
+    side = GEMM_MAX_SIDE
+    x = torch.randn(2, 8, side, side - 3).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 8, 1, 1)
+    assert _auto_ran_gemm(x, w)
+    assert _auto_ran_gemm(x.requires_grad_(), w.requires_grad_())
+    x, w = x.detach(), w.detach()
+    # Where it does not: a map over GEMM_MAX_SIDE a side (oneDNN measured as fast or faster),
+    # float64, NCHW, a bias, bfloat16 autocast, forward-mode AD, an empty batch.
+    wide = torch.randn(2, 8, 4, side + 1).contiguous(memory_format=torch.channels_last)
+    assert not _auto_ran_gemm(wide, w)
+    assert not _auto_ran_gemm(x.double(), w.double())
+    assert not _auto_ran_gemm(x.contiguous(), w)
+    assert not _auto_ran_gemm(x, w, torch.randn(4))
+    assert not _auto_ran_gemm(x[:0], w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _auto_ran_gemm(x, w)
+    import torch.autograd.forward_ad as fwad
+    with fwad.dual_level():
+        assert not _auto_ran_gemm(fwad.make_dual(x, torch.randn_like(x)), w)
+
+
+def _pointwise_layers(model):
+    """How many 1x1 convolutions after the first layer ``model`` has."""
+    sfi = sum(1 for m in model.modules() if isinstance(m, SFIConv2d) and m.kernel_size == 1)
+    plain = sum(1 for m in model.modules() if isinstance(m, models.PlainBottleneck)) * 2
+    return sfi + plain
+
+
+def _matrix_products(model, x):
+    with torch.no_grad(), OpCounter() as counter:
+        model(x)
+    return counter.count["aten.mm"]  # the classifier is an addmm (it has a bias)
+
+
+def test_set_pointwise_backend_reaches_every_1x1_layer_and_refuses_unknown_names():
+    model = models.sfi_resnet26().eval()
+    layers = _pointwise_layers(model)
+    # Per SFIConv block SFIC1, SFIC3 and a first block's downsample (layer1's SFIC1 is the
+    # first layer): 4 + 5 + 5 + 3, and layer4's plain block's conv1 and conv3.
+    assert layers == 19
+    # At 128x128 layer1 runs at 32x32 (oneDNN), layers 2-4 at 16x16 and below (gemm), but
+    # layer2's first SFIC1 still runs on layer1's 32x32 map, like all 4 of layer1.
+    x = torch.randn(1, 3, 128, 128)
+    assert _matrix_products(model, x) == layers - 5
+    models.set_pointwise_backend(model, "torch")
+    assert _matrix_products(model, x) == 0
+    models.set_pointwise_backend(model, "gemm")
+    assert _matrix_products(model, x) == layers
+    with pytest.raises(ValueError, match="backend must be one of"):
+        models.set_pointwise_backend(model, "fft")
+    # An NCHW model keeps PyTorch's convolutions ("auto" takes gemm on channels_last only).
+    nchw = models.sfi_resnet26(channels_last=False).eval()
+    assert _matrix_products(nchw, x) == 0
+
+
+@pytest.mark.parametrize("attribute", ["conv_backend", "pointwise_backend"])
+def test_modules_pickled_before_a_backend_attribute_still_run(attribute):
+    model = models.sfi_resnet26().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    for module in model.modules():
+        module.__dict__.pop(attribute, None)  # as unpickled from an older version
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_a_hooked_plain_layer_keeps_its_module_call():
+    model = models.sfi_resnet26().eval()
+    block = model.layer4[1]
+    seen = []
+    block.conv1.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert seen == [torch.Size([1, 512, 2, 2])]
+
+
+def test_fast_model_float32_training_on_auto_stays_close_to_pytorchs_convolutions():
+    _, fast = make_pair(26, dtype=torch.float32)
+    fast.train()
+    torch_pointwise = models.set_pointwise_backend(copy.deepcopy(fast), "torch")
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.tensor([0, 1])
+    with OpCounter() as counter:
+        out = fast(x)
+    assert counter.count["aten.mm"] > 0
+    want = torch_pointwise(x)
+    assert rel_err(out, want) < 1e-4
+    F.cross_entropy(out, target).backward()
+    F.cross_entropy(want, target).backward()
+    for (name, p), q in zip(fast.named_parameters(), torch_pointwise.parameters()):
+        if p.grad is not None:
+            assert rel_err(p.grad, q.grad) < 1e-3, name
