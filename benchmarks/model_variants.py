@@ -17,8 +17,7 @@ says its model, whether it trains, its autocast dtype and whether it is compiled
   ``fast-torch-conv``: the same with PyTorch's 3x3 convolutions forced (``"auto"`` takes the
   Winograd kernels for float32 CPU calls, see ``sficonv_ext/ops/conv3x3.py``).
   ``fast-torch-pointwise``: the same with PyTorch's 1x1 convolutions forced (``"auto"`` takes
-  one matrix product for float32 CPU calls on maps of 16x16 and smaller, see
-  ``sficonv_ext/ops/conv1x1.py``).
+  one matrix product for float32 CPU calls with few rows, see ``sficonv_ext/ops/conv1x1.py``).
 - ``plain`` / ``plain-compiled``: the same network with the MCSConv removed and the first
   SFIConv layer as one ordinary convolution, and PyTorch's own convolutions, BatchNorm, add and
   ReLU: a plain CNN with exactly the fast model's layer shapes, the speed an SFIConv network

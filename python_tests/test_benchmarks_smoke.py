@@ -140,6 +140,15 @@ def test_bench_conv1x1_names_a_bad_shape():
     assert "NxCxHxW:K" in _run_failing("bench_conv1x1.py", "--shapes", "8x512x8x8")
 
 
+def test_ab_train_step_times_each_variant_in_turn():
+    out = _run("ab_train_step.py", "--variants", "fast", "fast-torch-pointwise", "--rounds", "1",
+               "--steps", "1", "--batch", "1", "--size", "64")
+    rows = [line.split() for line in out.splitlines()[-2:]]
+    assert [r[0] for r in rows] == ["fast", "fast-torch-pointwise"]
+    assert all(float(v) > 0 for r in rows for v in r[1:])
+    assert "two or more variants" in _run_failing("ab_train_step.py", "--variants", "fast")
+
+
 def test_profile_driver_runs_every_phase_or_says_it_needs_a_gpu():
     import torch
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

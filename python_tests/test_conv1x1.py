@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from sficonv_ext import models
 from sficonv_ext.nn import SFIConv2d
 from sficonv_ext.ops import conv1x1
-from sficonv_ext.ops.conv1x1 import GEMM_MAX_SIDE
+from sficonv_ext.ops.conv1x1 import GEMM_MAX_ROWS, GEMM_WIDE_MAX_ROWS, GEMM_WIDE_MIN_CHANNELS
 
 from conftest import OpCounter, fresh_leaf, laid_out, make_pair, rel_err
 
@@ -101,9 +101,17 @@ def test_gemm_empty_inputs_match_conv2d(shape, kind):
     n, c, k, h, w_ = shape
     x = laid_out(torch.randn(n, c, h, w_), kind)
     w = torch.randn(k, c, 1, 1)
-    got = conv1x1(x, w, backend="gemm")
-    assert got.shape == (n, k, h, w_)
-    assert torch.equal(got, torch.zeros_like(got))  # no channels: the empty sum
+    grad = torch.randn(n, k, h, w_)
+    got = _run(x, w, None, grad, "gemm")
+    if h == 0 or c == 0:
+        # F.conv2d refuses a map of 0 rows, and without input channels returns 0 output
+        # channels; the product gives the empty output and the empty sum's zeros.
+        assert [t.shape for t in got[:3]] == [(n, k, h, w_), x.shape, w.shape]
+        assert not got[0].any() and not got[2].any()
+        return
+    want = _run(x, w, None, grad, "torch")
+    for g, r in zip(got[:3], want[:3]):
+        assert g.shape == r.shape and torch.equal(g, r)  # empty, or the empty sum's zeros
 
 
 def test_a_nan_reaches_exactly_its_own_pixel():
@@ -114,23 +122,40 @@ def test_a_nan_reaches_exactly_its_own_pixel():
     assert nan[1, :, 3, 4].all() and nan.sum() == 3
 
 
-def test_gemm_rejects_bad_input():
-    x, w = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 1, 1)
+@pytest.mark.parametrize("backend", ["auto", "torch", "gemm"])
+def test_every_path_rejects_a_weight_of_another_shape(backend):
+    # F.conv2d would take a 3x3 weight (an unpadded 3x3 convolution): no path does.
+    x = torch.randn(2, 3, 6, 7).contiguous(memory_format=torch.channels_last)
     cases = [
         ((x, torch.randn(4, 3, 3, 3)), "weight \\[K, C, 1, 1\\]"),
-        ((x[0], w), "x \\[N, C, H, W\\]"),
+        ((x[0], torch.randn(4, 3, 1, 1)), "x \\[N, C, H, W\\]"),
         ((x, torch.randn(4, 5, 1, 1)), "expects 5 input channels"),
-        ((x, w.double()), "one floating dtype"),
-        ((x.long(), w.long()), "one floating dtype"),
+        ((x, torch.randn(4, 3, 1, 1), torch.randn(5)), "bias must be \\[4\\]"),
+        ((x, torch.randn(4, 3, 1, 1), torch.randn(1, 4)), "bias must be \\[4\\]"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
+            conv1x1(*args, backend=backend)
+
+
+def test_gemm_rejects_mixed_or_integer_types():
+    x, w = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 1, 1)
+    for args in ((x, w.double()), (x.long(), w.long()), (x, w, torch.randn(4).double())):
+        with pytest.raises(ValueError, match="one floating dtype on one device"):
             conv1x1(*args, backend="gemm")
-    for bias in (torch.randn(4, dtype=torch.float64), torch.randn(5), torch.randn(1, 4)):
-        with pytest.raises(ValueError, match="bias must be"):
-            conv1x1(x, w, bias, backend="gemm")
     with pytest.raises(ValueError, match="backend must be one of"):
         conv1x1(x, w, backend="mm")
+
+
+@pytest.mark.parametrize("kind", ["nchw", "channels_last"])
+def test_gemm_under_bfloat16_autocast_matches_conv2d_under_it(kind):
+    x = laid_out(torch.randn(2, 8, 5, 6), kind)
+    w, b = torch.randn(4, 8, 1, 1), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv1x1(x, w, b, backend="gemm")
+        want = F.conv2d(x, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert rel_err(got.float(), want.float()) < 2e-2
 
 
 def _auto_ran_gemm(x, w, bias=None):
@@ -139,19 +164,24 @@ def _auto_ran_gemm(x, w, bias=None):
     return counter.count["aten.mm"] + counter.count["aten.addmm"] > 0
 
 
-def test_auto_takes_gemm_for_small_float32_channels_last_cpu_maps():
-    side = GEMM_MAX_SIDE
-    x = torch.randn(2, 8, side, side - 3).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(4, 8, 1, 1)
+def test_auto_takes_gemm_for_few_rows_of_float32_channels_last_cpu_inputs():
+    def cl(*shape):
+        return torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    x, w = cl(4, 8, 16, 16), torch.randn(4, 8, 1, 1)  # 1024 rows
+    assert x.shape[0] * 16 * 16 == GEMM_MAX_ROWS
     assert _auto_ran_gemm(x, w)
-    assert _auto_ran_gemm(x.requires_grad_(), w.requires_grad_())
-    x, w = x.detach(), w.detach()
-    # Where it does not: a map over GEMM_MAX_SIDE a side (oneDNN measured as fast or faster),
-    # float64, NCHW, a bias, bfloat16 autocast, forward-mode AD, an empty batch.
-    wide = torch.randn(2, 8, 4, side + 1).contiguous(memory_format=torch.channels_last)
-    assert not _auto_ran_gemm(wide, w)
+    assert _auto_ran_gemm(x.detach().requires_grad_(), w.detach().requires_grad_())
+    # More rows only where both channel counts are wide.
+    c = GEMM_WIDE_MIN_CHANNELS
+    assert not _auto_ran_gemm(cl(2, 8, 16, 33), w)
+    assert _auto_ran_gemm(cl(GEMM_WIDE_MAX_ROWS // 64, c, 8, 8), torch.randn(c, c, 1, 1))
+    assert not _auto_ran_gemm(cl(GEMM_WIDE_MAX_ROWS // 64 + 1, c, 8, 8), torch.randn(c, c, 1, 1))
+    assert not _auto_ran_gemm(cl(32, c, 8, 8), torch.randn(c - 1, c, 1, 1))
+    # Where it does not: float64, NCHW (and an NCHW input with one channel, which also passes
+    # as channels_last), a bias, bfloat16 autocast, forward-mode AD, an empty batch.
     assert not _auto_ran_gemm(x.double(), w.double())
     assert not _auto_ran_gemm(x.contiguous(), w)
+    assert not _auto_ran_gemm(torch.randn(2, 1, 4, 4), torch.randn(3, 1, 1, 1))
     assert not _auto_ran_gemm(x, w, torch.randn(4))
     assert not _auto_ran_gemm(x[:0], w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -159,6 +189,22 @@ def test_auto_takes_gemm_for_small_float32_channels_last_cpu_maps():
     import torch.autograd.forward_ad as fwad
     with fwad.dual_level():
         assert not _auto_ran_gemm(fwad.make_dual(x, torch.randn_like(x)), w)
+
+
+def test_auto_forward_and_backward_compile_with_inductor():
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 1, 1)
+
+    def loss(x, w):
+        y = conv1x1(x, w)
+        return (y * y).sum()
+    leaves = (x.requires_grad_(), w.requires_grad_())
+    with OpCounter() as counter:
+        want = torch.autograd.grad(loss(*leaves), leaves)
+    assert counter.count["aten.mm"] == 3  # "auto" took the product: forward and two gradients
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
+    for g, r in zip(got, want):
+        assert rel_err(g, r) < 1e-5
 
 
 def _pointwise_layers(model):
@@ -180,10 +226,10 @@ def test_set_pointwise_backend_reaches_every_1x1_layer_and_refuses_unknown_names
     # Per SFIConv block SFIC1, SFIC3 and a first block's downsample (layer1's SFIC1 is the
     # first layer): 4 + 5 + 5 + 3, and layer4's plain block's conv1 and conv3.
     assert layers == 19
-    # At 128x128 layer1 runs at 32x32 (oneDNN), layers 2-4 at 16x16 and below (gemm), but
-    # layer2's first SFIC1 still runs on layer1's 32x32 map, like all 4 of layer1.
-    x = torch.randn(1, 3, 128, 128)
-    assert _matrix_products(model, x) == layers - 5
+    # At batch 8, 256x256: layer4's 5 (512 rows, and its first SFIC1 on layer3's 16x16 map:
+    # 2048 rows, 1024 -> 512 channels) and layer3's downsample (2048 rows, 512 -> 1024).
+    x = torch.randn(8, 3, 256, 256)
+    assert _matrix_products(model, x) == 6
     models.set_pointwise_backend(model, "torch")
     assert _matrix_products(model, x) == 0
     models.set_pointwise_backend(model, "gemm")
@@ -233,3 +279,19 @@ def test_fast_model_float32_training_on_auto_stays_close_to_pytorchs_convolution
     for (name, p), q in zip(fast.named_parameters(), torch_pointwise.parameters()):
         if p.grad is not None:
             assert rel_err(p.grad, q.grad) < 1e-3, name
+
+
+def test_activations_stay_channels_last_through_the_matrix_product_layers():
+    # Hooks on the blocks and the fused layers only: hooks on the convolutions themselves would
+    # send PlainBottleneck's to their module call (test_layout_walk.py hooks every module).
+    model = models.sfi_resnet26().train()
+    outputs = []
+    for module in model.modules():
+        if isinstance(module, (models.SFIBottleneck, models.PlainBottleneck)) or \
+                type(module).__name__ == "SFIConvNorm":
+            module.register_forward_hook(lambda m, args, out: outputs.append((m, out)))
+    with OpCounter() as counter:
+        model(torch.randn(1, 3, 128, 128)).sum().backward()
+    assert counter.count["aten.mm"] >= _pointwise_layers(model)  # every 1x1 layer took it
+    for module, out in outputs:
+        assert out.is_contiguous(memory_format=torch.channels_last), type(module).__name__

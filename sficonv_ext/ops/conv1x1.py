@@ -7,23 +7,41 @@ PyTorch ops: autograd, forward-mode AD, ``torch.func`` and ``torch.compile`` see
 views, and the backward is two more matrix products (input and weight gradients).
 
 ``"auto"`` takes ``"gemm"`` for float32 CPU calls outside autocast, without a bias, on
-channels_last inputs whose map is at most ``GEMM_MAX_SIDE`` pixels a side: at batch 8 a map of
-8x8 is 512 rows, and there oneDNN's convolution ran slower than MKL's matrix product of the
-same sums (why was not profiled). Measured on the project's 2-core Intel Xeon, float32, batch
-8, channels_last (benchmarks/bench_conv1x1.py;
-benchmarks/results/conv1x1_cpu_xeon_*_2026-11-28.json),
-forward+backward against oneDNN: 1.18-1.50x on the three 8x8 shapes of layer4, 0.99-1.11x on
-the two 16x16 shapes of layer3, 0.71-1.00x at 32x32 and 0.89-0.94x at 64x64. Everything else
-(CUDA, half precision, autocast, a bias, NCHW, float64) keeps PyTorch's convolution.
+channels_last inputs with few rows (pixels of the whole batch, ``N*H*W``): at most
+``GEMM_MAX_ROWS``, or at most ``GEMM_WIDE_MAX_ROWS`` where both channel counts are at least
+``GEMM_WIDE_MIN_CHANNELS``. There oneDNN's convolution ran slower than MKL's matrix product of
+the same sums (why was not profiled). Measured on the project's 2-core Intel Xeon, float32,
+channels_last, forward+backward against oneDNN (benchmarks/bench_conv1x1.py;
+benchmarks/results/conv1x1_cpu_xeon_*_2026-11-28.json): at 128-1024 rows 0.99-2.96x (1.18-1.50x
+for the fast model's layer4 at batch 8, 256 px: 512 rows); at 2048-4096 rows 1.07-1.17x where
+both channel counts are 512 or more, 0.92-1.11x otherwise; at 8192 rows 0.92-1.00x (and 0.71x
+once), at 32768 rows 0.89-0.94x. In the fast model at batch 8, 256 px that is 6 of its 19 1x1
+layers after the first one. Everything else (CUDA, half precision, autocast, a bias, NCHW,
+float64, forward-mode AD, torch.func) keeps PyTorch's convolution.
+
+The matrix product follows ``torch.backends.mkldnn.matmul.fp32_precision``, oneDNN's
+convolutions ``torch.backends.mkldnn.conv.fp32_precision``: a lowered precision set for one of
+them reaches only the 1x1 layers on that path.
 """
 import torch
 import torch.nn.functional as F
 
-from .ad_modes import composite_only, functorch_transform_active
+from .ad_modes import composite_only
 
 CONV1X1_BACKENDS = ("auto", "torch", "gemm")
-# Largest map side (after any pooling) at which "auto" takes the matrix product; see above.
-GEMM_MAX_SIDE = 16
+# Where "auto" takes the matrix product (see above): up to this many rows, ...
+GEMM_MAX_ROWS = 1024
+# ... or up to this many where the input and output channels both number at least this.
+GEMM_WIDE_MAX_ROWS = 4096
+GEMM_WIDE_MIN_CHANNELS = 512
+
+
+def _as_rows(x):
+    """Whether ``x`` is laid out as channels_last rows: channels_last, and not an NCHW tensor
+    that only looks channels_last because it has one channel (with one pixel a map both
+    layouts are the same memory)."""
+    return (x.is_contiguous(memory_format=torch.channels_last)
+            and (not x.is_contiguous() or x.shape[2] * x.shape[3] == 1))
 
 
 def _auto_takes_gemm(x, weight, bias):
@@ -32,54 +50,67 @@ def _auto_takes_gemm(x, weight, bias):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.is_autocast_enabled("cpu") or x.dim() != 4 or x.numel() == 0:
+    if torch.is_autocast_enabled("cpu") or x.numel() == 0:
         return False
-    if max(x.shape[2], x.shape[3]) > GEMM_MAX_SIDE:
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    wide = min(x.shape[1], weight.shape[0]) >= GEMM_WIDE_MIN_CHANNELS
+    if rows > (GEMM_WIDE_MAX_ROWS if wide else GEMM_MAX_ROWS):
         return False
-    return x.is_contiguous(memory_format=torch.channels_last)
+    return _as_rows(x)
 
 
-def _check_gemm_arguments(x, weight, bias):
+def _check_shapes(x, weight, bias):
+    # Every path: a weight of another shape would otherwise be a plain convolution to
+    # F.conv2d (a 3x3 one without padding) on one path and an error on the other.
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
         raise ValueError(f"conv1x1 needs x [N, C, H, W] and weight [K, C, 1, 1], got x "
                          f"{tuple(x.shape)} and weight {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"conv1x1: weight {tuple(weight.shape)} expects {weight.shape[1]} input "
                          f"channels, x {tuple(x.shape)} has {x.shape[1]}")
-    if not x.is_floating_point() or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"conv1x1 needs x and weight of one floating dtype on one device, got x "
-                         f"{x.dtype} on {x.device}, weight {weight.dtype} on {weight.device}")
-    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device
-                             or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"conv1x1: bias must be [{weight.shape[0]}] {x.dtype} on {x.device} "
-                         f"like x, got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"conv1x1: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def _check_gemm_types(x, weight, bias):
+    devices = {t.device for t in (x, weight, bias) if t is not None}
+    # Under autocast mm casts its operands itself, as F.conv2d does.
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if len(devices) > 1 or not x.is_floating_point() or (len(dtypes) > 1 and not autocast):
+        raise ValueError(f"conv1x1 needs x, weight and bias of one floating dtype on one device, "
+                         f"got x {x.dtype} on {x.device}, weight {weight.dtype} on "
+                         f"{weight.device}" + ("" if bias is None else
+                                               f", bias {bias.dtype} on {bias.device}"))
 
 
 def _gemm(x, weight, bias):
     n, c, h, w = x.shape
     k = weight.shape[0]
     w2 = weight.reshape(k, c)
-    # The layout may not be asked under a torch.func transform; the per-image product needs
-    # no answer.
-    if not functorch_transform_active() and x.is_contiguous(memory_format=torch.channels_last):
+    # Under vmap the layout may not even be asked: there (and under forward-mode AD) the
+    # per-image product runs, which needs no answer.
+    if not composite_only(x, weight) and _as_rows(x):
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: one row per pixel
         y = torch.mm(rows, w2.t()) if bias is None else torch.addmm(bias, rows, w2.t())
         return y.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last, as the input
     y = torch.matmul(w2, x.reshape(n, c, h * w))
     if bias is not None:
-        y = y + bias.view(1, k, 1)
+        y = y + bias.to(y.dtype).view(1, k, 1)  # y's dtype: autocast's, if it is on
     return y.view(n, k, h, w)
 
 
 def conv1x1(x, weight, bias=None, backend="auto"):
     """``F.conv2d(x, weight, bias)`` for a ``[K, C, 1, 1]`` weight (stride 1, no padding), on
     the path ``backend`` names (see the module notes). The ``"gemm"`` path returns channels_last
-    for a channels_last input and NCHW otherwise."""
+    for a channels_last input, NCHW for any other, and NCHW under forward-mode AD or a
+    ``torch.func`` transform (where it computes one product per image)."""
     if backend not in CONV1X1_BACKENDS:
         raise ValueError(f"backend must be one of {CONV1X1_BACKENDS}, got {backend!r}")
+    _check_shapes(x, weight, bias)
     if backend == "auto":
         backend = "gemm" if _auto_takes_gemm(x, weight, bias) else "torch"
     if backend == "torch":
         return F.conv2d(x, weight, bias)
-    _check_gemm_arguments(x, weight, bias)
+    _check_gemm_types(x, weight, bias)
     return _gemm(x, weight, bias)
