@@ -51,6 +51,17 @@ def laid_out(t, kind):
     return t.contiguous()
 
 
+def conv_weight(k, c, size, dtype, kind):
+    """A random ``[k, c, size, size]`` weight laid out as ``kind``: "contiguous",
+    "channels_last", or "strided" (every other input channel of a tensor twice as wide)."""
+    w = torch.randn(k, c, size, size, dtype=torch.float64).to(dtype)
+    if kind == "channels_last":
+        return w.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        return torch.randn(k, 2 * c, size, size, dtype=dtype)[:, ::2].copy_(w)
+    return w
+
+
 def fresh_leaf(t):
     """A copy of ``t`` that requires grad, with ``t``'s strides even where ``t`` is a non-dense
     view: ``clone`` makes such a view contiguous, which had turned the tests' "strided" inputs

@@ -14,7 +14,7 @@ from sficonv_ext.nn import SFIConv2d
 from sficonv_ext.ops import conv1x1
 from sficonv_ext.ops.conv1x1 import GEMM_MAX_ROWS, GEMM_WIDE_MAX_ROWS, GEMM_WIDE_MIN_CHANNELS
 
-from conftest import OpCounter, fresh_leaf, laid_out, make_pair, rel_err
+from conftest import OpCounter, conv_weight, fresh_leaf, laid_out, make_pair, rel_err
 
 # float32: sums over C of up to 70 products in another order than oneDNN's.
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -27,12 +27,7 @@ SHAPES = [  # (N, C, K, H, W)
 
 
 def _weight(k, c, dtype, kind):
-    w = torch.randn(k, c, 1, 1, dtype=torch.float64).to(dtype)
-    if kind == "channels_last":
-        return w.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        return torch.randn(k, 2 * c, 1, 1, dtype=dtype)[:, ::2].copy_(w)
-    return w
+    return conv_weight(k, c, 1, dtype, kind)
 
 
 def _run(x, w, b, grad, backend):

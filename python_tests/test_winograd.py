@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sficonv_ext import models
 from sficonv_ext.ops import _extension, conv3x3
 
-from conftest import OpCounter, fresh_leaf, laid_out, make_pair, rel_err
+from conftest import OpCounter, conv_weight, fresh_leaf, laid_out, make_pair, rel_err
 
 pytestmark = pytest.mark.skipif(not _extension.has_cpp_kernels(),
                                 reason="the C++ extension is not built")
@@ -36,12 +36,7 @@ SHAPES = [  # (N, C, K, H, W)
 
 
 def _weight(k, c, dtype, kind):
-    w = torch.randn(k, c, 3, 3, dtype=torch.float64).to(dtype)
-    if kind == "channels_last":
-        return w.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":
-        return torch.randn(k, 2 * c, 3, 3, dtype=dtype)[:, ::2].copy_(w)
-    return w
+    return conv_weight(k, c, 3, dtype, kind)
 
 
 def _run(x, w, grad, backend):

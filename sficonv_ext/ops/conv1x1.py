@@ -84,13 +84,11 @@ def _check_gemm_types(x, weight, bias):
                                                f", bias {bias.dtype} on {bias.device}"))
 
 
-def _gemm(x, weight, bias):
+def _gemm(x, weight, bias, as_rows):
     n, c, h, w = x.shape
     k = weight.shape[0]
     w2 = weight.reshape(k, c)
-    # Under vmap the layout may not even be asked: there (and under forward-mode AD) the
-    # per-image product runs, which needs no answer.
-    if not composite_only(x, weight) and _as_rows(x):
+    if as_rows:
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: one row per pixel
         y = torch.mm(rows, w2.t()) if bias is None else torch.addmm(bias, rows, w2.t())
         return y.view(n, h, w, k).permute(0, 3, 1, 2)  # channels_last, as the input
@@ -109,8 +107,13 @@ def conv1x1(x, weight, bias=None, backend="auto"):
         raise ValueError(f"backend must be one of {CONV1X1_BACKENDS}, got {backend!r}")
     _check_shapes(x, weight, bias)
     if backend == "auto":
-        backend = "gemm" if _auto_takes_gemm(x, weight, bias) else "torch"
+        if not _auto_takes_gemm(x, weight, bias):
+            return F.conv2d(x, weight, bias)
+        _check_gemm_types(x, weight, bias)
+        return _gemm(x, weight, bias, as_rows=True)  # what _auto_takes_gemm asked for
     if backend == "torch":
         return F.conv2d(x, weight, bias)
     _check_gemm_types(x, weight, bias)
-    return _gemm(x, weight, bias)
+    # Under vmap the layout may not even be asked: there (and under forward-mode AD) the
+    # per-image product runs, which needs no answer.
+    return _gemm(x, weight, bias, as_rows=not composite_only(x, weight) and _as_rows(x))
