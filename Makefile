@@ -24,7 +24,8 @@ demo: install
 
 # On the CPU even where a GPU is present; into runs/, so the committed results stay as measured.
 bench: install
-	$(BIN)/python benchmarks/bench_models.py --device cpu --json runs/bench/models_cpu.json
+	$(BIN)/python benchmarks/bench_models.py --device cpu --variants reference fast plain fused-inference \
+	    --json runs/bench/models_cpu.json
 
 clean:
 	rm -rf build *.egg-info sficonv_ext/_C*.so

@@ -96,9 +96,12 @@ def machine_info(device):
 
 
 def result_path(explicit, name):
-    """Where a benchmark writes its JSON: ``explicit`` (--json), else benchmarks/results/name.
-    The folder is created."""
-    out = explicit or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+    """Where a benchmark writes its JSON: ``explicit`` (--json), else runs/bench/name in the
+    checkout (ignored by git: a plain run never overwrites the committed results in
+    benchmarks/results/, which are copied there by hand with their provenance). The folder is
+    created."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = explicit or os.path.join(repo, "runs", "bench", name)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     return out
 

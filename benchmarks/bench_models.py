@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="torch.backends.cudnn.benchmark = True for every variant, as "
                         "sficonv train sets it on CUDA (autotuning falls in the warm-up)")
     p.add_argument("--json", default=None, help="where to write the JSON result "
-                   "(default: benchmarks/results/models_<device>.json)")
+                   "(default: runs/bench/models_<device>.json)")
     return p.parse_args(argv)
 
 

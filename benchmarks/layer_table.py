@@ -43,7 +43,7 @@ def measure_shapes(args, shape_rows):
 
 def report(args, rows, load_at_start, title, benchmark, default_json, shape_header):
     """Prints ``title`` and the rows as a table, writes them as JSON (``args.json`` or
-    ``default_json`` under benchmarks/results/)."""
+    ``default_json`` under runs/bench/)."""
     print(f"{title}, median of {args.rounds} rounds of {args.iters}, malloc {args.malloc}")
     shape_width = max([len(shape_header)] + [len(r["shape"]) for r in rows])
     path_width = max([4] + [len(r["path"]) for r in rows])

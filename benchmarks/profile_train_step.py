@@ -4,9 +4,15 @@ BatchNorm, ReLU, adds, pooling, MCSConv, Adam, the rest), and the step's FLOPs
 (torch.utils.flop_counter). The README's CPU breakdown of the fast model's step, and its 144
 GFLOP, come from this script.
 
-On the CPU each operator call is timed as it returns (a dispatch mode around the whole step,
+On the CPU the step is first run untimed, for its wall time, page faults and system CPU time
+(the kernel's share: mostly faulting in freshly mapped blocks, see sficonv_ext/cpu_allocator.py).
+Then each operator call is timed as it returns (a dispatch mode around the whole step,
 backward included: CPU operators are synchronous), which adds a few per cent; torch.profiler
-added about 45% to the same step and spread it unevenly. On CUDA, the profiler's device time.
+added about 45% to the same step and spread it unevenly. One distortion: under the dispatch
+mode every output has a Python object, so autograd no longer sums a tensor's gradients in
+place (its buffer is not the last reference) and "adds" are overstated: 25-35 ms a step for
+the fast model at batch 8, 256 px, where torch.profiler counted 11.8 ms of in-place adds
+(2026-11-28). On CUDA, the profiler's device time.
 
     python benchmarks/profile_train_step.py --malloc no-mmap             # CPU, batch 8, 256 px
     python benchmarks/profile_train_step.py --variants fast plain --batch 2 --size 64
@@ -14,6 +20,8 @@ added about 45% to the same step and spread it unevenly. On CUDA, the profiler's
 import argparse
 import collections
 import contextlib
+import os
+import resource
 import time
 
 import torch
@@ -28,16 +36,18 @@ from model_variants import VARIANTS, build_variants
 # Operator name fragments -> kind, first match wins (ATen names, and this package's ops).
 KINDS = (
     ("convolution backward", ("convolution_backward", "mkldnn_convolution_backward",
-                              "winograd_conv3x3_backward")),
-    ("convolution forward", ("convolution", "conv2d", "mkldnn_convolution", "winograd")),
+                              "winograd_conv3x3_backward", "conv1x1_rows_backward")),
+    ("convolution forward", ("convolution", "conv2d", "mkldnn_convolution", "winograd",
+                             "conv1x1_rows")),
     ("MCSConv", ("mcs_conv",)),
     ("BatchNorm", ("batch_norm", "native_batch_norm", "batch_norm_act")),
     ("ReLU", ("relu", "threshold_backward")),
     ("pooling", ("pool",)),
     # Before "adds": Adam's step counter is aten._foreach_add_.
     ("Adam", ("adam", "_foreach")),
-    # Plain matrix products: the 1x1 convolutions on small maps (sficonv_ext.ops.conv1x1's
-    # "gemm" path, forward and both gradients) and the classifier's weight gradient.
+    # Plain matrix products: the 1x1 convolutions' "gemm" path where the extension is not
+    # built (with it, its C++ op counts as a convolution above), and the classifier's weight
+    # gradient.
     ("matrix products", ("aten.mm", "aten::mm")),
     ("linear", ("addmm", "linear")),
     ("adds", ("add", "sum")),
@@ -85,10 +95,19 @@ class OperatorTimer(TorchDispatchMode):
         return out
 
 
+def untimed_cpu_steps(step, iters):
+    """(wall ms, minor page faults, system CPU ms) per step over ``iters`` plain steps."""
+    usage, times, start = resource.getrusage(resource.RUSAGE_SELF), os.times(), time.perf_counter()
+    for _ in range(iters):
+        step()
+    wall = (time.perf_counter() - start) / iters * 1000
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt) / iters
+    return wall, faults, (os.times().system - times.system) / iters * 1000
+
+
 def profile_step(step, device, iters):
-    """(wall seconds per step, {kind: ms per step}, {operator: ms per step}) over ``iters``."""
+    """({kind: ms per step}, {operator: ms per step}) over ``iters`` profiled steps."""
     per_op = collections.Counter()
-    start = time.perf_counter()
     if device.type == "cuda":
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(iters):
@@ -103,11 +122,10 @@ def profile_step(step, device, iters):
             for _ in range(iters):
                 step()
         per_op.update({op: ms / iters for op, ms in timer.ms.items()})
-    wall = (time.perf_counter() - start) / iters
     per_kind = collections.Counter()
     for name, ms in per_op.items():
         per_kind[kind_of(name)] += ms
-    return wall, per_kind, per_op
+    return per_kind, per_op
 
 
 def main(argv=None):
@@ -150,10 +168,21 @@ def run(args, device):
             step()
         with FlopCounterMode(display=False) as flops:
             step()
-        wall, per_kind, per_op = profile_step(step, device, args.iters)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            torch.cuda.synchronize(device)
+            timing = f"{(time.perf_counter() - start) / args.iters * 1000:.1f} ms a step"
+        else:
+            wall, faults, system_ms = untimed_cpu_steps(step, args.iters)
+            timing = (f"{wall:.1f} ms a step, {faults:,.0f} page faults and {system_ms:.0f} ms "
+                      f"of system CPU time a step")
+        per_kind, per_op = profile_step(step, device, args.iters)
         total = sum(per_kind.values())
-        print(f"{name}: {wall * 1000:.1f} ms a step (timed), {flops.get_total_flops() / 1e9:.1f}"
-              f" GFLOP; operator time {total:.1f} ms:")
+        print(f"{name}: {timing} (untimed), {flops.get_total_flops() / 1e9:.1f} GFLOP; "
+              f"operator time {total:.1f} ms (every operator timed):")
         for kind, ms in per_kind.most_common():
             print(f"    {ms:8.1f} ms  {100 * ms / total:5.1f}%  {kind}")
         for op, ms in per_op.most_common(args.top):

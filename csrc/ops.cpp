@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "conv1x1.h"
 #include "cpu_block_cache.h"
 #include "cpu_scratch.h"
 #include "mcs_conv.h"
@@ -36,7 +37,7 @@ namespace sficonv {
 // The interface Python expects (sficonv_ext/ops/_extension.py EXTENSION_API): bump it with
 // every op added, removed or re-typed below, so that a binary built from older sources is
 // reported as such ("rebuild"), not half-used.
-constexpr int kExtensionApi = 7;
+constexpr int kExtensionApi = 8;
 
 // "key=value" pairs separated by ';' describing what this binary was built with.
 std::string build_info() {
@@ -73,6 +74,10 @@ TORCH_LIBRARY(sficonv_ext, m) {
   m.def(
       "winograd_conv3x3_inference(Tensor x, Tensor weight_tiles, Tensor bias, bool relu) -> "
       "Tensor");
+  m.def("conv1x1_rows_forward(Tensor x, Tensor weight) -> Tensor");
+  m.def(
+      "conv1x1_rows_backward(Tensor grad_y, Tensor x, Tensor weight, bool need_x, "
+      "bool need_weight) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   // The CUDA kernel choices the SFICONV_CUDA_* variables make now (an error if they are invalid):
   // plain C++, so it runs, and is tested, in builds and on machines without CUDA too.
@@ -97,6 +102,8 @@ TORCH_LIBRARY_IMPL(sficonv_ext, CPU, m) {
   m.impl("winograd_conv3x3_backward", &winograd_conv3x3_backward_cpu);
   m.impl("winograd_weight_tiles", &winograd_weight_tiles_cpu);
   m.impl("winograd_conv3x3_inference", &winograd_conv3x3_inference_cpu);
+  m.impl("conv1x1_rows_forward", &conv1x1_rows_forward_cpu);
+  m.impl("conv1x1_rows_backward", &conv1x1_rows_backward_cpu);
 }
 
 #ifdef SFICONV_WITH_CUDA

@@ -178,6 +178,7 @@ def test_train_step_profile_sums_operators_into_kinds():
     for name in ("fast", "plain"):
         line = next(l for l in text.splitlines() if l.startswith(f"{name}: "))
         assert "GFLOP" in line and "ms a step" in line
+        assert "page faults" in line and "of system CPU time" in line  # the untimed steps
     assert "convolution backward" in text and "convolution forward" in text
     assert "MCSConv" in text  # the fast model's first layer; the plain twin has none
     text = _run("profile_train_step.py", "--variants", "fast", "--batch", "2", "--size", "64",

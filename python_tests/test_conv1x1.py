@@ -1,20 +1,46 @@
 """The 1x1 convolution as one matrix product (``conv1x1(..., backend="gemm")``,
-sficonv_ext/ops/conv1x1.py) against PyTorch's convolution: float64 to 1e-12 and float32 within
-its tolerance over odd sizes, every input and weight layout, a bias; gradcheck and
-gradgradcheck; forward-mode AD, vmap and torch.compile; empty inputs; NaN; bad input; where
-"auto" takes it; the fast model on it (the published reference in float64: test_model_parity)."""
+sficonv_ext/ops/conv1x1.py; on the CPU the C++ op sficonv_ext::conv1x1_rows_forward/backward,
+csrc/conv1x1_cpu.cpp, and PyTorch's ``mm`` without it) against PyTorch's convolution: float64
+to 1e-12 and float32 within its tolerance over odd sizes, every input and weight layout, a
+bias; gradcheck and gradgradcheck; opcheck of the C++ ops; forward-mode AD, vmap and
+torch.compile; empty inputs; NaN; bad input; outputs from the kernel pool; where "auto" takes
+it; the fast model on it (the published reference in float64: test_model_parity)."""
 import copy
+import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sficonv_ext import models
+from sficonv_ext import cpu_allocator, models
 from sficonv_ext.nn import SFIConv2d
-from sficonv_ext.ops import conv1x1
-from sficonv_ext.ops.conv1x1 import GEMM_MAX_ROWS, GEMM_WIDE_MAX_ROWS, GEMM_WIDE_MIN_CHANNELS
+from sficonv_ext.ops import _extension, conv1x1
+from sficonv_ext.ops.conv1x1 import (GEMM_MAX_ROWS, GEMM_POOLED_MIN_BYTES, GEMM_WIDE_MAX_ROWS,
+                                     GEMM_WIDE_MIN_CHANNELS)
 
 from conftest import OpCounter, conv_weight, fresh_leaf, laid_out, make_pair, rel_err
+
+# The module (sficonv_ext.ops.conv1x1 as an attribute is the function of that name).
+conv1x1_module = importlib.import_module("sficonv_ext.ops.conv1x1")
+needs_cpp = pytest.mark.skipif(not _extension.has_cpp_kernels(),
+                               reason="needs the compiled extension")
+# The matrix product's forward as the ops inside a dispatch mode see it: the C++ op where the
+# extension is built, PyTorch's mm (addmm with a bias) where not.
+PRODUCT_OPS = ("aten.mm", "aten.addmm", "sficonv_ext.conv1x1_rows_forward")
+
+
+def _products(counter):
+    return sum(counter.count[name] for name in PRODUCT_OPS)
+
+
+@pytest.fixture(params=["cpp", "torch-mm"])
+def product_path(request, monkeypatch):
+    """Runs a test on the C++ op (where built) and on the pure-PyTorch product."""
+    if request.param == "cpp" and not _extension.has_cpp_kernels():
+        pytest.skip("needs the compiled extension")
+    if request.param == "torch-mm":
+        monkeypatch.setattr(conv1x1_module, "_rows_op_runs", lambda x, bias: False)
+    return request.param
 
 # float32: sums over C of up to 70 products in another order than oneDNN's.
 TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -44,7 +70,7 @@ def _run(x, w, b, grad, backend):
 @pytest.mark.parametrize("w_kind", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemm_matches_conv2d(shape, x_kind, w_kind, dtype, with_bias):
+def test_gemm_matches_conv2d(shape, x_kind, w_kind, dtype, with_bias, product_path):
     n, c, k, h, w_ = shape
     x = laid_out(torch.randn(n, c, h, w_, dtype=torch.float64).to(dtype), x_kind)
     w = _weight(k, c, dtype, w_kind)
@@ -62,7 +88,7 @@ def test_gemm_matches_conv2d(shape, x_kind, w_kind, dtype, with_bias):
 
 
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_gemm_gradcheck_and_gradgradcheck(kind):
+def test_gemm_gradcheck_and_gradgradcheck(kind, product_path):
     x = laid_out(torch.randn(2, 3, 5, 4, dtype=torch.float64), kind).requires_grad_()
     w = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
@@ -72,6 +98,9 @@ def test_gemm_gradcheck_and_gradgradcheck(kind):
 
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
+    # Without a bias (the C++ op's case on channels_last inputs).
+    assert torch.autograd.gradcheck(lambda x, w: f(x, w, None), (x, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: f(x, w, None), (x, w))
 
 
 def test_gemm_under_forward_ad_vmap_and_compile():
@@ -92,7 +121,7 @@ def test_gemm_under_forward_ad_vmap_and_compile():
 
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5, 6), (2, 3, 4, 0, 6), (2, 0, 4, 5, 6)])
 @pytest.mark.parametrize("kind", ["nchw", "channels_last"])
-def test_gemm_empty_inputs_match_conv2d(shape, kind):
+def test_gemm_empty_inputs_match_conv2d(shape, kind, product_path):
     n, c, k, h, w_ = shape
     x = laid_out(torch.randn(n, c, h, w_), kind)
     w = torch.randn(k, c, 1, 1)
@@ -109,7 +138,7 @@ def test_gemm_empty_inputs_match_conv2d(shape, kind):
         assert g.shape == r.shape and torch.equal(g, r)  # empty, or the empty sum's zeros
 
 
-def test_a_nan_reaches_exactly_its_own_pixel():
+def test_a_nan_reaches_exactly_its_own_pixel(product_path):
     x = torch.randn(2, 4, 6, 5).contiguous(memory_format=torch.channels_last)
     x[1, 2, 3, 4] = float("nan")
     y = conv1x1(x, torch.randn(3, 4, 1, 1), backend="gemm")
@@ -156,7 +185,7 @@ def test_gemm_under_bfloat16_autocast_matches_conv2d_under_it(kind):
 def _auto_ran_gemm(x, w, bias=None):
     with OpCounter() as counter:
         conv1x1(x, w, bias)
-    return counter.count["aten.mm"] + counter.count["aten.addmm"] > 0
+    return _products(counter) > 0
 
 
 def test_auto_takes_gemm_for_few_rows_of_float32_channels_last_cpu_inputs():
@@ -196,7 +225,12 @@ def test_auto_forward_and_backward_compile_with_inductor():
     leaves = (x.requires_grad_(), w.requires_grad_())
     with OpCounter() as counter:
         want = torch.autograd.grad(loss(*leaves), leaves)
-    assert counter.count["aten.mm"] == 3  # "auto" took the product: forward and two gradients
+    # "auto" took the product: forward and two gradients (one C++ op for both where built).
+    if _extension.has_cpp_kernels():
+        assert counter.count["sficonv_ext.conv1x1_rows_forward"] == 1
+        assert counter.count["sficonv_ext.conv1x1_rows_backward"] == 1
+    else:
+        assert counter.count["aten.mm"] == 3
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
     for g, r in zip(got, want):
         assert rel_err(g, r) < 1e-5
@@ -212,7 +246,7 @@ def _pointwise_layers(model):
 def _matrix_products(model, x):
     with torch.no_grad(), OpCounter() as counter:
         model(x)
-    return counter.count["aten.mm"]  # the classifier is an addmm (it has a bias)
+    return _products(counter) - counter.count["aten.addmm"]  # the classifier's (with a bias)
 
 
 def test_set_pointwise_backend_reaches_every_1x1_layer_and_refuses_unknown_names():
@@ -222,9 +256,16 @@ def test_set_pointwise_backend_reaches_every_1x1_layer_and_refuses_unknown_names
     # first layer): 4 + 5 + 5 + 3, and layer4's plain block's conv1 and conv3.
     assert layers == 19
     # At batch 8, 256x256: layer4's 5 (512 rows, and its first SFIC1 on layer3's 16x16 map:
-    # 2048 rows, 1024 -> 512 channels) and layer3's downsample (2048 rows, 512 -> 1024).
+    # 2048 rows, 1024 -> 512 channels) and layer3's downsample (2048 rows, 512 -> 1024)...
     x = torch.randn(8, 3, 256, 256)
-    assert _matrix_products(model, x) == 6
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_allocator, "large_blocks_reused", lambda nbytes: True)
+        assert _matrix_products(model, x) == 6
+        # ... and where large blocks are not reused (glibc's defaults), the three with a 32 MiB
+        # output: layer1's first block's SFIC3 and downsample (64 -> 256 channels) and its
+        # second block's SFIC3 (without gradients, a large input alone does not count).
+        patch.setattr(cpu_allocator, "large_blocks_reused", lambda nbytes: False)
+        assert _matrix_products(model, x) == 6 + (3 if _extension.has_cpp_kernels() else 0)
     models.set_pointwise_backend(model, "torch")
     assert _matrix_products(model, x) == 0
     models.set_pointwise_backend(model, "gemm")
@@ -266,7 +307,7 @@ def test_fast_model_float32_training_on_auto_stays_close_to_pytorchs_convolution
     target = torch.tensor([0, 1])
     with OpCounter() as counter:
         out = fast(x)
-    assert counter.count["aten.mm"] > 0
+    assert _products(counter) > 0
     want = torch_pointwise(x)
     assert rel_err(out, want) < 1e-4
     F.cross_entropy(out, target).backward()
@@ -287,6 +328,114 @@ def test_activations_stay_channels_last_through_the_matrix_product_layers():
             module.register_forward_hook(lambda m, args, out: outputs.append((m, out)))
     with OpCounter() as counter:
         model(torch.randn(1, 3, 128, 128)).sum().backward()
-    assert counter.count["aten.mm"] >= _pointwise_layers(model)  # every 1x1 layer took it
+    # Every 1x1 layer took it (forward; aten.mm also counts the classifier's gradient).
+    assert _products(counter) >= _pointwise_layers(model)
     for module, out in outputs:
         assert out.is_contiguous(memory_format=torch.channels_last), type(module).__name__
+
+
+# ---- The C++ op (csrc/conv1x1_cpu.cpp) and its pooled outputs.
+
+def _op_args(kind, dtype=torch.float32):
+    x = laid_out(torch.randn(2, 5, 3, 7, dtype=dtype), kind).requires_grad_()
+    return x, torch.randn(4, 5, 1, 1, dtype=dtype, requires_grad=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_ops_pass_opcheck(kind, dtype):
+    x, w = _op_args(kind, dtype)
+    torch.library.opcheck(torch.ops.sficonv_ext.conv1x1_rows_forward, (x, w))
+    grad = torch.randn(2, 4, 3, 7, dtype=dtype)
+    for need_x, need_w in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(torch.ops.sficonv_ext.conv1x1_rows_backward,
+                              (grad, x.detach(), w.detach(), need_x, need_w))
+
+
+@needs_cpp
+def test_rows_ops_refuse_bad_input():
+    op = torch.ops.sficonv_ext.conv1x1_rows_forward
+    x, w = torch.randn(2, 5, 3, 7), torch.randn(4, 5, 1, 1)
+    with pytest.raises(RuntimeError, match="share one floating dtype"):
+        op(x, w.double())
+    with pytest.raises(RuntimeError, match="share one floating dtype"):
+        op(x.int(), w.int())
+    with pytest.raises(RuntimeError, match=r"weight must be \[K, C, 1, 1\]"):
+        op(x, torch.randn(4, 5, 3, 3))
+    with pytest.raises(RuntimeError, match="x has 5 channels, weight expects 6"):
+        op(x, torch.randn(4, 6, 1, 1))
+    with pytest.raises(RuntimeError, match=r"x must be \[N, C, H, W\]"):
+        op(x[0], w)
+    backward = torch.ops.sficonv_ext.conv1x1_rows_backward
+    with pytest.raises(RuntimeError, match=r"grad_y must be \[2, 4, 3, 7\]"):
+        backward(torch.randn(2, 4, 3, 6), x, w, True, True)
+    with pytest.raises(RuntimeError, match="grad_y must be a CPU tensor of x's dtype"):
+        backward(torch.randn(2, 4, 3, 7, dtype=torch.float64), x, w, True, True)
+
+
+def _large_pair():
+    # [2, 256, 128, 128] float32 is 32 MiB: past the kernel pool's 31 MiB for outputs.
+    x = torch.randn(2, 64, 128, 128).contiguous(memory_format=torch.channels_last)
+    return x, torch.randn(256, 64, 1, 1) / 8
+
+
+@needs_cpp
+def test_large_outputs_and_input_gradients_come_from_the_kernel_pool_and_are_reused():
+    x, w = _large_pair()
+    cpu_allocator.trim_kernel_pool()
+    start = cpu_allocator.kernel_pool_stats()
+    y = torch.ops.sficonv_ext.conv1x1_rows_forward(x, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(y, F.conv2d(x, w)) < 1e-5
+    assert cpu_allocator.kernel_pool_stats()["in_use_bytes"] - start["in_use_bytes"] == y.nbytes
+    # The input gradient of the transposed shapes (256 -> 64 channels) is as large.
+    grad_x, grad_w = torch.ops.sficonv_ext.conv1x1_rows_backward(
+        torch.randn(2, 64, 128, 128), y, w.transpose(0, 1).contiguous(), True, True)
+    assert grad_x.shape == y.shape and grad_w.shape == (64, 256, 1, 1)
+    assert cpu_allocator.kernel_pool_stats()["in_use_bytes"] - start["in_use_bytes"] == \
+        2 * y.nbytes
+    del y, grad_x
+    before = cpu_allocator.kernel_pool_stats()
+    assert before["in_use_bytes"] == start["in_use_bytes"]
+    again = torch.ops.sficonv_ext.conv1x1_rows_forward(x, w)
+    after = cpu_allocator.kernel_pool_stats()
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert rel_err(again, F.conv2d(x, w)) < 1e-5  # a reused block is overwritten, not summed
+    del again
+    cpu_allocator.trim_kernel_pool()
+
+
+@needs_cpp
+def test_auto_takes_the_pooled_product_for_large_tensors_unless_large_blocks_are_reused(
+        monkeypatch):
+    x, w = _large_pair()
+    assert x.shape[0] * 128 * 128 > GEMM_WIDE_MAX_ROWS  # not a few-rows case
+    assert x.shape[0] * 128 * 128 * 256 * 4 >= GEMM_POOLED_MIN_BYTES
+    assert not cpu_allocator.large_blocks_reused()  # glibc's defaults in the test process
+    assert _auto_ran_gemm(x, w)
+    assert _auto_ran_gemm(F.avg_pool2d(x, 2).contiguous(memory_format=torch.channels_last),
+                          w) is False  # 8 MiB
+    # A large input into a small output: only where its gradient will be computed.
+    big_in = torch.randn(2, 256, 128, 128).contiguous(memory_format=torch.channels_last)
+    narrow = torch.randn(64, 256, 1, 1)
+    assert not _auto_ran_gemm(big_in, narrow)
+    assert _auto_ran_gemm(big_in.requires_grad_(), narrow)
+    with torch.no_grad():
+        assert not _auto_ran_gemm(big_in, narrow)
+    with cpu_allocator.large_block_cache():
+        assert cpu_allocator.large_blocks_reused()
+        assert not _auto_ran_gemm(x, w)
+    with cpu_allocator.large_block_cache(min_bytes=64 << 20):  # caches larger blocks only
+        assert not cpu_allocator.large_blocks_reused(32 << 20)
+        assert _auto_ran_gemm(x, w)
+    monkeypatch.setattr(cpu_allocator, "_applied", True)  # keep_large_blocks_on_heap() ran
+    assert cpu_allocator.large_blocks_reused()
+    assert not _auto_ran_gemm(x, w)
+
+
+@needs_cpp
+def test_the_large_tensor_rule_compiles_without_its_allocator_query():
+    x, w = _large_pair()
+    compiled = torch.compile(lambda t, v: conv1x1(t, v), fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x, w), F.conv2d(x, w)) < 1e-5

@@ -2,8 +2,8 @@
 a process-wide glibc setting (:func:`keep_large_blocks_on_heap`) and a cache of large blocks
 that is on only inside a ``with`` block (:func:`large_block_cache`, from the compiled extension).
 Apart from both, the extension's CPU kernels keep their own large blocks (the Winograd 3x3
-convolutions' temporaries, the BatchNorm epilogue's outputs from 31 MiB) in a pool that is
-always on (:func:`kernel_pool_stats`, :func:`trim_kernel_pool`).
+convolutions' temporaries; the outputs from 31 MiB of the BatchNorm epilogue and the 3x3 and
+1x1 convolutions) in a pool that is always on (:func:`kernel_pool_stats`, :func:`trim_kernel_pool`).
 
 glibc serves every block above 32 MB with a fresh ``mmap`` and unmaps it on free, so each large
 activation is faulted in 4 KB at a time on every step. SFIConv-ResNet's fused activations are
@@ -164,11 +164,28 @@ def large_block_cache_stats():
     return stats
 
 
+def large_blocks_reused(nbytes=32 << 20):
+    """Whether a CPU block of ``nbytes`` freed now would be kept for reuse, process-wide: after
+    :func:`keep_large_blocks_on_heap`, or inside a :func:`large_block_cache` block that caches
+    blocks of that size. Other ways of keeping them (``MALLOC_MMAP_THRESHOLD_``, another
+    malloc) are not seen. The 1x1 convolutions' "auto" rule asks it (sficonv_ext/ops/conv1x1.py):
+    where large blocks are reused, oneDNN's convolution writes its outputs without page faults
+    and stays the faster path."""
+    if _applied:
+        return True
+    from .ops import _extension
+    if not _extension.has_cpp_kernels():
+        return False
+    on, min_bytes = list(_ops_namespace().cpu_block_cache_stats())[:2]
+    return bool(on) and min_bytes <= nbytes
+
+
 def kernel_pool_stats():
     """The pool that keeps the extension's large CPU blocks for reuse across calls, so that
     glibc does not map and fault them in again on every call: the Winograd 3x3 convolutions'
-    temporaries of 1 MiB or more (weight tiles, tile-domain inputs and products) and the
-    BatchNorm epilogue's outputs of 31 MiB or more (glibc maps every block over 32 MiB afresh).
+    temporaries of 1 MiB or more (weight tiles, tile-domain inputs and products), and the
+    outputs of 31 MiB or more of the BatchNorm epilogue, the Winograd convolutions and the 1x1
+    convolutions' matrix product (glibc maps every block over 32 MiB afresh).
     Always on. Blocks waiting for reuse are capped at the larger of 256 MiB and twice the
     most it has had handed out at once since the last :func:`trim_kernel_pool` (so after a
     large workload it may hold up to twice that workload's peak until trimmed).

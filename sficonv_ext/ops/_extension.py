@@ -22,7 +22,7 @@ LOAD_ERROR = None
 # The interface this Python code expects of the binary (csrc/ops.cpp kExtensionApi): a binary
 # built from older sources still imports after a pull, and registering fake kernels against
 # its missing ops made `import sficonv_ext` itself fail.
-EXTENSION_API = "7"
+EXTENSION_API = "8"
 
 
 def stale_reason(build_info_text):

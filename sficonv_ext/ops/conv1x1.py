@@ -2,22 +2,38 @@
 
 Paths: ``"torch"`` is ``F.conv2d`` (oneDNN on the CPU, cuDNN on CUDA); ``"gemm"`` computes the
 same sums as one matrix product over the pixels, ``[N*H*W, C] @ [C, K]`` on a channels_last
-input (a view, no copy; other layouts go through ``torch.matmul`` per image), made of ordinary
-PyTorch ops: autograd, forward-mode AD, ``torch.func`` and ``torch.compile`` see ``mm`` and
-views, and the backward is two more matrix products (input and weight gradients).
+input (a view, no copy; other layouts go through ``torch.matmul`` per image). On the CPU,
+without a bias and outside autocast, the channels_last product is the C++ op
+``sficonv_ext::conv1x1_rows_forward`` (csrc/conv1x1_cpu.cpp; the same ``mm``, its outputs and
+input gradients of 31 MiB or more from the kernel pool, see ``sficonv_ext.cpu_allocator``);
+elsewhere, and without the compiled extension, it is made of ordinary PyTorch ops (``mm`` and
+views). Forward-mode AD and ``torch.func`` transforms take the per-image product.
 
 ``"auto"`` takes ``"gemm"`` for float32 CPU calls outside autocast, without a bias, on
-channels_last inputs with few rows (pixels of the whole batch, ``N*H*W``): at most
-``GEMM_MAX_ROWS``, or at most ``GEMM_WIDE_MAX_ROWS`` where both channel counts are at least
-``GEMM_WIDE_MIN_CHANNELS``. There oneDNN's convolution ran slower than MKL's matrix product of
-the same sums (why was not profiled). Measured on the project's 2-core Intel Xeon, float32,
-channels_last, forward+backward against oneDNN (benchmarks/bench_conv1x1.py;
-benchmarks/results/conv1x1_cpu_xeon_*_2026-11-28.json): at 128-1024 rows 0.99-2.96x (1.18-1.50x
-for the fast model's layer4 at batch 8, 256 px: 512 rows); at 2048-4096 rows 1.07-1.17x where
-both channel counts are 512 or more, 0.92-1.11x otherwise; at 8192 rows 0.92-1.00x (and 0.71x
-once), at 32768 rows 0.89-0.94x. In the fast model at batch 8, 256 px that is 6 of its 19 1x1
-layers after the first one. Everything else (CUDA, half precision, autocast, a bias, NCHW,
-float64, forward-mode AD, torch.func) keeps PyTorch's convolution.
+channels_last inputs where either of two things holds (measured on the project's 2-core Intel
+Xeon, float32, channels_last, forward+backward against oneDNN: benchmarks/bench_conv1x1.py,
+benchmarks/results/conv1x1_cpu_xeon_*_2026-11-28.json):
+
+- Few rows (pixels of the whole batch, ``N*H*W``): at most ``GEMM_MAX_ROWS``, or at most
+  ``GEMM_WIDE_MAX_ROWS`` where both channel counts are at least ``GEMM_WIDE_MIN_CHANNELS``.
+  There oneDNN's convolution ran slower than MKL's matrix product of the same sums (why was
+  not profiled): at 128-1024 rows 0.99-2.96x (1.18-1.50x for the fast model's layer4 at batch
+  8, 256 px: 512 rows); at 2048-4096 rows 1.07-1.17x where both channel counts are 512 or
+  more, 0.92-1.11x otherwise; at 8192 rows 0.92-1.00x (and 0.71x once), at 32768 rows
+  0.89-0.94x. At batch 8, 256 px that is 6 of the fast model's 19 1x1 layers after the first.
+- A large output, or a large input whose gradient is wanted (``GEMM_POOLED_MIN_BYTES``, with
+  the compiled extension, outside ``torch.compile``), while large blocks are not reused
+  process-wide (``sficonv_ext.cpu_allocator.large_blocks_reused``: false under glibc's
+  defaults). glibc then maps such a tensor afresh on every call, and faulting it in costs more
+  than the convolution: a fresh ``[8, 256, 64, 64]`` float32 tensor took 13-18 ms to fill
+  against 1.4 ms for a reused one, and oneDNN's convolution writing it (``[8, 64, 64, 64]`` to
+  256 channels) 18.8 ms against 5.3 ms for the product into a pooled block. In the fast model's
+  train step at batch 8, 256 px: layer1's three 256-channel outputs and the input gradients of
+  the two layers that read a 256-channel 64x64 map. The step's page faults went to none, its
+  wall time moved by -0.5% to 7% (README, "1x1 convolutions as matrix products on the CPU").
+
+Everything else (CUDA, half precision, autocast, a bias, NCHW, float64, forward-mode AD,
+torch.func) keeps PyTorch's convolution.
 
 The matrix product follows ``torch.backends.mkldnn.matmul.fp32_precision``, oneDNN's
 convolutions ``torch.backends.mkldnn.conv.fp32_precision``: a lowered precision set for one of
@@ -26,6 +42,8 @@ them reaches only the 1x1 layers on that path.
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_allocator
+from . import _extension
 from .ad_modes import composite_only
 
 CONV1X1_BACKENDS = ("auto", "torch", "gemm")
@@ -34,6 +52,9 @@ GEMM_MAX_ROWS = 1024
 # ... or up to this many where the input and output channels both number at least this.
 GEMM_WIDE_MAX_ROWS = 4096
 GEMM_WIDE_MIN_CHANNELS = 512
+# ... or where the input or the output has this many bytes: the kernel pool's outputs start
+# here (csrc/cpu_scratch.h), just below glibc's 32 MiB mmap threshold.
+GEMM_POOLED_MIN_BYTES = 31 << 20
 
 
 def _as_rows(x):
@@ -50,13 +71,35 @@ def _auto_takes_gemm(x, weight, bias):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
-    if torch.is_autocast_enabled("cpu") or x.numel() == 0:
+    if torch.is_autocast_enabled("cpu") or x.numel() == 0 or not _as_rows(x):
         return False
     rows = x.shape[0] * x.shape[2] * x.shape[3]
     wide = min(x.shape[1], weight.shape[0]) >= GEMM_WIDE_MIN_CHANNELS
-    if rows > (GEMM_WIDE_MAX_ROWS if wide else GEMM_MAX_ROWS):
+    if rows <= (GEMM_WIDE_MAX_ROWS if wide else GEMM_MAX_ROWS):
+        return True
+    return _pooled_product_pays(x, weight, rows)
+
+
+def _pooled_product_pays(x, weight, rows):
+    """Whether the product's pooled outputs spare a large tensor's page faults (see above):
+    a large output, or a large input whose gradient will be computed (without one, the
+    product of a large input into a small output only ran slower than oneDNN)."""
+    channels = weight.shape[0]
+    if torch.is_grad_enabled() and x.requires_grad:
+        channels = max(channels, x.shape[1])
+    largest = rows * channels * x.element_size()
+    if largest < GEMM_POOLED_MIN_BYTES or not _extension.has_cpp_kernels():
         return False
-    return _as_rows(x)
+    # Under torch.compile inductor plans the memory; the allocator query is not traceable.
+    return not torch.compiler.is_compiling() and not cpu_allocator.large_blocks_reused(largest)
+
+
+def _rows_op_runs(x, bias):
+    """Whether the channels_last product runs as the C++ op (pooled outputs). Not under
+    autocast (``mm`` casts its operands there, the op would not) nor torch.compile (inductor
+    plans the memory of its own ``mm``)."""
+    return (bias is None and x.device.type == "cpu" and _extension.has_cpp_kernels()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 def _check_shapes(x, weight, bias):
@@ -88,6 +131,8 @@ def _gemm(x, weight, bias, as_rows):
     n, c, h, w = x.shape
     k = weight.shape[0]
     w2 = weight.reshape(k, c)
+    if as_rows and _rows_op_runs(x, bias):
+        return torch.ops.sficonv_ext.conv1x1_rows_forward(x, weight)
     if as_rows:
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: one row per pixel
         y = torch.mm(rows, w2.t()) if bias is None else torch.addmm(bias, rows, w2.t())

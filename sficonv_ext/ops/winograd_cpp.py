@@ -6,11 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-
-def _channels_last(x, channels):
-    n, _, h, w = x.shape
-    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
+from .conv_autograd import channels_last_like, register_conv_autograd
 
 
 def _check_pair(x, weight):
@@ -33,14 +29,14 @@ def _check_pair(x, weight):
 @torch.library.register_fake("sficonv_ext::winograd_conv3x3_forward")
 def _forward_fake(x, weight):
     _check_pair(x, weight)
-    return _channels_last(x, weight.shape[0])
+    return channels_last_like(x, weight.shape[0])
 
 
 @torch.library.register_fake("sficonv_ext::winograd_conv3x3_backward")
 def _backward_fake(grad_y, x, weight, need_x, need_weight):
     _check_pair(x, weight)
     torch._check(grad_y.device == x.device, lambda: "winograd_conv3x3: CPU tensors expected")
-    grad_x = _channels_last(x, x.shape[1]) if need_x else x.new_empty((0,))
+    grad_x = channels_last_like(x, x.shape[1]) if need_x else x.new_empty((0,))
     # The C++ op writes the weight's gradient in the weight's own layout (channels_last for the
     # fast models' weights), as empty_like(preserve_format) lays it out.
     grad_w = (torch.empty_like(weight, memory_format=torch.preserve_format) if need_weight
@@ -48,28 +44,9 @@ def _backward_fake(grad_y, x, weight, need_x, need_weight):
     return grad_x, grad_w
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight = inputs
-    ctx.save_for_backward(x, weight)
-
-
-def _backward(ctx, grad_y):
-    x, weight = ctx.saved_tensors
-    need_x, need_weight = ctx.needs_input_grad
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, weight)):
-        # A backward that is itself differentiated (create_graph=True): PyTorch's convolution
-        # computes the same gradients and can be differentiated again.
-        wanted = [t for t, need in ((x, need_x), (weight, need_weight)) if need]
-        y = F.conv2d(x, weight, padding=1)
-        found = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
-        return (next(found) if need_x else None), (next(found) if need_weight else None)
-    grad_x, grad_w = torch.ops.sficonv_ext.winograd_conv3x3_backward(
-        grad_y, x, weight, need_x, need_weight)
-    return (grad_x if need_x else None), (grad_w if need_weight else None)
-
-
-torch.library.register_autograd("sficonv_ext::winograd_conv3x3_forward", _backward,
-                                setup_context=_setup_context)
+register_conv_autograd("sficonv_ext::winograd_conv3x3_forward",
+                       torch.ops.sficonv_ext.winograd_conv3x3_backward,
+                       lambda x, weight: F.conv2d(x, weight, padding=1))
 
 
 @torch.library.register_fake("sficonv_ext::winograd_weight_tiles")
@@ -86,7 +63,7 @@ def _inference_fake(x, weight_tiles, bias, relu):
                  and weight_tiles.shape[2] == x.shape[1],
                  lambda: "winograd_conv3x3_inference: x must be [N, C, H, W] and weight_tiles "
                          "[36, K, C]")
-    return _channels_last(x, weight_tiles.shape[1])
+    return channels_last_like(x, weight_tiles.shape[1])
 
 
 def _no_gradient(ctx, *grads):
