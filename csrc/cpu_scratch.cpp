@@ -1,5 +1,6 @@
-// A pool of large CPU blocks, reused across calls: the Winograd kernels' temporaries and the
-// BatchNorm epilogue's largest outputs.
+// A pool of large CPU blocks, reused across calls: the Winograd kernels' temporaries, and the
+// largest outputs of the BatchNorm epilogue and of the 3x3 (Winograd) and 1x1 (conv1x1_cpu.cpp)
+// convolutions.
 //
 // Why: glibc hands out blocks over its mmap threshold (at most 32 MiB) as fresh mappings and
 // unmaps them when freed, so a block of that size is page-faulted in again on every call.
@@ -12,6 +13,9 @@
 //   of a 9-step training run were the epilogue writing its outputs, and on its own the
 //   backward with a residual took 20.4 ms from fresh mappings against 7.7 ms from reused
 //   blocks (2026-11-28, 2-core Xeon).
+// - The 1x1 convolutions of layer1 write 32 MiB outputs and input gradients at that size:
+//   oneDNN's convolution writing a fresh one took 18.8 ms, the matrix product into a reused
+//   block 5.3 ms (conv1x1_cpu.cpp).
 // Kept here, they are faulted in once. Sizes recur exactly (the same layers every step), so
 // blocks are matched by size. Temporaries (scratch_empty) use the pool from 1 MiB; outputs
 // (output_empty), which may live long, only from 31 MiB: blocks whose request (with glibc's

@@ -412,7 +412,10 @@ def test_auto_takes_the_pooled_product_for_large_tensors_unless_large_blocks_are
     x, w = _large_pair()
     assert x.shape[0] * 128 * 128 > GEMM_WIDE_MAX_ROWS  # not a few-rows case
     assert x.shape[0] * 128 * 128 * 256 * 4 >= GEMM_POOLED_MIN_BYTES
-    assert not cpu_allocator.large_blocks_reused()  # glibc's defaults in the test process
+    # glibc's defaults: keep_large_blocks_on_heap() cannot be undone, and other tests of this
+    # process may have called it (the rule reads only this flag of it).
+    monkeypatch.setattr(cpu_allocator, "_applied", False)
+    assert not cpu_allocator.large_blocks_reused()
     assert _auto_ran_gemm(x, w)
     assert _auto_ran_gemm(F.avg_pool2d(x, 2).contiguous(memory_format=torch.channels_last),
                           w) is False  # 8 MiB
@@ -435,7 +438,50 @@ def test_auto_takes_the_pooled_product_for_large_tensors_unless_large_blocks_are
 
 
 @needs_cpp
-def test_the_large_tensor_rule_compiles_without_its_allocator_query():
+def test_the_large_tensor_rule_stays_out_of_compiled_graphs(monkeypatch):
+    # Dynamo would trace the allocator query and bake its answer into the graph without a
+    # guard: under torch.compile the rule is off, and the graph holds PyTorch's convolution.
+    monkeypatch.setattr(cpu_allocator, "_applied", False)
     x, w = _large_pair()
-    compiled = torch.compile(lambda t, v: conv1x1(t, v), fullgraph=True, backend="aot_eager")
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+    compiled = torch.compile(lambda t, v: conv1x1(t, v), fullgraph=True, backend=capture)
     assert rel_err(compiled(x, w), F.conv2d(x, w)) < 1e-5
+    assert len(graphs) == 1 and "conv2d" in graphs[0]
+    assert "cpu_block_cache_stats" not in graphs[0] and "conv1x1_rows" not in graphs[0]
+    assert _auto_ran_gemm(x, w)  # eager, the same call takes the pooled product
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5, 6), (2, 3, 4, 0, 6), (2, 0, 4, 5, 6)])
+def test_rows_ops_on_empty_inputs(shape):
+    n, c, k, h, w_ = shape
+    x = torch.randn(n, c, h, w_).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(k, c, 1, 1)
+    y = torch.ops.sficonv_ext.conv1x1_rows_forward(x, w)
+    assert y.shape == (n, k, h, w_) and not y.any()  # empty, or the empty sum's zeros
+    grad_x, grad_w = torch.ops.sficonv_ext.conv1x1_rows_backward(
+        torch.randn(n, k, h, w_), x, w, True, True)
+    assert grad_x.shape == x.shape and grad_w.shape == w.shape and not grad_w.any()
+    torch.library.opcheck(torch.ops.sficonv_ext.conv1x1_rows_forward, (x, w))
+
+
+@needs_cpp
+def test_no_input_channels_into_a_reused_pool_block_gives_zeros():
+    # A 32 MiB output with C = 0 takes the block a real output of that size just gave back:
+    # its old values must not show through.
+    x, w = _large_pair()
+    cpu_allocator.trim_kernel_pool()
+    y = torch.ops.sficonv_ext.conv1x1_rows_forward(x, w)
+    assert y.abs().sum() > 0
+    del y
+    hits = cpu_allocator.kernel_pool_stats()["hits"]
+    empty_x = torch.empty(2, 0, 128, 128).contiguous(memory_format=torch.channels_last)
+    zeros = torch.ops.sficonv_ext.conv1x1_rows_forward(empty_x, torch.empty(256, 0, 1, 1))
+    assert cpu_allocator.kernel_pool_stats()["hits"] == hits + 1  # the same block, reused
+    assert zeros.shape == (2, 256, 128, 128) and not zeros.any()
+    del zeros
+    cpu_allocator.trim_kernel_pool()

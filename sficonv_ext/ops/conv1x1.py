@@ -3,7 +3,7 @@
 Paths: ``"torch"`` is ``F.conv2d`` (oneDNN on the CPU, cuDNN on CUDA); ``"gemm"`` computes the
 same sums as one matrix product over the pixels, ``[N*H*W, C] @ [C, K]`` on a channels_last
 input (a view, no copy; other layouts go through ``torch.matmul`` per image). On the CPU,
-without a bias and outside autocast, the channels_last product is the C++ op
+without a bias, outside autocast and torch.compile, the channels_last product is the C++ op
 ``sficonv_ext::conv1x1_rows_forward`` (csrc/conv1x1_cpu.cpp; the same ``mm``, its outputs and
 input gradients of 31 MiB or more from the kernel pool, see ``sficonv_ext.cpu_allocator``);
 elsewhere, and without the compiled extension, it is made of ordinary PyTorch ops (``mm`` and
@@ -90,7 +90,9 @@ def _pooled_product_pays(x, weight, rows):
     largest = rows * channels * x.element_size()
     if largest < GEMM_POOLED_MIN_BYTES or not _extension.has_cpp_kernels():
         return False
-    # Under torch.compile inductor plans the memory; the allocator query is not traceable.
+    # Not under torch.compile: inductor plans the memory, and Dynamo would bake the allocator
+    # query's answer into the graph without a guard (entering large_block_cache() later would
+    # not recompile).
     return not torch.compiler.is_compiling() and not cpu_allocator.large_blocks_reused(largest)
 
 
@@ -130,9 +132,9 @@ def _check_gemm_types(x, weight, bias):
 def _gemm(x, weight, bias, as_rows):
     n, c, h, w = x.shape
     k = weight.shape[0]
-    w2 = weight.reshape(k, c)
     if as_rows and _rows_op_runs(x, bias):
         return torch.ops.sficonv_ext.conv1x1_rows_forward(x, weight)
+    w2 = weight.reshape(k, c)
     if as_rows:
         rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: one row per pixel
         y = torch.mm(rows, w2.t()) if bias is None else torch.addmm(bias, rows, w2.t())

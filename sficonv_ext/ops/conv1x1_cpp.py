@@ -35,6 +35,10 @@ def _forward_fake(x, weight):
 @torch.library.register_fake("sficonv_ext::conv1x1_rows_backward")
 def _backward_fake(grad_y, x, weight, need_x, need_weight):
     _check_pair(x, weight)
+    n, _, h, w = x.shape
+    torch._check(tuple(grad_y.shape) == (n, weight.shape[0], h, w),
+                 lambda: f"conv1x1_rows_backward: grad_y must be "
+                         f"{[n, weight.shape[0], h, w]}, got {list(grad_y.shape)}")
     torch._check(grad_y.device == x.device and grad_y.dtype == x.dtype,
                  lambda: "conv1x1_rows_backward: grad_y must be a CPU tensor of x's dtype")
     grad_x = channels_last_like(x, x.shape[1]) if need_x else x.new_empty((0,))
