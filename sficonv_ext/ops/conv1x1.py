@@ -52,8 +52,8 @@ GEMM_MAX_ROWS = 1024
 # ... or up to this many where the input and output channels both number at least this.
 GEMM_WIDE_MAX_ROWS = 4096
 GEMM_WIDE_MIN_CHANNELS = 512
-# ... or where the input or the output has this many bytes: the kernel pool's outputs start
-# here (csrc/cpu_scratch.h), just below glibc's 32 MiB mmap threshold.
+# ... or where the output, or an input whose gradient is wanted, has this many bytes: the
+# kernel pool's outputs start here (csrc/cpu_scratch.h), just below glibc's 32 MiB threshold.
 GEMM_POOLED_MIN_BYTES = 31 << 20
 
 
