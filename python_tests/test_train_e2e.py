@@ -108,14 +108,16 @@ def test_a_checkpoint_of_the_earlier_builtin_split_is_refused(trained, tmp_path,
 def test_eval_trims_the_block_cache_when_the_image_size_changes(trained, tmp_path,
                                                                 monkeypatch):
     # Blocks kept for one image size fit no request of another: with images of native sizes,
-    # eval held 3.2 GB with the trims against 7.1 GB with the heap setting (README).
+    # eval held 3.2 GB with the trims against 7.1 GB with the heap setting (README). The
+    # kernel pool is trimmed with it.
     from sficonv_ext.cpu_allocator import large_block_cache_stats
     from sficonv_ext.train import loop
     _, out = trained
-    trims = []
-    real_trim = loop.trim_large_block_cache
+    trims, pool_trims = [], []
+    real_trim, real_pool_trim = loop.trim_large_block_cache, loop.trim_kernel_pool
     monkeypatch.setattr(loop, "trim_large_block_cache",
                         lambda: trims.append((real_trim(), large_block_cache_stats()["on"])))
+    monkeypatch.setattr(loop, "trim_kernel_pool", lambda: pool_trims.append(real_pool_trim()))
     folder = tmp_path / "sizes"
     for i, (label, size) in enumerate([("real", 40), ("real", 48), ("fake", 40), ("fake", 56)]):
         write_image(str(folder / label / f"{i}.png"), size, seed=i, fake=label == "fake")
@@ -124,9 +126,10 @@ def test_eval_trims_the_block_cache_when_the_image_size_changes(trained, tmp_pat
     assert read_json(tmp_path / "eval" / "metrics.json")["n"] == 4
     assert len(trims) == 2  # three sizes in a row: 40, 48, 56
     assert all(on for _, on in trims)  # inside the default --cpu-malloc cache
+    assert len(pool_trims) == 2  # the kernel pool's blocks of the last size go back too
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(folder), "--out",
                  str(tmp_path / "p.csv"), "--workers", "0", "--no-progress"]) == 0
-    assert len(trims) == 4
+    assert len(trims) == 4 and len(pool_trims) == 4
 
 
 def test_predict_files_and_folders(trained, tmp_path):

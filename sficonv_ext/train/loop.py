@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from ..cpu_allocator import trim_large_block_cache
+from ..cpu_allocator import trim_kernel_pool, trim_large_block_cache
 from . import distributed
 from .errors import NonFiniteLossError
 
@@ -145,8 +145,10 @@ def score(model, loader, ctx, amp="none", channels_last=False, bar=None):
             if ctx.device.type == "cpu" and last_shape not in (None, shape):
                 # Under --cpu-malloc cache, blocks kept for the last batch size fit no request
                 # of this one (images of native sizes): give them back instead of holding up to
-                # twice the peak. A no-op when nothing is cached.
+                # twice the peak. The same for the kernel pool (always on), which matches blocks
+                # by exact size. No-ops when nothing is held.
                 trim_large_block_cache()
+                trim_kernel_pool()
             last_shape = shape
             x = to_device(batch.images, ctx.device, channels_last)
             with autocast(ctx.device, amp):
