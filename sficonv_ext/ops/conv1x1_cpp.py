@@ -6,21 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .conv_autograd import channels_last_like, register_conv_autograd
+from .conv_autograd import (channels_last_like, check_conv_shapes,
+                            register_conv_autograd)
 
 
 def _check_pair(x, weight):
-    # What the C++ op checks, so that a compiled call fails as an eager one does.
-    torch._check(x.dim() == 4, lambda: f"conv1x1_rows: x must be [N, C, H, W], got "
-                                       f"{tuple(x.shape)}")
-    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1),
-                 lambda: f"conv1x1_rows: weight must be [K, C, 1, 1], got "
-                         f"{tuple(weight.shape)}")
-    torch._check(weight.shape[1] == x.shape[1],
-                 lambda: f"conv1x1_rows: x has {x.shape[1]} channels, weight expects "
-                         f"{weight.shape[1]}")
-    torch._check(x.device == weight.device and x.device.type == "cpu",
-                 lambda: "conv1x1_rows: CPU tensors expected")
+    check_conv_shapes("conv1x1_rows", x, weight, 1)
     torch._check(x.dtype == weight.dtype and x.dtype.is_floating_point,
                  lambda: f"conv1x1_rows: x and weight must share one floating dtype, got "
                          f"{x.dtype} and {weight.dtype}")

@@ -5,6 +5,20 @@
 import torch
 
 
+def check_conv_shapes(op, x, weight, kernel):
+    """The fake kernels' copy of what the C++ op checks first (so that a compiled call fails as
+    an eager one does): x ``[N, C, H, W]``, weight ``[K, C, kernel, kernel]``, both on the CPU.
+    ``op`` names the op in the messages."""
+    torch._check(x.dim() == 4, lambda: f"{op}: x must be [N, C, H, W], got {tuple(x.shape)}")
+    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (kernel, kernel),
+                 lambda: f"{op}: weight must be [K, C, {kernel}, {kernel}], got "
+                         f"{tuple(weight.shape)}")
+    torch._check(weight.shape[1] == x.shape[1],
+                 lambda: f"{op}: x has {x.shape[1]} channels, weight expects {weight.shape[1]}")
+    torch._check(x.device == weight.device and x.device.type == "cpu",
+                 lambda: f"{op}: CPU tensors expected")
+
+
 def channels_last_like(x, channels):
     """An empty ``[N, channels, H, W]`` channels_last tensor like ``x`` (what the ops return)."""
     n, _, h, w = x.shape

@@ -6,21 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
-from .conv_autograd import channels_last_like, register_conv_autograd
+from .conv_autograd import (channels_last_like, check_conv_shapes,
+                            register_conv_autograd)
 
 
 def _check_pair(x, weight):
-    # What the C++ op checks, so that a compiled call fails as an eager one does.
-    torch._check(x.dim() == 4, lambda: f"winograd_conv3x3: x must be [N, C, H, W], got "
-                                       f"{tuple(x.shape)}")
-    torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3),
-                 lambda: f"winograd_conv3x3: weight must be [K, C, 3, 3], got "
-                         f"{tuple(weight.shape)}")
-    torch._check(weight.shape[1] == x.shape[1],
-                 lambda: f"winograd_conv3x3: x has {x.shape[1]} channels, weight expects "
-                         f"{weight.shape[1]}")
-    torch._check(x.device == weight.device and x.device.type == "cpu",
-                 lambda: "winograd_conv3x3: CPU tensors expected")
+    check_conv_shapes("winograd_conv3x3", x, weight, 3)
     torch._check(x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64),
                  lambda: f"winograd_conv3x3: float32 or float64 expected, got {x.dtype} and "
                          f"{weight.dtype}")
